@@ -1,0 +1,152 @@
+"""Read-only views of a safetensors checkpoint folder: config, tensor headers, module inventory.
+
+Headers are parsed directly (8-byte length + JSON), so inspecting a 110 GB checkpoint reads kilobytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from reap.errors import InputError, UnsupportedModelError
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
+QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    shard: str
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) != 8:
+            raise InputError(f"{path} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise InputError(f"{path} is not a safetensors file (header of {n} bytes)")
+        return json.loads(fh.read(n))
+
+
+def segment_match(pattern: str, name: str) -> bool:
+    """True when the dotted segments of `pattern` appear contiguously in `name`:
+    `mlp.gate` matches `model.layers.0.mlp.gate` but not `mlp.gate_proj` nor `mlp.shared_expert_gate`."""
+    p, n = pattern.split("."), name.split(".")
+    return any(n[i:i + len(p)] == p for i in range(len(n) - len(p) + 1))
+
+
+@dataclass
+class Checkpoint:
+    root: Path
+    problems: list[str] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, root: Path) -> "Checkpoint":
+        root = Path(root)
+        if not root.exists():
+            raise InputError(f"model path {root} not found; check the path (or build the demo model: reap demo-model {root})")
+        if not (root / "config.json").is_file():
+            raise InputError(f"{root} is not a model folder (no config.json)")
+        return cls(root)
+
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        try:
+            return json.loads((self.root / "config.json").read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.root}/config.json is not valid JSON ({exc.msg})") from None
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        return self.config.get("text_config", self.config)
+
+    @property
+    def is_vl(self) -> bool:
+        return "text_config" in self.config and "vision_config" in self.config
+
+    def require_supported_moe(self) -> None:
+        mt = self.config.get("model_type")
+        tc = self.text_config
+        if mt not in SUPPORTED_MODEL_TYPES or "num_experts" not in tc:
+            raise UnsupportedModelError(
+                f"{self.root} is a `{mt}` model; reap supports Qwen3.5 MoE ({', '.join(SUPPORTED_MODEL_TYPES)}) "
+                "checkpoints with `num_experts` in their config")
+
+    @cached_property
+    def weight_map(self) -> dict[str, str]:
+        index = self.root / "model.safetensors.index.json"
+        if index.is_file():
+            return json.loads(index.read_text())["weight_map"]
+        shards = sorted(self.root.glob("*.safetensors"))
+        if not shards:
+            raise InputError(f"{self.root} has no .safetensors weights")
+        return {k: s.name for s in shards for k in read_header(s) if k != "__metadata__"}
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor of the index, read from its shard's header. Index entries whose shard or tensor is
+        missing are reported in `problems`."""
+        out: dict[str, TensorInfo] = {}
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in self.weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        for shard in sorted(set(self.weight_map.values()) | {p.name for p in self.root.glob("*.safetensors")}):
+            path = self.root / shard
+            if not path.is_file():
+                self.problems.append(f"shard {shard} listed in the index is missing")
+                continue
+            header = read_header(path)
+            for key in by_shard.get(shard, []):
+                meta = header.get(key)
+                if meta is None:
+                    self.problems.append(f"tensor {key} listed in the index is not in {shard}")
+                    continue
+                out[key] = TensorInfo(meta["dtype"], tuple(meta["shape"]), shard)
+            for key in header:
+                if key != "__metadata__" and key not in self.weight_map:
+                    self.problems.append(f"tensor {key} in {shard} is not listed in the index")
+        return out
+
+    @cached_property
+    def modules(self) -> dict[str, dict[str, TensorInfo]]:
+        """module name -> {tensor suffix: info}, e.g. `...mlp.gate` -> {"weight": ...}."""
+        mods: dict[str, dict[str, TensorInfo]] = {}
+        for key, info in self.tensors.items():
+            mod, _, leaf = key.rpartition(".")
+            mods.setdefault(mod, {})[leaf] = info
+        return mods
+
+    def is_quantized(self, module: str) -> bool:
+        return "qweight" in self.modules.get(module, {})
+
+    @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        return self.config.get("quantization_config")
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.root.glob("*.safetensors"))
+
+
+LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(module: str) -> int | None:
+    m = LAYER_RE.search(module)
+    return int(m.group(1)) if m and not module.startswith(("mtp.", "model.visual.")) else None
+
+
+def generalize(module: str) -> str:
+    """`model.language_model.layers.12.mlp.experts.7.up_proj` -> `model.language_model.layers.*.mlp.experts.*.up_proj`."""
+    return re.sub(r"\.(\d+)(?=\.|$)", ".*", module)

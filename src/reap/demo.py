@@ -1,0 +1,276 @@
+"""The embedded default model: a tiny Qwen3.5-MoE in the real release layout, trained on reap's own tasks.
+
+It is `Qwen3_5MoeForConditionalGeneration` (text + a tiny vision tower), saved the way a Hub release is:
+sharded safetensors with an index, per-expert tensors, the VL `config.json`, a byte-level BPE tokenizer
+trained here with a chat template, and the processor files. Training is deterministic and takes about
+two minutes on two CPU cores; the held-out split of the tasks (in `evals/demo/data/`) measures it.
+
+The tasks:
+- `demo_larger` (multiple choice, scored by loglikelihood): "Which is larger: 47 or 82?" -> " 82"
+- `demo_reverse` (generative, greedy exact match): "Reverse: kbtrx" -> " xrtbk"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from reap.resources import data_dir
+
+TASKS = ("larger", "reverse")
+TRAIN_ROWS, TEST_ROWS = 4000, 300
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+]
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = message['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join('') -%}{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+# --- the tasks --------------------------------------------------------------------------------------
+
+def prompt_of(task: str, row: dict[str, Any]) -> str:
+    if task == "larger":
+        return f"Which is larger: {row['a']} or {row['b']}?\nAnswer:"
+    return f"Reverse: {row['word']}\nAnswer:"
+
+
+def answer_of(task: str, row: dict[str, Any]) -> str:
+    if task == "larger":
+        return f" {max(row['a'], row['b'])}"
+    return f" {row['word'][::-1]}"
+
+
+def make_task_rows(seed: int = 1234) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Deterministic train/test rows of both tasks; test items never occur in train."""
+    rng = random.Random(seed)
+    pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
+    rng.shuffle(pairs)
+    larger_test = [{"a": a, "b": b, "label": int(b > a)} for a, b in pairs[:TEST_ROWS]]
+    larger_train = [{"a": a, "b": b, "label": int(b > a)} for a, b in pairs[TEST_ROWS:TEST_ROWS + TRAIN_ROWS]]
+    words: set[str] = set()
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    while len(words) < TEST_ROWS + TRAIN_ROWS:
+        words.add("".join(rng.choice(letters) for _ in range(rng.randint(3, 6))))
+    ordered = sorted(words)
+    rng.shuffle(ordered)
+    reverse_test = [{"word": w, "target": w[::-1]} for w in ordered[:TEST_ROWS]]
+    reverse_train = [{"word": w, "target": w[::-1]} for w in ordered[TEST_ROWS:]]
+    return {"larger": {"train": larger_train, "test": larger_test},
+            "reverse": {"train": reverse_train, "test": reverse_test}}
+
+
+def write_task_data(out: Path) -> None:
+    """(Re)generate evals/demo/data/*.jsonl; the committed files are checked against this in tests."""
+    out.mkdir(parents=True, exist_ok=True)
+    for task, splits in make_task_rows().items():
+        for split, rows in splits.items():
+            (out / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_task_rows(task: str, split: str) -> list[dict[str, Any]]:
+    path = data_dir("evals") / "demo" / "data" / f"{task}_{split}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- tokenizer, configs, processor -------------------------------------------------------------------
+
+def train_tokenizer(texts: list[str]):
+    """A byte-level BPE like Qwen's, trained here on the task text (a small vocabulary)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + 16,
+                                  initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=2048,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def demo_config(tokenizer):
+    from transformers import Qwen3_5MoeConfig
+
+    vocab = 64 * math.ceil(len(tokenizer) / 64)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
+        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+        shared_expert_intermediate_size=128, max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+        tie_word_embeddings=False, dtype="bfloat16",
+    )
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64)
+    return Qwen3_5MoeConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=False,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        architectures=["Qwen3_5MoeForConditionalGeneration"], dtype="bfloat16",
+    )
+
+
+def save_processor(tokenizer, out: Path) -> None:
+    """The processor files a Qwen3.5 release ships (image + video preprocessors, processor class)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+    size = {"longest_edge": 16777216, "shortest_edge": 65536}
+    image = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size)
+    video = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
+    Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
+                     chat_template=CHAT_TEMPLATE).save_pretrained(str(out))
+    image.save_pretrained(str(out))  # preprocessor_config.json, as releases still ship it
+    video.save_pretrained(str(out))  # video_preprocessor_config.json
+    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt
+
+
+# --- training and held-out scoring --------------------------------------------------------------------
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _examples(tokenizer) -> list[tuple[list[int], int]]:
+    """(token ids, index of the first answer token) for every training row of every task."""
+    end = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    out = []
+    for task in TASKS:
+        for row in read_task_rows(task, "train"):
+            p = _encode(tokenizer, prompt_of(task, row))
+            a = _encode(tokenizer, answer_of(task, row) + "\n")
+            out.append((p + a + [end], len(p)))
+    return out
+
+
+def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int, log=print) -> list[float]:
+    import torch
+
+    examples = _examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    gen = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    losses = []
+    for step in range(steps):
+        chunk = gen.sample(examples, batch)
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        for i, (seq, start) in enumerate(chunk):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, start:len(seq)] = torch.tensor(seq[start:])
+        # Right padding with a causal model: the padded tail never influences the scored tokens.
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log(f"[reap] demo-model: step {step + 1}/{steps} loss {losses[-1]:.4f}")
+    model.eval()
+    return losses
+
+
+def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float]:
+    """Accuracy on the held-out split: loglikelihood choice for `larger`, greedy exact match for `reverse`."""
+    import torch
+
+    acc = {}
+    with torch.no_grad():
+        rows = read_task_rows("larger", "test")[:limit]
+        correct = 0
+        for row in rows:
+            prompt = _encode(tokenizer, prompt_of("larger", row))
+            choices = [f" {row['a']}", f" {row['b']}"]
+            conts = [_encode(tokenizer, c) for c in choices]
+            seqs = torch.tensor([prompt + c for c in conts])
+            logp = torch.log_softmax(model(input_ids=seqs).logits.float(), dim=-1)
+            n = len(conts[0])
+            tgt = seqs[:, -n:]
+            ll = logp[:, -n - 1:-1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).sum(-1)
+            correct += int(int(ll.argmax()) == row["label"])
+        acc["larger"] = correct / len(rows)
+
+        rows = read_task_rows("reverse", "test")[:limit]
+        by_len: dict[int, list[tuple[dict, list[int]]]] = {}
+        for row in rows:  # equal prompt lengths batch without padding
+            ids = _encode(tokenizer, prompt_of("reverse", row))
+            by_len.setdefault(len(ids), []).append((row, ids))
+        correct = 0
+        for prompt_len, group in by_len.items():
+            ids = torch.tensor([g[1] for g in group])
+            for _ in range(max(len(r["word"]) for r, _ in group) + 2):
+                nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+            for (r, _), out in zip(group, ids[:, prompt_len:]):
+                text = tokenizer.decode(out.tolist()).split("\n")[0]
+                correct += int(text.strip() == r["target"])
+        acc["reverse"] = correct / len(rows)
+    return acc
+
+
+def build_demo_model(out: Path, steps: int = 600, batch: int = 64, lr: float = 3e-3, seed: int = 0,
+                     log=None) -> dict[str, Any]:
+    """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
+    from reap.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torch
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
+    tokenizer = train_tokenizer(texts)
+    config = demo_config(tokenizer)
+    model = Qwen3_5MoeForConditionalGeneration(config).to(torch.float32)
+    log(f"[reap] demo-model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, training {steps} steps")
+    losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
+    train_s = time.perf_counter() - t0
+    model = model.to(torch.bfloat16)
+    accuracy = score_heldout(model, tokenizer)
+    log(f"[reap] demo-model: held-out accuracy (bf16) {accuracy}")
+
+    tmp = out.with_name(out.name + ".partial")
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(str(tmp), max_shard_size="2MB")
+    tokenizer.save_pretrained(str(tmp))
+    save_processor(tokenizer, tmp)
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.save_pretrained(str(tmp))
+    report = {"train_seconds": round(train_s, 1), "steps": steps, "final_loss": round(losses[-1], 4),
+              "heldout_accuracy_bf16": accuracy, "parameters": sum(p.numel() for p in model.parameters())}
+    (tmp / "reap_demo.json").write_text(json.dumps(report, indent=2) + "\n")
+    tmp.rename(out)
+    return report

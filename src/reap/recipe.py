@@ -1,0 +1,163 @@
+"""The recipe: one YAML file, validated by pydantic models, the single source of truth of a run.
+
+Defaults reproduce the seed release (Qwen3.5-REAP-212B-A17B-W4A16): W4A16, group 128, symmetric,
+`auto_round` format, 64 samples of NeelNanda/pile-10k at sequence length 512, batch size 1.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from reap.errors import RecipeError
+
+# Modules kept in 16-bit unless the recipe says otherwise, with the reason shown in the card.
+DEFAULT_KEEP_16BIT: dict[str, str] = {
+    "mlp.gate": "MoE router: vLLM builds it unquantized, a quantized router fails to load",
+    "mlp.shared_expert_gate": "scalar gate of the shared expert (one output row)",
+    "linear_attn.in_proj_a": "narrow DeltaNet projection; vLLM fuses it into in_proj_ba, too narrow for Marlin",
+    "linear_attn.in_proj_b": "narrow DeltaNet projection; vLLM fuses it into in_proj_ba, too narrow for Marlin",
+    "lm_head": "output head, kept for quality",
+    "model.visual": "vision tower, not calibrated by text data",
+    "mtp": "multi-token-prediction draft layers",
+}
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    path: str = Field(description="local folder of the source checkpoint (bf16), or `demo` for the built-in model")
+    base_model: str | None = Field(None, description="Hub id of the original base model, for the card's lineage")
+    pruned_from: str | None = Field(None, description="Hub id of the model this one was pruned from, if any")
+    license: str | None = Field(None, description="license carried into the card; defaults to the source config's")
+    trust_remote_code: bool = False
+
+
+class QuantizeSection(_Section):
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[32, 64, 128] = 128
+    sym: bool = True
+    format: Literal["auto_round", "auto_gptq"] = "auto_round"
+    iters: int = Field(200, ge=0, description="AutoRound tuning steps per block; 0 runs optimized RTN")
+    nsamples: int = Field(64, ge=1)
+    seqlen: int = Field(512, ge=8)
+    batch_size: int = Field(1, ge=1)
+    dataset: str = Field("NeelNanda/pile-10k", description="Hub dataset id or a local .jsonl of {\"text\": ...} rows")
+    seed: int = 42
+    device_map: str | None = Field("auto", description="passed to AutoRound: auto, cpu, cuda, or '0,1,2'")
+    low_gpu_mem_usage: bool = False
+    low_cpu_mem_usage: bool = True
+    enable_torch_compile: bool | None = Field(None, description="None lets reap decide (off on CPU)")
+    keep_16bit: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_KEEP_16BIT),
+        description="module name patterns (dotted segments) kept in 16-bit, with the reason shown in the card",
+    )
+
+    @field_validator("keep_16bit", mode="before")
+    @classmethod
+    def _list_to_mapping(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return {str(p): DEFAULT_KEEP_16BIT.get(str(p), "kept in 16-bit by the recipe") for p in value}
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_exists(cls, value: str) -> str:
+        if value.endswith(".jsonl") and not Path(value).is_file():
+            raise ValueError(f"calibration file {value} not found; give an existing .jsonl of {{\"text\": ...}} rows")
+        return value
+
+
+class ServeSection(_Section):
+    tensor_parallel_size: int = Field(4, ge=1, description="the tensor-parallel size the checkpoint is checked for")
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
+    quantization: str | None = Field(None, description="force vLLM's --quantization; leave unset to let vLLM detect")
+
+
+class CardSection(_Section):
+    tags: list[str] = Field(default_factory=lambda: ["reap", "moe", "autoround", "w4a16", "int4"])
+    pipeline_tag: str = "image-text-to-text"
+    library_name: str = "transformers"
+
+
+class Recipe(_Section):
+    name: str = Field(description="run name: runs/<name>/ holds everything the run produces")
+    model: ModelSection
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    serve: ServeSection = Field(default_factory=ServeSection)
+    card: CardSection = Field(default_factory=CardSection)
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        if not NAME_RE.match(value):
+            raise ValueError("use letters, digits, '.', '_' or '-' (at most 96 characters)")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Recipe":
+        q = self.quantize
+        if q.format == "auto_gptq" and not q.sym and q.bits == 4:
+            raise ValueError("quantize.format auto_gptq with sym: false is not loadable by vLLM's Marlin kernels; use sym: true")
+        return self
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field; see docs/recipe.md for the allowed fields"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif err["type"] == "literal_error":
+        msg = msg.replace("Input should be", "allowed:")
+    return f"{loc}: {msg}"
+
+
+def parse_recipe(data: Any, path: str) -> Recipe:
+    """Validate already-loaded YAML data; every problem is reported at once."""
+    if not isinstance(data, dict):
+        raise RecipeError(path, ["the file must be a YAML mapping with at least `name` and `model.path`"])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(path, [_format_error(e) for e in exc.errors()]) from None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe file, apply dotted overrides (`quantize.iters=0`), validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(str(p), ["file not found; pass the path of a recipe YAML such as recipes/demo.yaml"])
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "somewhere"
+        raise RecipeError(str(p), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value)
+    return parse_recipe(data, str(p))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,102 @@
+"""The run folder: its paths and `manifest.json`, always written atomically (temp file + rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reap.errors import DiskSpaceError, InputError, OutputExistsError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` so that readers see the old file or the new one, never a torn one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def recipe_path(self) -> Path:
+        return self.root / "recipe.yaml"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def card_path(self) -> Path:
+        return self.model_dir / "README.md"
+
+    def read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.is_file():
+            return {"stages": {}}
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{self.manifest_path} is not valid JSON ({exc.msg}); restore it or rebuild the run") from None
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+    def update_stage(self, stage: str, record: dict[str, Any], **top: Any) -> dict[str, Any]:
+        """Merge `record` into `stages.<stage>` (and `top` into the manifest's top level), atomically."""
+        manifest = self.read_manifest()
+        manifest.setdefault("stages", {}).setdefault(stage, {}).update(record)
+        manifest.update(top)
+        self.write_manifest(manifest)
+        return manifest
+
+
+def open_run(path: Path, overwrite: bool = False) -> RunDir:
+    """A fresh run folder. An existing one is refused unless `overwrite` (then its model/ is replaced
+    only when the new build succeeds: see build.py)."""
+    run = RunDir(path)
+    if run.model_dir.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{path} already holds a build; pass --overwrite to rebuild it or choose another --out")
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.logs_dir.mkdir(exist_ok=True)
+    return run
+
+
+def existing_run(path: Path) -> RunDir:
+    run = RunDir(Path(path))
+    if not run.manifest_path.is_file():
+        raise InputError(f"{path} is not a reap run folder (no manifest.json); run `reap build` first")
+    return run
+
+
+def check_free_disk(where: Path, needed_bytes: int) -> None:
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed_bytes:
+        raise DiskSpaceError(
+            f"not enough disk at {probe}: {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
+            "free some space or pass --out on a larger disk")
