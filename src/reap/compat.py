@@ -4,6 +4,17 @@ a test that says when it stops being needed (tests/unit/test_compat.py, tests/in
 
 from __future__ import annotations
 
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
+
+if TYPE_CHECKING:
+    from reap.checkpoint import Checkpoint
+
 _TORCHVISION_LIB = None  # keeps the op schemas registered for the life of the process
 
 
@@ -35,3 +46,66 @@ def ensure_torchvision_importable() -> bool:
         lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_LIB = lib
     return True
+
+
+# --- AutoRound ------------------------------------------------------------------------------------------
+
+def autoround_mllm_path_fails(src: "Checkpoint") -> bool:
+    """AutoRound takes its multimodal path for a VL checkpoint; that path needs the processor files and fails
+    (`Can't load image processor`) without them. Then the text-only path is the one that works."""
+    from auto_round.utils.model import is_mllm_model
+
+    has_processor = any((src.root / f).is_file() for f in PROCESSOR_FILES)
+    return bool(is_mllm_model(str(src.root))) and not has_processor
+
+
+@contextmanager
+def autoround_text_only(src: "Checkpoint") -> Iterator[bool]:
+    """Switch AutoRound's multimodal detection off for this model type only, only while this build runs,
+    and only when its multimodal path would fail. Yields whether it was applied."""
+    if not autoround_mllm_path_fails(src):
+        yield False
+        return
+    import auto_round.utils.model as ar_model
+
+    model_type = src.config["model_type"]
+    added = model_type not in ar_model._LLM_ONLY_MODEL_TYPES
+    ar_model._LLM_ONLY_MODEL_TYPES.add(model_type)
+    ar_model._is_mllm_model_cache.pop(str(src.root), None)
+    try:
+        yield True
+    finally:
+        if added:
+            ar_model._LLM_ONLY_MODEL_TYPES.discard(model_type)
+
+
+def flatten_autoround_output(raw: Path, dest: Path) -> bool:
+    """`quantize_and_save(out)` writes into `out/<model>-w4g128/`. Move the checkpoint to `dest`; returns
+    True when it was in such a sub-folder (the fix was needed)."""
+    subdirs = [d for d in raw.iterdir() if d.is_dir() and (d / "config.json").is_file()]
+    nested = not (raw / "config.json").is_file() and len(subdirs) == 1
+    shutil.move(str(subdirs[0] if nested else raw), str(dest))
+    return nested
+
+
+def restore_vl_config(src_root: Path, dest: Path) -> bool:
+    """AutoRound's text-only path saves the TEXT config (`qwen3_5_moe_text`, no architectures) beside
+    `model.language_model.*` tensors, which vLLM cannot load. Put back the source's VL config with the new
+    `quantization_config`. Returns True when it was needed."""
+    src_cfg = json.loads((src_root / "config.json").read_text())
+    out_cfg = json.loads((dest / "config.json").read_text())
+    if "text_config" not in src_cfg or "text_config" in out_cfg:
+        return False
+    fixed = dict(src_cfg, quantization_config=out_cfg["quantization_config"])
+    (dest / "config.json").write_text(json.dumps(fixed, indent=2) + "\n")
+    return True
+
+
+def carry_tokenizer_and_processor(src_root: Path, dest: Path) -> bool:
+    """AutoRound saves the tokenizer as transformers re-serialises it and drops vocab.json/merges.txt and the
+    video processor config. Carry the source's own files over. Returns True when any was missing."""
+    missing = [f for f in TOKENIZER_FILES + PROCESSOR_FILES if (src_root / f).is_file() and not (dest / f).is_file()]
+    for name in TOKENIZER_FILES + PROCESSOR_FILES:
+        if (src_root / name).is_file():
+            shutil.copy2(src_root / name, dest / name)
+    return bool(missing)

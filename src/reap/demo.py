@@ -15,12 +15,13 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from reap.resources import data_dir
+from reap.stats import log
 
 TASKS = ("larger", "reverse")
 TRAIN_ROWS, TEST_ROWS = 4000, 300
@@ -37,6 +38,19 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
+
+DEMO_README = """---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: image-text-to-text
+tags: [reap, demo, qwen3_5_moe]
+---
+# reap demo Qwen3.5-MoE (tiny)
+
+A 2.2M-parameter `Qwen3_5MoeForConditionalGeneration` built and trained by `reap demo-model` on reap's own
+synthetic tasks (evals/demo). Held-out accuracy in bfloat16: larger {larger:.3f}, reverse {reverse:.3f};
+trained in {seconds} s.
+"""
 
 
 # --- the tasks --------------------------------------------------------------------------------------
@@ -78,6 +92,15 @@ def write_task_data(out: Path) -> None:
     for task, splits in make_task_rows().items():
         for split, rows in splits.items():
             (out / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration_texts()))
+
+
+def calibration_texts(rows: int = 128, per_row: int = 12) -> list[str]:
+    """AutoRound calibration text for the demo model: training examples of both tasks, interleaved."""
+    data = make_task_rows()
+    examples = [prompt_of(t, r) + answer_of(t, r) + "\n" for i in range(rows * per_row // 2)
+                for t, r in (("larger", data["larger"]["train"][i]), ("reverse", data["reverse"]["train"][i]))]
+    return ["".join(examples[i * per_row:(i + 1) * per_row]) for i in range(rows)]
 
 
 def read_task_rows(task: str, split: str) -> list[dict[str, Any]]:
@@ -88,23 +111,29 @@ def read_task_rows(task: str, split: str) -> list[dict[str, Any]]:
 # --- tokenizer, configs, processor -------------------------------------------------------------------
 
 def train_tokenizer(texts: list[str]):
-    """A byte-level BPE like Qwen's, trained here on the task text (a small vocabulary)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level BPE trained here on the task text, with Qwen3.5's own normalizer and pre-tokenizer, served
+    as the `Qwen3_5Tokenizer` class that transformers and vLLM load for this model type."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers.models.qwen3_5.tokenization_qwen3_5 import PRETOKENIZE_REGEX, Qwen3_5Tokenizer
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + 16,
+    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + 24,
                                   initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS, show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:], model_max_length=2048,
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    state = json.loads(tok.to_str())["model"]
+    qwen = Qwen3_5Tokenizer(vocab=state["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+                                                          for m in state["merges"]],
+                            eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+                            model_max_length=2048)
+    qwen.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
+    qwen.chat_template = CHAT_TEMPLATE
+    return qwen
 
 
 def demo_config(tokenizer):
@@ -145,7 +174,7 @@ def save_processor(tokenizer, out: Path) -> None:
                      chat_template=CHAT_TEMPLATE).save_pretrained(str(out))
     image.save_pretrained(str(out))  # preprocessor_config.json, as releases still ship it
     video.save_pretrained(str(out))  # video_preprocessor_config.json
-    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt
+    tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt, as Qwen releases ship them
 
 
 # --- training and held-out scoring --------------------------------------------------------------------
@@ -166,7 +195,7 @@ def _examples(tokenizer) -> list[tuple[list[int], int]]:
     return out
 
 
-def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int, log=print) -> list[float]:
+def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> list[float]:
     import torch
 
     examples = _examples(tokenizer)
@@ -195,7 +224,7 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int, log=pr
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
-            log(f"[reap] demo-model: step {step + 1}/{steps} loss {losses[-1]:.4f}")
+            log(f"demo-model: step {step + 1}/{steps} loss {losses[-1]:.4f}")
     model.eval()
     return losses
 
@@ -238,8 +267,7 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
     return acc
 
 
-def build_demo_model(out: Path, steps: int = 600, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-                     log=None) -> dict[str, Any]:
+def build_demo_model(out: Path, steps: int = 600, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
     """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
     from reap.compat import ensure_torchvision_importable
 
@@ -247,30 +275,35 @@ def build_demo_model(out: Path, steps: int = 600, batch: int = 64, lr: float = 3
     import torch
     from transformers import Qwen3_5MoeForConditionalGeneration
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
     tokenizer = train_tokenizer(texts)
     config = demo_config(tokenizer)
     model = Qwen3_5MoeForConditionalGeneration(config).to(torch.float32)
-    log(f"[reap] demo-model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, training {steps} steps")
-    losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
+    log(f"demo-model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, training {steps} steps")
+    losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed)
     train_s = time.perf_counter() - t0
     model = model.to(torch.bfloat16)
-    accuracy = score_heldout(model, tokenizer)
-    log(f"[reap] demo-model: held-out accuracy (bf16) {accuracy}")
+    model.config.dtype = torch.bfloat16
+    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     tmp = out.with_name(out.name + ".partial")
-    model.config.dtype = torch.bfloat16
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp), max_shard_size="2MB")
     tokenizer.save_pretrained(str(tmp))
     save_processor(tokenizer, tmp)
-    model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.save_pretrained(str(tmp))
+    # Score what was written, loaded the way every consumer loads it (Auto classes from the folder).
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    loaded = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype=torch.bfloat16)
+    loaded_tok = AutoTokenizer.from_pretrained(str(tmp))
+    accuracy = score_heldout(loaded, loaded_tok)
+    log(f"demo-model: held-out accuracy of the saved bf16 checkpoint {accuracy}")
     report = {"train_seconds": round(train_s, 1), "steps": steps, "final_loss": round(losses[-1], 4),
               "heldout_accuracy_bf16": accuracy, "parameters": sum(p.numel() for p in model.parameters())}
+    (tmp / "README.md").write_text(DEMO_README.format(**accuracy, seconds=report["train_seconds"]))
     (tmp / "reap_demo.json").write_text(json.dumps(report, indent=2) + "\n")
     tmp.rename(out)
     return report

@@ -55,7 +55,7 @@ class QuantizeSection(_Section):
     device_map: str | None = Field("auto", description="passed to AutoRound: auto, cpu, cuda, or '0,1,2'")
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
-    enable_torch_compile: bool | None = Field(None, description="None lets reap decide (off on CPU)")
+    enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")
     keep_16bit: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_KEEP_16BIT),
         description="module name patterns (dotted segments) kept in 16-bit, with the reason shown in the card",

@@ -120,7 +120,7 @@ def gate_tensor_set(ckpt: Checkpoint, keys: frozenset[str], linears: frozenset[s
         elif key in present:
             accounted.add(key)
         else:
-            missing.append(key)
+            missing.append(f"{mod}.weight/qweight" if leaf == "weight" and mod in linears else key)
     extra_ok = ckpt.text_config.get("mtp_num_hidden_layers", 0) > 0
     unexpected = sorted(k for k in present - accounted if not (extra_ok and k.startswith("mtp.")))
     if missing:
@@ -180,7 +180,7 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
             undeclared.append(mod)
         elif quantized and declared:
             contradicted.append(mod)
-        elif quantized:
+        elif quantized and "scales" in ckpt.modules[mod]:  # a missing part is reported by tensor_set
             t = ckpt.modules[mod]
             in_features = t["qweight"].shape[0] * 32 // bits
             if t["scales"].shape[0] != -(-in_features // group) or t["scales"].shape[1] != t["qweight"].shape[1]:

@@ -1,0 +1,256 @@
+"""`reap build`: quantize a Qwen3.5-MoE checkpoint with AutoRound, fix up what it saves, verify, card.
+
+Everything is measured: stage wall times (weight loading, calibration caching, quantization, saving) and
+per block, peak RSS of the process tree, per-GPU peak memory. The new checkpoint appears as
+`runs/<name>/model/` only after it passed verification; until then it lives in `model.partial/`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reap import compat
+from reap.card import render_card_into
+from reap.checkpoint import Checkpoint, segment_match
+from reap.errors import InputError, ReapError, StageError
+from reap.recipe import Recipe, dump_recipe
+from reap.rundir import RunDir, atomic_write_text, check_free_disk, open_run
+from reap.stats import Clock, ResourceSampler, hardware_inventory, log, package_versions
+from reap.verify import raise_on_failure, verify_checkpoint
+
+BLOCK_RE = re.compile(r"quantized (\d+)/(\d+) layers in the block(?:, loss iter 0: ([\d.e+-]+) -> iter \d+: ([\d.e+-]+))?")
+SUMMARY_RE = re.compile(r"Summary: quantized (\d+)/(\d+) in the model")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class AutoRoundWatcher(logging.Handler):
+    """Timestamps AutoRound's own log lines to measure calibration caching, each block and the summary,
+    and copies them into logs/build.log."""
+
+    def __init__(self, logfile: Path):
+        super().__init__(level=logging.INFO)
+        self.cache_start: float | None = None
+        self.cache_done: float | None = None
+        self.blocks: list[dict[str, Any]] = []
+        self.summary: dict[str, int] | None = None
+        self.saved_at: float | None = None
+        self._last = 0.0
+        self._file = open(logfile, "a")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg, t = record.getMessage(), record.created
+        self._file.write(f"{datetime.fromtimestamp(t, timezone.utc).isoformat(timespec='seconds')} "
+                         f"{record.levelname} {msg}\n")
+        self._file.flush()
+        if msg.startswith("start to cache block inputs") and self.cache_start is None:
+            self.cache_start = t
+        elif msg.startswith("caching done") and self.cache_done is None:
+            self.cache_done = self._last = t
+        elif m := BLOCK_RE.search(msg):
+            block = {"index": len(self.blocks), "quantized": int(m.group(1)), "total": int(m.group(2)),
+                     "wall_s": round(t - self._last, 3)}
+            if m.group(3):
+                block["loss_iter0"], block["loss_best"] = float(m.group(3)), float(m.group(4))
+            self.blocks.append(block)
+            self._last = t
+        elif m := SUMMARY_RE.search(msg):
+            self.summary = {"quantized": int(m.group(1)), "total": int(m.group(2))}
+            self.saved_at = self.saved_at or t
+        elif msg.startswith("model has been saved"):
+            self.saved_at = t
+
+    def __enter__(self) -> "AutoRoundWatcher":
+        logging.getLogger("autoround").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("autoround").removeHandler(self)
+        self._file.close()
+
+
+def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
+    """Linear modules of the source matched by the recipe's keep_16bit patterns, plus the DeltaNet
+    projections that Marlin could not run at the recipe's TP; name -> reason."""
+    keep = dict(recipe.quantize.keep_16bit)
+    tp = recipe.serve.tensor_parallel_size
+    rows = 2 * src.text_config.get("linear_num_value_heads", 0)
+    if rows and (rows % tp or (rows // tp) % 64):
+        for p in ("linear_attn.in_proj_a", "linear_attn.in_proj_b"):
+            keep.setdefault(p, f"forced: vLLM fuses in_proj_a/b into in_proj_ba with {rows // tp} rows per shard "
+                               f"at TP={tp}, below Marlin's 64")
+    out = {}
+    for mod, tensors in src.modules.items():
+        w = tensors.get("weight")
+        if w is None or len(w.shape) != 2 or segment_match("mlp.gate", mod) or mod.endswith("embed_tokens"):
+            continue  # routers are not nn.Linear: AutoRound keeps them 16-bit itself, verify checks it
+        pattern = next((p for p in keep if segment_match(p, mod)), None)
+        if pattern:
+            out[mod] = keep[pattern]
+    return out
+
+
+def check_calibration(dataset: str) -> None:
+    if not dataset.endswith(".jsonl"):
+        return
+    path = Path(dataset)
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"calibration file {path} is unreadable ({exc}); give a .jsonl of {{\"text\": ...}} rows") from None
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+        raise InputError(f"calibration file {path} must hold at least one row, each {{\"text\": \"...\"}}")
+
+
+def source_license(root: Path) -> str | None:
+    """The `license` of the source's own card (README.md front matter), carried into ours."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    if not text.startswith("---"):
+        return None
+    meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    return meta.get("license")
+
+
+def estimated_output_bytes(src: Checkpoint, bits: int) -> int:
+    return int(src.bytes_on_disk() * (bits / 16) * 1.25) + 50_000_000
+
+
+def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str, Any]:
+    q = recipe.quantize
+    return dict(
+        scheme=f"W{q.bits}A16", bits=q.bits, group_size=q.group_size, sym=q.sym, iters=q.iters,
+        nsamples=q.nsamples, seqlen=q.seqlen, batch_size=q.batch_size, dataset=q.dataset, seed=q.seed,
+        device_map=q.device_map, low_gpu_mem_usage=q.low_gpu_mem_usage, low_cpu_mem_usage=q.low_cpu_mem_usage,
+        enable_torch_compile=q.enable_torch_compile, layer_config=layer_config,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+
+
+def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock) -> dict[str, Any]:
+    """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures."""
+    fixes: list[str] = []
+    kept = keep_16bit_layers(src, recipe)
+    layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
+    raw = run.root / ".autoround"
+    shutil.rmtree(raw, ignore_errors=True)
+    with AutoRoundWatcher(run.logs_dir / "build.log") as watch:
+        compat.ensure_torchvision_importable()
+        from auto_round import AutoRound
+
+        with compat.autoround_text_only(src) as text_only:
+            if text_only:
+                fixes.append("autoround_text_only")
+            t_start = time.perf_counter()
+            try:
+                with clock.span("weight_loading"):
+                    ar = AutoRound(model=str(src.root), **_autoround_kwargs(recipe, layer_config))
+                t_quant = time.time()
+                ar.quantize_and_save(str(raw), format=recipe.quantize.format)
+            except (KeyboardInterrupt, ReapError):
+                raise
+            except Exception as exc:  # AutoRound raises plain exceptions; keep the cause in one line
+                raise StageError(f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                                 f" (full log: {run.logs_dir / 'build.log'})") from exc
+            t_end = time.time()
+    cache_done = watch.cache_done or t_quant
+    clock.spans["calibration_caching"] = round(cache_done - (watch.cache_start or t_quant), 3)
+    clock.spans["quantization"] = round((watch.saved_at or t_end) - cache_done, 3)
+    clock.spans["saving"] = round(t_end - (watch.saved_at or t_end), 3)
+    clock.spans["autoround_total"] = round(time.perf_counter() - t_start, 3)
+    if compat.flatten_autoround_output(raw, work):
+        fixes.append("flatten_output_subfolder")
+    shutil.rmtree(raw, ignore_errors=True)
+    if compat.restore_vl_config(src.root, work):
+        fixes.append("restore_vl_config")
+    if compat.carry_tokenizer_and_processor(src.root, work):
+        fixes.append("carry_tokenizer_and_processor_files")
+    return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,
+            "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(layer_config)}
+
+
+def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
+    """Quantize `recipe.model.path` into `out/model`, verify it and render its card. Returns the build record."""
+    src = Checkpoint.open(Path(recipe.model.path))
+    src.require_supported_moe()
+    check_calibration(recipe.quantize.dataset)
+    license_ = recipe.model.license or source_license(src.root)
+    if not license_:
+        raise InputError(f"{src.root} has no README.md with a `license`; set model.license in the recipe")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    check_free_disk(out, estimated_output_bytes(src, recipe.quantize.bits))
+    run = open_run(out, overwrite=overwrite)  # refuses an existing build before any weight is read
+    atomic_write_text(run.recipe_path, dump_recipe(recipe))
+    work = run.root / "model.partial"
+    shutil.rmtree(work, ignore_errors=True)
+    record: dict[str, Any] = {"status": "running", "started": now(), "argv": argv or sys.argv,
+                              "source": str(src.root.resolve()), "versions": package_versions(),
+                              "lineage": {"base": recipe.model.base_model or src.root.name,
+                                          "pruned_from": recipe.model.pruned_from},
+                              "license": license_}
+    run.update_stage("build", record, hardware=hardware_inventory(), name=recipe.name,
+                     recipe=recipe.model_dump(mode="json"))
+    log(f"build {recipe.name}: {src.root} -> {run.model_dir} (W{recipe.quantize.bits}A16 g{recipe.quantize.group_size}, "
+        f"{recipe.quantize.format}, iters={recipe.quantize.iters}, nsamples={recipe.quantize.nsamples})")
+    clock = Clock()
+    t0 = time.perf_counter()
+    try:
+        with ResourceSampler() as sampler:
+            result = _quantize(src, recipe, work, run, clock)
+            log("verifying the checkpoint")
+            with clock.span("verification"):
+                report = verify_checkpoint(
+                    work, tp=recipe.serve.tensor_parallel_size,
+                    expect={"bits": recipe.quantize.bits, "group_size": recipe.quantize.group_size,
+                            "sym": recipe.quantize.sym},
+                    reported_blocks=result["blocks"] or None, reasons=dict(recipe.quantize.keep_16bit))
+        record.update(result, substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
+                      verification=report, **sampler.summary())
+        if not report["passed"]:
+            rejected = run.root / "model.rejected"
+            shutil.rmtree(rejected, ignore_errors=True)
+            work.rename(rejected)
+            record.update(status="failed", ended=now(), error="verification failed", rejected=str(rejected))
+            run.update_stage("build", record)
+            raise_on_failure(report, f"{rejected} (kept for inspection)")
+        atomic_write_text(work / "reap_recipe.yaml", dump_recipe(recipe))
+        _swap_into_place(work, run.model_dir)
+        record.update(status="done", ended=now(), outputs={"model": str(run.model_dir)})
+        run.update_stage("build", record)
+        render_card_into(run)
+    except KeyboardInterrupt:
+        record.update(status="interrupted", ended=now())
+        run.update_stage("build", record)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    except ReapError as exc:
+        if record.get("status") != "failed":
+            record.update(status="failed", ended=now(), error=str(exc))
+            run.update_stage("build", record)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return record
+
+
+def _swap_into_place(new: Path, dest: Path) -> None:
+    """Replace `dest` by `new`; the old build is removed only once the new one is in place."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,138 @@
+"""The model card: `templates/*.md.j2` rendered with a strict Jinja environment (a missing value is an
+error, never an empty cell) into a huggingface_hub `ModelCard`. A pure function of the run's manifest."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reap.errors import CardError
+from reap.resources import data_dir
+from reap.rundir import RunDir, atomic_write_text
+
+REQUIRED_METADATA = ("base_model", "base_model_relation", "library_name", "license", "pipeline_tag", "tags")
+
+
+def fmt_seconds(s: float) -> str:
+    if s < 90:
+        return f"{s:.1f} s"
+    if s < 5400:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def serve_argv(manifest: dict[str, Any]) -> list[str]:
+    """The vLLM command recorded by `reap serve`, else the one reap would use on GPUs for this checkpoint."""
+    recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
+    if recorded:
+        return list(recorded)
+    recipe = manifest["recipe"]
+    target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
+    argv = ["vllm", "serve", target, "--tensor-parallel-size", str(recipe["serve"]["tensor_parallel_size"]),
+            "--dtype", "bfloat16", "--language-model-only"]
+    if recipe["serve"].get("max_model_len"):
+        argv += ["--max-model-len", str(recipe["serve"]["max_model_len"])]
+    return argv
+
+
+def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] | None:
+    if "substages" not in build:
+        return None
+    labels = {"weight_loading": "weight loading", "calibration_caching": "calibration caching",
+              "quantization": "quantization", "saving": "saving", "verification": "verification"}
+    stages = [(label, fmt_seconds(build["substages"][k])) for k, label in labels.items() if k in build["substages"]]
+    blocks = build.get("blocks") or []
+    per_block = None
+    if blocks:
+        times = [b["wall_s"] for b in blocks]
+        per_block = (f"{len(times)} blocks: mean {fmt_seconds(sum(times) / len(times))}, "
+                     f"min {fmt_seconds(min(times))}, max {fmt_seconds(max(times))}")
+    vram = build.get("peak_vram_gb")
+    peak_vram = ", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else None
+    v = build["versions"]
+    software = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "auto-round") if k in v)
+    return {"stages": stages, "per_block": per_block, "total": fmt_seconds(build["wall_s"]),
+            "peak_rss_gb": f"{build['peak_rss_gb']:.2f}", "peak_vram": peak_vram, "software": software}
+
+
+def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Everything the template shows, derived from the manifest alone."""
+    build = manifest["stages"]["build"]
+    recipe = manifest["recipe"]
+    verification = build["verification"]
+    qcfg = verification["quantization_config"]
+    q = recipe["quantize"]
+    per_block = verification["quantized_linear_per_block"]
+    predicted = verification["predicted_linear_per_block"]
+    blocks_summary = ", ".join(sorted({f"{a}/{b}" for a, b in zip(per_block, predicted)}))
+    argv = list(build["argv"])
+    argv[0] = "reap" if Path(argv[0]).name in ("reap", "cli.py", "__main__.py") else argv[0]
+    notes = ["no `--quantization` flag: vLLM detects the AutoRound/GPTQ checkpoint and picks its Marlin-family kernels",
+             "bfloat16 only: float16 overflows in the DeltaNet layers of Qwen3.5",
+             "`--language-model-only` serves the text model of the vision-language checkpoint"]
+    return {
+        "name": manifest["name"],
+        "summary": (f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
+                    f"`{build['lineage']['base']}` made with `reap` and Intel AutoRound, "
+                    "verified to load in vLLM."),
+        "lineage": build["lineage"],
+        "quant": dict(q, quant_method=qcfg.get("quant_method")),
+        "versions": build["versions"],
+        "blocks_summary": blocks_summary,
+        "autoround_summary": build.get("autoround_summary"),
+        "size_gb": f"{verification['size_bytes'] / 1e9:.3f}",
+        "kept_16bit": verification["kept_16bit"],
+        "verification": verification,
+        "hardware": manifest["hardware"],
+        "runtime": _runtime(build, manifest["hardware"]),
+        "build_command": shlex.join(argv),
+        "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False),
+        "serve_command": shlex.join(serve_argv(manifest)),
+        "serve_notes": notes,
+    }
+
+
+def card_metadata(manifest: dict[str, Any]):
+    from huggingface_hub import ModelCardData
+
+    build = manifest["stages"]["build"]
+    card = manifest["recipe"]["card"]
+    data = ModelCardData(
+        base_model=build["lineage"]["base"], base_model_relation="quantized", library_name=card["library_name"],
+        license=build["license"], pipeline_tag=card["pipeline_tag"], tags=list(card["tags"]),
+    )
+    missing = [k for k in REQUIRED_METADATA if not data.to_dict().get(k)]
+    if missing:
+        raise CardError(f"card metadata lacks {', '.join(missing)}; set them in the recipe (model.license, card.*)")
+    return data
+
+
+def render_card(manifest: dict[str, Any], templates: Path | None = None):
+    """Render the ModelCard for a manifest. Raises CardError naming the first missing value."""
+    import jinja2
+    from huggingface_hub import ModelCard
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates or data_dir("templates"))),
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
+                             trim_blocks=False, autoescape=False)
+    try:
+        context = card_context(manifest)
+        body = env.get_template("model_card.md.j2").render(**context)
+    except KeyError as exc:
+        raise CardError(f"the manifest lacks {exc.args[0]!r}, needed by the card; rebuild the run") from None
+    except jinja2.UndefinedError as exc:
+        raise CardError(f"card template needs a value the manifest lacks: {exc.message}") from None
+    data = card_metadata(manifest)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+
+
+def render_card_into(run: RunDir) -> Path:
+    manifest = run.read_manifest()
+    if manifest.get("stages", {}).get("build", {}).get("status") != "done":
+        raise CardError(f"{run.root} has no finished build; run `reap build` first")
+    card = render_card(manifest)
+    atomic_write_text(run.card_path, str(card))
+    return run.card_path

@@ -1,0 +1,179 @@
+"""The only Click module: thin commands that parse, call one library function, and map errors.
+
+Heavy libraries (torch, transformers, auto_round, vllm, lm_eval) are imported inside the library functions,
+never here, so `reap --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+import yaml
+
+from reap.errors import ReapError
+
+
+def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
+    out = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. quantize.iters=0)", param_hint="--set")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+class ReapGroup(click.Group):
+    """Maps every ReapError to one line on stderr and exit code 1 (a traceback only with REAP_DEBUG=1)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except ReapError as exc:
+            if os.environ.get("REAP_DEBUG"):
+                raise
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("reap: interrupted; finished outputs are kept and the run folder records it", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=ReapGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="reap")
+def reap() -> None:
+    """Quantize, verify and document compressed Mixture-of-Experts LLMs, measured end to end.
+
+    \b
+    Quick start (CPU, the embedded tiny Qwen3.5-MoE):
+      reap demo-model runs/demo-source
+      reap build recipes/demo.yaml
+      reap verify runs/demo/model --tp 1
+      reap card runs/demo
+
+    Set REAP_DEBUG=1 to see tracebacks instead of one-line errors.
+    """
+
+
+@reap.command("demo-model")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--steps", default=600, show_default=True, help="Training steps (batch 64).")
+@click.option("--seed", default=0, show_default=True)
+def demo_model_cmd(out: Path, steps: int, seed: int) -> None:
+    """Build and train the tiny Qwen3.5-MoE demo checkpoint into OUT.
+
+    \b
+    It has the real release layout (VL wrapper, tiny vision tower, sharded safetensors,
+    per-expert tensors, tokenizer with chat template, processor files) and is trained in
+    about 2.5 minutes on 2 CPU cores on reap's synthetic tasks (evals/demo).
+
+    \b
+    Example:
+      reap demo-model runs/demo-source
+    """
+    from reap.demo import build_demo_model
+
+    if out.exists():
+        raise click.UsageError(f"{out} already exists; remove it or choose another folder")
+    report = build_demo_model(out, steps=steps, seed=seed)
+    click.echo(json.dumps(report, indent=2))
+
+
+@reap.command("build")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<recipe name>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing build in the run folder (only once the new one verifies).")
+@click.option("--model", "model_path", help="Override model.path.")
+@click.option("--iters", type=int, help="Override quantize.iters (0 = optimized RTN).")
+@click.option("--nsamples", type=int, help="Override quantize.nsamples.")
+@click.option("--tp", type=int, help="Override serve.tensor_parallel_size (checked by the Marlin gate).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set quantize.seqlen=256.")
+def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str | None, iters: int | None,
+              nsamples: int | None, tp: int | None, sets: tuple[str, ...]) -> None:
+    """Quantize with AutoRound, verify, measure and write the model card.
+
+    \b
+    Examples:
+      reap build recipes/demo.yaml
+      reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --out /data/runs/212b
+      reap build recipes/demo.yaml --iters 0 --out runs/demo-rtn --overwrite
+    """
+    from reap.build import build
+    from reap.recipe import load_recipe
+
+    overrides = _parse_set(sets)
+    for key, value in (("model.path", model_path), ("quantize.iters", iters), ("quantize.nsamples", nsamples),
+                       ("serve.tensor_parallel_size", tp)):
+        if value is not None:
+            overrides[key] = value
+    rec = load_recipe(recipe, overrides)
+    run_dir = out or Path("runs") / rec.name
+    record = build(rec, run_dir, overwrite=overwrite, argv=["reap", *sys.argv[1:]])
+    _print_build_summary(run_dir, record)
+
+
+def _print_build_summary(run_dir: Path, record: dict) -> None:
+    from reap.card import fmt_seconds
+
+    lines = [f"build {record['status']}: {run_dir / 'model'}"]
+    for stage, seconds in record["substages"].items():
+        lines.append(f"  {stage:<22} {fmt_seconds(seconds)}")
+    lines.append(f"  {'total':<22} {fmt_seconds(record['wall_s'])}")
+    lines.append(f"  {'peak RSS':<22} {record['peak_rss_gb']:.2f} GB")
+    vram = record.get("peak_vram_gb")
+    lines.append(f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU"))
+    if record.get("autoround_summary"):
+        s = record["autoround_summary"]
+        lines.append(f"  {'quantized layers':<22} {s['quantized']}/{s['total']}")
+    lines.append(f"  {'fixes applied':<22} {', '.join(record['fixes_applied']) or 'none'}")
+    lines.append(f"  {'card':<22} {run_dir / 'model' / 'README.md'}")
+    click.echo("\n".join(lines))
+
+
+@reap.command("verify")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--tp", default=4, show_default=True, help="Tensor-parallel size to check the Marlin shape rule for.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify_cmd(model_dir: Path, tp: int, as_json: bool) -> None:
+    """Run the verification gates on a quantized checkpoint.
+
+    \b
+    Exit code 1 and one line per failure when a gate fails.
+
+    \b
+    Examples:
+      reap verify runs/demo/model --tp 1
+      reap verify /data/Qwen3.5-REAP-212B-A17B-W4A16 --tp 4 --json
+    """
+    from reap.verify import raise_on_failure, verify_checkpoint
+
+    report = verify_checkpoint(model_dir, tp=tp)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for name, gate in report["gates"].items():
+            click.echo(f"{'ok  ' if gate['passed'] else 'FAIL'} {name}")
+    raise_on_failure(report, str(model_dir))
+
+
+@reap.command("card")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the card instead of writing RUN_DIR/model/README.md.")
+def card_cmd(run_dir: Path, to_stdout: bool) -> None:
+    """Re-render the model card from the run folder alone (manifest.json).
+
+    \b
+    Example:
+      reap card runs/demo
+    """
+    from reap.card import render_card, render_card_into
+    from reap.rundir import existing_run
+
+    run = existing_run(run_dir)
+    if to_stdout:
+        click.echo(str(render_card(run.read_manifest())))
+    else:
+        click.echo(str(render_card_into(run)))

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from reap.errors import RecipeError
+from reap.recipe import DEFAULT_KEEP_16BIT, load_recipe
+from reap.resources import data_dir
+
+RECIPES = data_dir("recipes")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_reproduce_the_seed_release(tmp_path):
+    r = load_recipe(write(tmp_path, "name: x\nmodel: {path: /m}\n"))
+    q = r.quantize
+    assert (q.bits, q.group_size, q.sym, q.format) == (4, 128, True, "auto_round")
+    assert (q.nsamples, q.seqlen, q.batch_size, q.dataset, q.iters) == (64, 512, 1, "NeelNanda/pile-10k", 200)
+    assert set(q.keep_16bit) == {"mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_a",
+                                 "linear_attn.in_proj_b", "lm_head", "model.visual", "mtp"}
+    assert r.serve.tensor_parallel_size == 4
+
+
+def test_shipped_recipes_are_valid():
+    seed = load_recipe(RECIPES / "qwen3.5-reap-212b-a17b-w4a16.yaml")
+    assert seed.quantize.iters == 200 and seed.model.pruned_from == "Qwen/Qwen3.5-397B-A17B"
+    demo = load_recipe(RECIPES / "demo.yaml")
+    assert demo.serve.tensor_parallel_size == 1 and demo.quantize.dataset.endswith(".jsonl")
+
+
+def test_every_error_is_reported_at_once_with_file_and_field(tmp_path):
+    p = write(tmp_path, "name: 'bad name!'\nmodel: {pathh: /m}\nquantize: {bits: 5, iters: -1, colour: red}\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p)
+    msg = str(err.value)
+    assert str(p) in msg
+    assert "name: use letters, digits" in msg
+    assert "model.path: required field is missing" in msg
+    assert "model.pathh: unknown field" in msg
+    assert "quantize.bits: allowed: 2, 3, 4 or 8" in msg
+    assert "quantize.iters: Input should be greater than or equal to 0" in msg
+    assert "quantize.colour: unknown field" in msg
+    assert len(err.value.problems) == 6
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(RecipeError, match="file not found"):
+        load_recipe(tmp_path / "none.yaml")
+    with pytest.raises(RecipeError, match="not valid YAML at line 3"):
+        load_recipe(write(tmp_path, "name: x\nmodel: [\n"))
+    with pytest.raises(RecipeError, match="must be a YAML mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_missing_local_calibration_file(tmp_path):
+    with pytest.raises(RecipeError, match=r"quantize.dataset: calibration file .*nope.jsonl not found"):
+        load_recipe(write(tmp_path, f"name: x\nmodel: {{path: /m}}\nquantize: {{dataset: {tmp_path}/nope.jsonl}}\n"))
+
+
+def test_overrides_and_list_form_of_keep_16bit(tmp_path):
+    p = write(tmp_path, "name: x\nmodel: {path: /m}\nquantize: {keep_16bit: [mlp.gate, lm_head]}\n")
+    r = load_recipe(p, {"quantize.iters": 0, "serve.tensor_parallel_size": 2})
+    assert r.quantize.iters == 0 and r.serve.tensor_parallel_size == 2
+    assert r.quantize.keep_16bit == {"mlp.gate": DEFAULT_KEEP_16BIT["mlp.gate"], "lm_head": DEFAULT_KEEP_16BIT["lm_head"]}

@@ -1,0 +1,113 @@
+"""Each verification gate passes on a good checkpoint and fails, saying where, on a crafted bad one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from reap.errors import InputError, UnsupportedModelError, VerificationError
+from reap.verify import raise_on_failure, verify_checkpoint
+
+from .ckpt_factory import edit_index, make_checkpoint
+
+L0 = "model.language_model.layers.0"
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("good") / "ckpt")
+
+
+@pytest.fixture()
+def copy(good, tmp_path):
+    dst = tmp_path / "ckpt"
+    shutil.copytree(good, dst)
+    return dst
+
+
+def failures(report, gate):
+    return report["gates"][gate]["failures"]
+
+
+def test_good_checkpoint_passes_every_gate(good):
+    report = verify_checkpoint(good, tp=1, expect={"bits": 4, "group_size": 128, "sym": True})
+    assert report["passed"], report["gates"]
+    # 4 experts: DeltaNet block 3*4+9 Linear layers, attention block 3*4+8; the 3 (resp. 1) narrow ones stay 16-bit
+    assert report["predicted_linear_per_block"] == [21, 20]
+    assert report["quantized_linear_per_block"] == [18, 19]
+    kept = {row["modules"]: row["count"] for row in report["kept_16bit"]}
+    assert kept["model.language_model.layers.*.mlp.gate"] == 2
+    assert kept["lm_head"] == 1
+    assert kept["model.visual.*"] == 6
+
+
+def test_quantized_router_fails(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "bad", quantize_routers=True)
+    report = verify_checkpoint(ckpt, tp=1)
+    msg = " ".join(failures(report, "unquantized_routers_and_head"))
+    assert f"{L0}.mlp.gate" in msg and "KeyError" in msg
+    with pytest.raises(VerificationError, match="unquantized_routers_and_head"):
+        raise_on_failure(report, str(ckpt))
+
+
+def test_missing_expert_tensor_fails_tensor_set_and_layer_count(copy):
+    edit_index(copy, drop=[f"{L0}.mlp.experts.2.up_proj.{s}" for s in ("qweight", "qzeros", "scales")])
+    report = verify_checkpoint(copy, tp=1)
+    assert any(f"{L0}.mlp.experts.2.up_proj.weight/qweight" in f for f in failures(report, "tensor_set"))
+    assert any("block 0 (DeltaNet) has 20 Linear layers on disk, the config predicts 21" in f
+               for f in failures(report, "layer_counts"))
+
+
+def test_unexpected_tensor_fails(copy):
+    edit_index(copy, rename={f"{L0}.mlp.gate.weight": f"{L0}.mlp.router.weight"})
+    report = verify_checkpoint(copy, tp=1)
+    msgs = " ".join(failures(report, "tensor_set"))
+    assert f"{L0}.mlp.router.weight" in msgs and f"{L0}.mlp.gate.weight" in msgs
+
+
+def test_count_disagreeing_with_autoround_report_fails(good):
+    reported = [{"quantized": 18, "total": 21}, {"quantized": 18, "total": 20}]
+    report = verify_checkpoint(good, tp=1, reported_blocks=reported)
+    assert failures(report, "layer_counts") == [
+        "block 1: AutoRound reported 18/20 quantized, the checkpoint holds 19/20"]
+
+
+def test_index_pointing_at_missing_shard_fails(copy):
+    (copy / "model-00002-of-00002.safetensors").unlink()
+    report = verify_checkpoint(copy, tp=1)
+    assert any("shard model-00002-of-00002.safetensors listed in the index is missing" in f
+               for f in failures(report, "tensor_set"))
+
+
+def test_quantization_config_must_match_recipe_and_tensors(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    del cfg["quantization_config"]["extra_config"][f"{L0}.linear_attn.in_proj_a"]
+    (copy / "config.json").write_text(json.dumps(cfg))
+    report = verify_checkpoint(copy, tp=1, expect={"bits": 4, "group_size": 64})
+    msgs = failures(report, "quantization_config")
+    assert any("group_size is 128, the recipe asked for 64" in m for m in msgs)
+    assert any(f"{L0}.linear_attn.in_proj_a stored in 16-bit but quantization_config does not say so" in m for m in msgs)
+
+
+def test_float16_fails_dtype(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["text_config"]["dtype"] = "float16"
+    (copy / "config.json").write_text(json.dumps(cfg))
+    assert "bfloat16" in failures(verify_checkpoint(copy, tp=1), "dtype")[0]
+
+
+def test_marlin_rule_depends_on_tensor_parallel_size(good):
+    assert verify_checkpoint(good, tp=1)["passed"]
+    msgs = failures(verify_checkpoint(good, tp=4), "marlin_shapes")
+    assert msgs and "moe_intermediate_size 128 / TP 4 = 32 is not a multiple of 128" in msgs[0]
+
+
+def test_not_a_model_and_not_moe(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        verify_checkpoint(tmp_path / "nope")
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UnsupportedModelError, match="reap supports Qwen3.5 MoE"):
+        verify_checkpoint(tmp_path / "llama")
