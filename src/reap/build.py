@@ -155,7 +155,6 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
         with compat.autoround_text_only(src) as text_only:
             if text_only:
                 fixes.append("autoround_text_only")
-            t_start = time.perf_counter()
             try:
                 with clock.span("weight_loading"):
                     ar = AutoRound(model=str(src.root), **_autoround_kwargs(recipe, layer_config))
@@ -163,6 +162,9 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
                 ar.quantize_and_save(str(raw), format=recipe.quantize.format)
             except (KeyboardInterrupt, ReapError):
                 raise
+            except SystemExit as exc:  # AutoRound calls sys.exit() on some failures (e.g. no calibration data)
+                raise StageError(f"AutoRound stopped (exit {exc.code}); its last error is in "
+                                 f"{run.logs_dir / 'build.log'}") from None
             except Exception as exc:  # AutoRound raises plain exceptions; keep the cause in one line
                 raise StageError(f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                                  f" (full log: {run.logs_dir / 'build.log'})") from exc
@@ -171,7 +173,6 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
     clock.spans["calibration_caching"] = round(cache_done - (watch.cache_start or t_quant), 3)
     clock.spans["quantization"] = round((watch.saved_at or t_end) - cache_done, 3)
     clock.spans["saving"] = round(t_end - (watch.saved_at or t_end), 3)
-    clock.spans["autoround_total"] = round(time.perf_counter() - t_start, 3)
     if compat.flatten_autoround_output(raw, work):
         fixes.append("flatten_output_subfolder")
     shutil.rmtree(raw, ignore_errors=True)

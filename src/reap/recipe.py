@@ -52,7 +52,7 @@ class QuantizeSection(_Section):
     batch_size: int = Field(1, ge=1)
     dataset: str = Field("NeelNanda/pile-10k", description="Hub dataset id or a local .jsonl of {\"text\": ...} rows")
     seed: int = 42
-    device_map: str | None = Field("auto", description="passed to AutoRound: auto, cpu, cuda, or '0,1,2'")
+    device_map: str | int | None = Field("auto", description="passed to AutoRound: auto, cpu, cuda, 0, or '0,1,2'")
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
     enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")

@@ -94,7 +94,7 @@ def declared_16bit(qcfg: dict[str, Any], module: str) -> bool:
 
 # --- the gates ----------------------------------------------------------------------------------------
 
-def gate_unquantized_modules(ckpt: Checkpoint, linears: frozenset[str]) -> list[str]:
+def gate_unquantized_modules(ckpt: Checkpoint) -> list[str]:
     bad = []
     for mod in sorted(ckpt.modules):
         if ckpt.is_quantized(mod) and (segment_match("mlp.gate", mod) or segment_match("mlp.shared_expert_gate", mod)
@@ -104,6 +104,14 @@ def gate_unquantized_modules(ckpt: Checkpoint, linears: frozenset[str]) -> list[
         return []
     return [f"{_shown(bad)} stored quantized: vLLM builds routers, shared-expert gates and lm_head unquantized "
             "and fails to load (KeyError ...qweight); keep them in quantize.keep_16bit and rebuild"]
+
+
+def gate_kept_16bit(ckpt: Checkpoint, linears: frozenset[str], keep: dict[str, str]) -> list[str]:
+    """Every Linear the recipe keeps in 16-bit is stored unquantized."""
+    bad = sorted(m for m in linears if ckpt.is_quantized(m) and any(segment_match(p, m) for p in keep))
+    if not bad:
+        return []
+    return [f"{_shown(bad)} stored quantized although quantize.keep_16bit keeps them in 16-bit"]
 
 
 def gate_tensor_set(ckpt: Checkpoint, keys: frozenset[str], linears: frozenset[str]) -> list[str]:
@@ -260,7 +268,8 @@ def verify_checkpoint(path: Path, tp: int = 4, expect: dict[str, Any] | None = N
     ckpt.require_supported_moe()
     keys, linears = expected_layout(ckpt)
     gates = {
-        "unquantized_routers_and_head": gate_unquantized_modules(ckpt, linears),
+        "unquantized_routers_and_head": gate_unquantized_modules(ckpt),
+        "kept_16bit": gate_kept_16bit(ckpt, linears, reasons or DEFAULT_KEEP_16BIT),
         "tensor_set": gate_tensor_set(ckpt, keys, linears),
         "layer_counts": gate_layer_counts(ckpt, linears, reported_blocks),
         "quantization_config": gate_quantization_config(ckpt, linears, expect or {}),

@@ -19,7 +19,8 @@ VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_cha
 KEEP = ("mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b")
 
 
-def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_routers: bool = False) -> Path:
+def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_routers: bool = False,
+                    keep: tuple[str, ...] = KEEP) -> Path:
     """Write a VL-wrapper W4A16 checkpoint of 2 blocks x 4 experts into `root`."""
     from reap.compat import ensure_torchvision_importable
 
@@ -55,7 +56,7 @@ def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_router
         in_block = mod.startswith("model.language_model.layers.")
         is_linear = key.endswith(".weight") and len(shape) == 2 and (mod in linears or ".experts." in mod)
         router = segment_match("mlp.gate", mod)
-        quantize = in_block and ((is_linear and not any(segment_match(p, mod) for p in KEEP)) or (router and quantize_routers))
+        quantize = in_block and ((is_linear and not any(segment_match(p, mod) for p in keep)) or (router and quantize_routers))
         if quantize:
             out_f, in_f = shape
             tensors[f"{mod}.qweight"] = torch.randint(0, 2**31 - 1, (in_f * bits // 32, out_f), generator=g, dtype=torch.int32)

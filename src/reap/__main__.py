@@ -1,0 +1,3 @@
+from reap.cli import reap
+
+reap()

@@ -1,0 +1,45 @@
+"""Session fixtures: the demo model is built once per test run (or taken from REAP_DEMO_SOURCE, a folder
+made by `reap demo-model`), and quantized once by the real `reap build`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from reap.resources import data_dir
+
+REAP = [sys.executable, "-m", "reap"]
+DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
+
+
+def reap_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([*REAP, *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"reap {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory) -> Path:
+    given = os.environ.get("REAP_DEMO_SOURCE")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    out = tmp_path_factory.mktemp("demo") / "source"
+    reap_cli("demo-model", str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_build(demo_source, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "demo"
+    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run))
+    return run
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
