@@ -94,7 +94,7 @@ def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
     out = {}
     for mod, tensors in src.modules.items():
         w = tensors.get("weight")
-        if w is None or len(w.shape) != 2 or segment_match("mlp.gate", mod) or mod.endswith("embed_tokens"):
+        if w is None or len(w.shape) != 2 or segment_match("mlp.gate", mod) or mod.endswith(("embed_tokens", "pos_embed")):
             continue  # routers are not nn.Linear: AutoRound keeps them 16-bit itself, verify checks it
         pattern = next((p for p in keep if segment_match(p, mod)), None)
         if pattern:

@@ -20,14 +20,30 @@ _TORCHVISION_LIB = None  # keeps the op schemas registered for the life of the p
 
 def torchvision_ops_missing() -> bool:
     """PyPI's torchvision is a CUDA build; beside a CPU torch its C ops fail to load and `import torchvision`
-    then raises `operator torchvision::nms does not exist`."""
+    then raises `operator torchvision::nms does not exist`. Loads torchvision's own library to find out, so
+    a working torchvision (GPU hosts) registers its real ops and is left alone."""
+    import importlib.util
+
     import torch
 
-    try:
-        torch.ops.torchvision.nms  # noqa: B018
+    def has_nms() -> bool:
+        try:
+            torch.ops.torchvision.nms  # noqa: B018
+            return True
+        except (AttributeError, RuntimeError):
+            return False
+
+    if has_nms():
         return False
-    except (AttributeError, RuntimeError):
-        return True
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None:
+        return False  # not installed: nothing to shim
+    for lib in Path(spec.origin).parent.glob("_C*.so"):
+        try:
+            torch.ops.load_library(str(lib))
+        except (OSError, RuntimeError):
+            return True
+    return not has_nms()
 
 
 def ensure_torchvision_importable() -> bool:
