@@ -178,6 +178,10 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
     shutil.rmtree(raw, ignore_errors=True)
     if compat.restore_vl_config(src.root, work):
         fixes.append("restore_vl_config")
+    if compat.gptq_skip_16bit_moe(work):
+        fixes.append("gptq_skip_16bit_moe")
+    if compat.restore_bf16_dtype(src.root, work):
+        fixes.append("restore_bf16_dtype")
     if compat.carry_tokenizer_and_processor(src.root, work):
         fixes.append("carry_tokenizer_and_processor_files")
     return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,

@@ -60,7 +60,7 @@ def reap() -> None:
 
 @reap.command("demo-model")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--steps", default=600, show_default=True, help="Training steps (batch 64).")
+@click.option("--steps", default=380, show_default=True, help="Training steps (batch 64).")
 @click.option("--seed", default=0, show_default=True)
 def demo_model_cmd(out: Path, steps: int, seed: int) -> None:
     """Build and train the tiny Qwen3.5-MoE demo checkpoint into OUT.

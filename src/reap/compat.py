@@ -125,3 +125,48 @@ def carry_tokenizer_and_processor(src_root: Path, dest: Path) -> bool:
         if (src_root / name).is_file():
             shutil.copy2(src_root / name, dest / name)
     return bool(missing)
+
+
+def restore_bf16_dtype(src_root: Path, dest: Path) -> bool:
+    """AutoRound's `auto_gptq` export writes `dtype: float16` at the top of config.json (the text config keeps
+    bfloat16). Qwen3.5 overflows in float16, and vLLM takes that dtype unless told otherwise. Put back the
+    source's bfloat16. Returns True when it was needed."""
+    src_cfg = json.loads((src_root / "config.json").read_text())
+    cfg = json.loads((dest / "config.json").read_text())
+    want = src_cfg.get("dtype") or src_cfg.get("torch_dtype")
+    changed = False
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg and want == "bfloat16" and cfg[key] != want:
+            cfg[key] = want
+            changed = True
+    if changed:
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return changed
+
+
+def gptq_skip_16bit_moe(dest: Path) -> bool:
+    """With `auto_gptq` export, experts kept in 16-bit get one `dynamic` skip rule per expert Linear, but vLLM
+    decides for the fused MoE module as a whole (prefix `...layers.N.mlp.experts`), finds no rule, treats
+    the experts as int4 and fails (`No WNA16 MoE backend supports the deployment configuration`). Add a
+    module-level skip rule for each block whose routed experts are all 16-bit. Returns True when needed."""
+    from reap.checkpoint import Checkpoint, layer_index
+
+    cfg = json.loads((dest / "config.json").read_text())
+    q = cfg.get("quantization_config") or {}
+    if q.get("quant_method") != "gptq":
+        return False
+    ckpt = Checkpoint(dest)
+    blocks: dict[int, list[bool]] = {}
+    for mod in ckpt.modules:
+        if ".mlp.experts." in mod and (i := layer_index(mod)) is not None:
+            blocks.setdefault(i, []).append(ckpt.is_quantized(mod))
+    dynamic = q.setdefault("dynamic", {})
+    added = False
+    for i, quantized in sorted(blocks.items()):
+        rule = rf"-:.*layers\.{i}\.mlp\.experts$"
+        if not any(quantized) and rule not in dynamic:
+            dynamic[rule] = {}
+            added = True
+    if added:
+        (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return added

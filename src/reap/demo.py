@@ -268,7 +268,7 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
     return acc
 
 
-def build_demo_model(out: Path, steps: int = 600, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
+def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
     """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
     from reap.compat import ensure_torchvision_importable
 

@@ -28,7 +28,7 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
-from reap.stats import cpu_flags, gpu_inventory, log
+from reap.stats import cpu_flags, cpu_vendor, gpu_inventory, log
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
 SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN")
@@ -88,11 +88,13 @@ def experts_quantized(ckpt: Checkpoint) -> bool:
 
 
 def cpu_int4_moe_kernel() -> str | None:
-    """The int4 MoE kernel vLLM's CPU build can use here: Intel AMX, or AMD's zentorch plugin."""
+    """The int4 MoE kernel vLLM's CPU build can use here: Intel AMX, or AMD's zentorch plugin, which vLLM
+    only enables on AMD CPUs with AVX-512 (vllm/platforms/__init__.py, `_is_amd_zen_cpu`)."""
     flags = cpu_flags()
     if {"amx_int8", "amx_tile"} <= flags:
         return "AMX"
-    if util.find_spec("zentorch") is not None:
+    if cpu_vendor() == "AuthenticAMD" and any(f.startswith("avx512") for f in flags) \
+            and util.find_spec("zentorch") is not None:
         return "zentorch"
     return None
 
@@ -106,8 +108,9 @@ def check_cpu_can_serve(ckpt: Checkpoint) -> None:
             f"vLLM's CPU build cannot run {q.get('quant_method')}-format 4-bit experts ('CPU does not support "
             "quantized MoE yet'); rebuild with --set quantize.format=auto_gptq (same int4 packing) or serve on a GPU")
     if cpu_int4_moe_kernel() is None:
-        raise ServeError("this CPU has no int4 MoE kernel for vLLM (needs Intel AMX or AMD's zentorch): "
-                         "`pip install zentorch==2.13.0.2` into reap's environment, or serve on a GPU")
+        raise ServeError("this CPU has no int4 MoE kernel for vLLM (it needs Intel AMX, or an AMD CPU with AVX-512 "
+                         "and `pip install zentorch==2.13.0.2`); serve on a GPU, or rebuild with `mlp.experts` added to "
+                         "quantize.keep_16bit (int4 attention and shared expert, 16-bit routed experts)")
 
 
 def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
@@ -180,19 +183,25 @@ def parse_kernels(text: str) -> dict[str, Any]:
     }
 
 
-def log_cause(log_path: Path, lines: int = 2) -> str:
-    """The last meaningful error lines of vLLM's log, without their prefixes."""
+def log_cause(log_path: Path) -> str:
+    """The root cause in vLLM's log: the last `SomethingError: message` line that is not a wrapper's
+    "see above", else the last error-looking line; prefixes stripped."""
     try:
         text = log_path.read_text(errors="replace").splitlines()
     except OSError:
         return "no log"
-    hits = []
+    errors, roots = [], []
     for line in text:
         bare = _PREFIX.sub("", line).strip()
-        if re.search(r"(Error|Exception|error:)", bare) and "ulimit" not in bare and not bare.startswith(("File ", "raise ", "^")):
-            if bare not in hits:
-                hits.append(bare)
-    return " | ".join(hits[-lines:]) if hits else (text[-1].strip() if text else "empty log")
+        if "ulimit" in bare or bare.startswith(("File ", "raise ", "^")):
+            continue
+        if re.match(r"^[\w.]*(Error|Exception)\b.*: ", bare) and not re.search(r"[Ss]ee (the )?(root cause|stack trace)", bare):
+            roots.append(bare)
+        elif re.search(r"(Error|Exception|error:)", bare):
+            errors.append(bare)
+    if roots:
+        return roots[-1]
+    return errors[-1] if errors else (text[-1].strip() if text else "empty log")
 
 
 def _get(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[int, bytes]:

@@ -75,10 +75,15 @@ def predicted_block_linears(ckpt: Checkpoint) -> dict[int, int]:
 def declared_16bit(qcfg: dict[str, Any], module: str) -> bool:
     """Whether vLLM will build `module` unquantized, as the checkpoint's quantization_config says."""
     if qcfg.get("quant_method") == "gptq":
-        for key in (qcfg.get("dynamic") or {}):
-            if key.startswith("-:") and re.match(key[2:], module):
-                return True
-        return False
+        if any(k.startswith("-:") and re.match(k[2:], module) for k in (qcfg.get("dynamic") or {})):
+            return True
+        if module == "lm_head":
+            return not qcfg.get("lm_head", False)
+        in_block = re.search(r"\.layers\.\d+\.(.+)$", module)
+        names = {n for group in (qcfg.get("modules_in_block_to_quantize") or []) for n in group}
+        if in_block is None or module.startswith("model.visual."):
+            return True  # outside the decoder blocks: GPTQ quantizes only inside them
+        return bool(names) and in_block.group(1) not in names
     for key, spec in (qcfg.get("extra_config") or {}).items():
         hit = key == module or (any(c in key for c in "*[(\\") and re.fullmatch(key, module))
         if hit and int(spec.get("bits", 16)) >= 16:
@@ -193,6 +198,20 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
             in_features = t["qweight"].shape[0] * 32 // bits
             if t["scales"].shape[0] != -(-in_features // group) or t["scales"].shape[1] != t["qweight"].shape[1]:
                 bad_shape.append(mod)
+    experts: dict[int, set[bool]] = {}
+    for mod in ckpt.modules:
+        if ".mlp.experts." in mod and (i := layer_index(mod)) is not None:
+            experts.setdefault(i, set()).add(ckpt.is_quantized(mod))
+    mixed = [i for i, states in sorted(experts.items()) if len(states) > 1]
+    if mixed:
+        failures.append(f"blocks {mixed}: routed experts partly quantized; vLLM runs a block's experts all int4 "
+                        "or all 16-bit")
+    if method == "gptq":
+        unruled = [i for i, states in sorted(experts.items()) if states == {False}
+                   and not declared_16bit(q, f"model.language_model.layers.{i}.mlp.experts")]
+        if unruled:
+            failures.append(f"blocks {unruled}: 16-bit experts without a module-level `dynamic` skip rule; vLLM "
+                            "would treat them as int4 (No WNA16 MoE backend supports the deployment configuration)")
     if undeclared:
         failures.append(f"{_shown(undeclared)} stored in 16-bit but quantization_config does not say so "
                         "(vLLM would look for qweight)")

@@ -132,15 +132,19 @@ def test_kernel_parser_on_gpu_lines():
         "MacheteLinearKernel", "MARLIN", "FLASH_ATTN", "inc")
 
 
-def test_log_cause_takes_the_last_meaningful_error_lines(tmp_path):
+def test_log_cause_finds_the_root_cause(tmp_path):
     log = tmp_path / "serve.log"
     log.write_text("(APIServer pid=1) WARNING 11-27 03:16:10 [system_utils.py:255] Found ulimit of 20000 ... error\n"
                    "Traceback (most recent call last):\n"
                    '  File "x.py", line 1, in <module>\n'
-                   "(APIServer pid=1) ERROR 11-27 03:16:18 [core.py:1] RuntimeError: Unexpected head dim size, 32\n"
-                   "api_server.py: error: unrecognized arguments: --bogus\n")
-    assert serve.log_cause(log) == ("RuntimeError: Unexpected head dim size, 32 | "
-                                    "api_server.py: error: unrecognized arguments: --bogus")
+                   "(Worker pid=2) ERROR 11-27 03:34:00 [multiproc_executor.py:953] NotImplementedError: No WNA16 MoE "
+                   "backend supports the deployment configuration.\n"
+                   "Exception: WorkerProc initialization failed due to an exception in a background process. See stack "
+                   "trace for root cause.\n"
+                   "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    assert serve.log_cause(log) == "NotImplementedError: No WNA16 MoE backend supports the deployment configuration."
+    log.write_text("usage: api_server.py [-h]\napi_server.py: error: unrecognized arguments: --bogus\n")
+    assert serve.log_cause(log) == "api_server.py: error: unrecognized arguments: --bogus"
 
 
 def test_not_a_model_folder(tmp_path):
