@@ -48,7 +48,8 @@ def main() -> None:
                 moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
                                  "mrope_section": [11, 11, 10], "mrope_interleaved": True})
-    vision = dict(small["vision_config"], out_hidden_size=4096)
+    # the real vision widths (16 heads): vLLM shards the tower by TP even with --language-model-only
+    vision = dict(small["vision_config"], hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
     top = {k: v for k, v in small.items() if k not in ("text_config", "vision_config")}
     cfg = Qwen3_5MoeConfig(**dict(top, text_config=text, vision_config=vision))
     torch.manual_seed(0)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -130,7 +131,9 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
         if tp > have:
             raise ServeError(f"tensor parallel size {tp} needs {tp} GPUs, {have} visible; pass --tp {max(have, 1)} "
                              "(and check the Marlin gate for it: reap verify MODEL --tp N)")
-        argv = ["vllm", "serve", model, "--tensor-parallel-size", str(tp)]
+        # `vllm serve` where the console script is on PATH, else the same CLI through this interpreter
+        vllm = ["vllm"] if shutil.which("vllm") else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+        argv = [*vllm, "serve", model, "--tensor-parallel-size", str(tp)]
         util_ = opts.gpu_memory_utilization or recipe_serve.get("gpu_memory_utilization")
         if util_:
             argv += ["--gpu-memory-utilization", str(util_)]
@@ -254,7 +257,7 @@ class Server:
 
     def preflight(self) -> None:
         ckpt = Checkpoint.open(self.target.model_dir)
-        if self.argv[0] != "vllm":
+        if "serve" not in self.argv:  # the CPU build's module form
             check_cpu_can_serve(ckpt)
         build = self.target.manifest.get("stages", {}).get("build", {})
         if build and build.get("verification", {}).get("passed") is False and not self.opts.force:
@@ -268,8 +271,12 @@ class Server:
         env = dict(os.environ, **self.env_add)
         log(f"serve: {shlex.join(self.argv)}")
         with open(self.log_path, "w") as logf:
-            self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                         start_new_session=True, cwd=os.getcwd())
+            try:
+                self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
+                                             start_new_session=True, cwd=os.getcwd())
+            except FileNotFoundError:
+                raise ServeError(f"{self.argv[0]} not found; install vLLM (pip install 'reap[gpu]' on GPU hosts, "
+                                 "make setup for the CPU build)") from None
         self._t0 = time.perf_counter()
 
     def wait_ready(self) -> None:

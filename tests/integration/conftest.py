@@ -43,3 +43,34 @@ def demo_build(demo_source, tmp_path_factory) -> Path:
 
 def manifest(run: Path) -> dict:
     return json.loads((run / "manifest.json").read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def servable_build(demo_build, demo_source, tmp_path_factory) -> Path:
+    """The demo build if this CPU has an int4 MoE kernel for vLLM (AMX, or AMD + zentorch); else the same
+    recipe with the routed experts kept in 16-bit, which vLLM's CPU build can run."""
+    from reap.serve import cpu_int4_moe_kernel
+
+    if cpu_int4_moe_kernel():
+        return demo_build
+    run = tmp_path_factory.mktemp("runs") / "demo-cpu"
+    keep = "[mlp.gate, mlp.shared_expert_gate, linear_attn.in_proj_a, linear_attn.in_proj_b, lm_head, model.visual, mtp, mlp.experts]"
+    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", f"quantize.keep_16bit={keep}")
+    return run
+
+
+@pytest.fixture(scope="session")
+def demo_server(servable_build):
+    """One vLLM (CPU build) server for every test that needs an endpoint, through reap's Python API."""
+    from reap.serve import ServeOptions, Server, resolve_target
+
+    with Server(resolve_target(servable_build), ServeOptions(port=free_port(), max_model_len=1024)) as srv:
+        yield srv

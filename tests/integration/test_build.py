@@ -52,7 +52,9 @@ def test_each_fix_was_needed(demo_build):
     # If this fails, AutoRound or transformers changed: the fix named in the difference is no longer
     # needed (remove it from reap.compat) or a new one is.
     assert manifest(demo_build)["stages"]["build"]["fixes_applied"] == [
-        "flatten_output_subfolder", "carry_tokenizer_and_processor_files"]
+        "flatten_output_subfolder", "restore_bf16_dtype", "carry_tokenizer_and_processor_files"]
+    cfg = json.loads((demo_build / "model" / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["quantization_config"]["quant_method"] == "gptq"
     for name in ("vocab.json", "merges.txt", "video_preprocessor_config.json", "reap_recipe.yaml"):
         assert (demo_build / "model" / name).is_file()
 
