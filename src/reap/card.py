@@ -97,17 +97,39 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False, width=1000),
         "serve_command": shlex.join(serve_argv(manifest)),
         "serve_notes": notes,
+        "evaluation": _evaluation(manifest),
     }
 
 
+def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    ev = manifest.get("stages", {}).get("eval")
+    if not ev or not ev.get("results"):
+        return None
+    base = (ev.get("baseline") or {}).get("results") or {}
+    rows = []
+    for task, r in ev["results"].items():
+        row = {"task": task, "metric": r["metric"], "num_fewshot": r["num_fewshot"], "value": f"{r['value']:.4f}"}
+        b = base.get(task)
+        row["source"] = f"{b['value']:.4f}" if b else "n/a"
+        row["recovery"] = f"{100 * r['value'] / b['value']:.1f} %" if b and b["value"] else "n/a"
+        rows.append(row)
+    return {"rows": rows, "has_baseline": bool(base), "suite": ev["suite"], "lm_eval_version": ev["lm_eval_version"],
+            "partial": ev.get("status") == "partial", "error": ev.get("error", "")}
+
+
 def card_metadata(manifest: dict[str, Any]):
-    from huggingface_hub import ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData
 
     build = manifest["stages"]["build"]
     card = manifest["recipe"]["card"]
+    ev = manifest.get("stages", {}).get("eval") or {}
+    results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=r["metric"],
+                          metric_value=round(r["value"], 4), dataset_split="test")
+               for task, r in (ev.get("results") or {}).items()]
     data = ModelCardData(
         base_model=build["lineage"]["base"], base_model_relation="quantized", library_name=card["library_name"],
         license=build["license"], pipeline_tag=card["pipeline_tag"], tags=list(card["tags"]),
+        model_name=manifest["name"] if results else None, eval_results=results or None,
     )
     missing = [k for k in REQUIRED_METADATA if not data.to_dict().get(k)]
     if missing:

@@ -229,3 +229,37 @@ def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: in
         return
     srv = serve.start(tgt, opts, detach=detach)
     click.echo(srv.base_url)
+
+
+@reap.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--endpoint", help="An OpenAI-compatible server's URL (http://HOST:PORT/v1); default: start the run's model.")
+@click.option("--suite", default="demo", show_default=True, help="A suite of evals/suites/ (demo, standard).")
+@click.option("--tasks", help="Comma-separated lm-eval tasks instead of a suite (task or task:metric).")
+@click.option("--limit", type=int, help="At most N documents per task.")
+@click.option("--num-fewshot", type=int, help="Override the suite's few-shot count.")
+@click.option("--concurrency", default=8, show_default=True, help="Concurrent requests to the server.")
+@click.option("--include-path", type=click.Path(path_type=Path), help="A folder of your own lm-eval task YAMLs.")
+@click.option("--baseline", is_flag=True, help="Also serve and evaluate the bf16 source: the card shows recovery.")
+@click.option("--port", default=8000, show_default=True, help="Port for the servers reap starts.")
+def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None, limit: int | None,
+             num_fewshot: int | None, concurrency: int, include_path: Path | None, baseline: bool, port: int) -> None:
+    """Evaluate a run's checkpoint with lm-eval against a vLLM endpoint; results into the manifest and card.
+
+    \b
+    Examples:
+      reap eval runs/demo --baseline                  # serves source and W4A16 in turn, demo suite
+      reap eval runs/demo --endpoint http://127.0.0.1:8000/v1 --limit 100
+      reap eval runs/212b --suite standard --concurrency 32
+      reap eval runs/212b --tasks my_task --include-path ./my_tasks
+    """
+    from reap.card import render_card_into
+    from reap.evaluate import evaluate
+    from reap.rundir import existing_run
+
+    record = evaluate(run_dir, endpoint=endpoint, suite_name=suite, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                      concurrency=concurrency, include_path=include_path, baseline=baseline, port=port)
+    for label, results in (("W4A16", record["results"]), ("source", record.get("baseline", {}).get("results", {}))):
+        for task, r in results.items():
+            click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}")
+    click.echo(str(render_card_into(existing_run(run_dir))))

@@ -247,11 +247,11 @@ class Server:
             srv.base_url  # http://127.0.0.1:8000/v1
     """
 
-    def __init__(self, target: Target, opts: ServeOptions):
+    def __init__(self, target: Target, opts: ServeOptions, log_name: str = "serve.log"):
         self.target, self.opts = target, opts
         self.argv, self.env_add = build_command(target, opts)
         self.base_url = f"http://{opts.host}:{opts.port}/v1"
-        self.log_path = target.run.logs_dir / "serve.log"
+        self.log_path = target.run.logs_dir / log_name
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 

@@ -73,3 +73,25 @@ def test_render_into_a_run_and_refuse_an_unfinished_build(manifest, tmp_path):
     run.write_manifest(manifest)
     with pytest.raises(CardError, match="no finished build"):
         render_card_into(run)
+
+
+def test_evaluation_table_with_recovery_and_model_index(manifest):
+    manifest["stages"]["eval"] = {
+        "status": "done", "suite": "demo", "lm_eval_version": "0.4.13",
+        "results": {"demo_larger": {"metric": "acc", "value": 0.95, "stderr": 0.01, "num_fewshot": 0},
+                    "demo_reverse": {"metric": "exact_match", "value": 0.9, "stderr": 0.02, "num_fewshot": 0}},
+        "baseline": {"results": {"demo_larger": {"metric": "acc", "value": 1.0, "num_fewshot": 0},
+                                 "demo_reverse": {"metric": "exact_match", "value": 0.96, "num_fewshot": 0}}}}
+    card = render_card(manifest)
+    text = str(card)
+    assert "| demo_larger | acc | 0 | 1.0000 | 0.9500 | 95.0 % |" in text
+    assert "| demo_reverse | exact_match | 0 | 0.9600 | 0.9000 | 93.8 % |" in text
+    results = card.data.eval_results
+    assert [(r.dataset_type, r.metric_type, r.metric_value) for r in results] == [
+        ("demo_larger", "acc", 0.95), ("demo_reverse", "exact_match", 0.9)]
+    assert "model-index:" in text
+    manifest["stages"]["eval"]["status"] = "partial"
+    manifest["stages"]["eval"]["error"] = "server died"
+    del manifest["stages"]["eval"]["baseline"]
+    text = str(render_card(manifest))
+    assert "**partial: server died**" in text and "recovery" not in text
