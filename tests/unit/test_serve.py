@@ -28,6 +28,7 @@ def target(ckpt, tmp_path, manifest=None) -> Target:
 
 def test_gpu_argv_defaults_to_tp4_bf16_language_only_and_no_forced_quantization(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(serve, "visible_gpus", lambda: 4)
+    monkeypatch.setattr(serve.shutil, "which", lambda name: f"/usr/bin/{name}")
     argv, env = build_command(target(ckpt, tmp_path), ServeOptions(device="cuda"))
     assert argv[:5] == ["vllm", "serve", str(ckpt), "--tensor-parallel-size", "4"]
     assert argv[argv.index("--dtype") + 1] == "bfloat16"
@@ -35,6 +36,15 @@ def test_gpu_argv_defaults_to_tp4_bf16_language_only_and_no_forced_quantization(
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--served-model-name") + 1] == "qwen-w4a16"
     assert env == {}
+
+
+def test_gpu_argv_without_console_script_uses_the_module(ckpt, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 4)
+    monkeypatch.setattr(serve.shutil, "which", lambda name: None)
+    argv, _ = build_command(target(ckpt, tmp_path), ServeOptions(device="cuda"))
+    assert argv[:4] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve"]
 
 
 def test_gpu_argv_seed_compatible_mode_and_recipe_values(ckpt, tmp_path, monkeypatch):
