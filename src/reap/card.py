@@ -33,8 +33,9 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     else the one reap would build for this checkpoint on GPUs. A CPU serve record is not a recipe for users."""
     target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
     recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
-    if recorded and recorded[:2] == ["vllm", "serve"]:
-        return ["vllm", "serve", target, *recorded[3:]]
+    if recorded and "serve" in recorded[:4]:  # `vllm serve MODEL ...` or `python -m vllm... serve MODEL ...`
+        i = recorded.index("serve")
+        return ["vllm", "serve", target, *recorded[i + 2:]]
     recipe = manifest["recipe"]
     argv = ["vllm", "serve", target, "--tensor-parallel-size", str(recipe["serve"]["tensor_parallel_size"]),
             "--dtype", "bfloat16", "--language-model-only"]

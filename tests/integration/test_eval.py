@@ -39,3 +39,19 @@ def test_unknown_task_suite_and_dead_endpoint(demo_server, servable_build):
     assert r.returncode == 1 and "unknown suite 'nope'; known suites: demo, standard" in r.stderr
     r = reap_cli("eval", str(servable_build), "--endpoint", "http://127.0.0.1:9/v1", check=False)
     assert r.returncode == 1 and "no OpenAI-compatible server answers at http://127.0.0.1:9/v1" in r.stderr
+
+
+def test_baseline_and_recovery_in_the_card(servable_build, demo_server):
+    from .conftest import free_port
+
+    # The shared server is busy with nothing now; reap starts its own servers for source and W4A16 in turn.
+    reap_cli("eval", str(servable_build), "--baseline", "--limit", "60", "--port", str(free_port()))
+    ev = manifest(servable_build)["stages"]["eval"]
+    assert ev["status"] == "done"
+    for task, r in ev["results"].items():
+        src = ev["baseline"]["results"][task]
+        print(f"{task}: source {src['value']:.3f}  W4A16 {r['value']:.3f}")
+        assert r["value"] >= 0.9 * src["value"], (task, r, src)
+    card = (servable_build / "model" / "README.md").read_text()
+    assert "| bf16 source |" in card and " % |" in card
+    assert (servable_build / "logs" / "serve-baseline.log").is_file()

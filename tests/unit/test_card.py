@@ -95,3 +95,13 @@ def test_evaluation_table_with_recovery_and_model_index(manifest):
     del manifest["stages"]["eval"]["baseline"]
     text = str(render_card(manifest))
     assert "**partial: server died**" in text and "recovery" not in text
+
+
+def test_serve_command_comes_from_the_recorded_gpu_argv_without_local_paths(manifest):
+    manifest["stages"]["serve"] = {"argv": ["/usr/bin/python3", "-m", "vllm.entrypoints.cli.main", "serve",
+                                            "/home/me/runs/demo/model", "--tensor-parallel-size", "4", "--dtype",
+                                            "bfloat16"]}
+    text = str(render_card(manifest))
+    assert "vllm serve demo --tensor-parallel-size 4 --dtype bfloat16\n" in text and "/home/me" not in text
+    manifest["stages"]["serve"]["argv"] = ["/x/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"]
+    assert "vllm serve demo --tensor-parallel-size 1 --dtype bfloat16 --language-model-only" in str(render_card(manifest))
