@@ -149,7 +149,6 @@ class Clock:
 
     def __init__(self) -> None:
         self.spans: dict[str, float] = {}
-        self.started = time.time()
 
     @contextmanager
     def span(self, name: str) -> Iterator[None]:
