@@ -115,7 +115,8 @@ def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
         row["recovery"] = f"{100 * r['value'] / b['value']:.1f} %" if b and b["value"] else "n/a"
         rows.append(row)
     return {"rows": rows, "has_baseline": bool(base), "suite": ev["suite"], "lm_eval_version": ev["lm_eval_version"],
-            "partial": ev.get("status") == "partial", "error": ev.get("error", "")}
+            "partial": ev.get("status") == "partial", "error": ev.get("error", ""),
+            "limit": next(iter(ev["results"].values())).get("limit")}
 
 
 def card_metadata(manifest: dict[str, Any]):
