@@ -83,7 +83,7 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "name": manifest["name"],
         "summary": (f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
                     f"`{build['lineage']['base']}` made with `reap` and Intel AutoRound, "
-                    "verified to load in vLLM."),
+                    "checked by reap's gates against what vLLM needs to load it (see Verification)."),
         "lineage": build["lineage"],
         "quant": dict(q, quant_method=qcfg.get("quant_method")),
         "versions": build["versions"],

@@ -9,6 +9,7 @@ cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -257,7 +258,7 @@ class Server:
 
     def preflight(self) -> None:
         ckpt = Checkpoint.open(self.target.model_dir)
-        if "serve" not in self.argv:  # the CPU build's module form
+        if "vllm.entrypoints.openai.api_server" in self.argv:  # the CPU build
             check_cpu_can_serve(ckpt)
         build = self.target.manifest.get("stages", {}).get("build", {})
         if build and build.get("verification", {}).get("passed") is False and not self.opts.force:
@@ -342,10 +343,8 @@ def stop_group(pid: int, grace: float = 30.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.2)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 # --- the command's three modes ---------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and the hardware and software inventory recorded in every manifest."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import sys
@@ -55,12 +56,10 @@ def cpu_vendor() -> str:
 
 
 def _cpuinfo_field(name: str) -> str | None:
-    try:
-        for line in open("/proc/cpuinfo"):
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
             if line.startswith(name):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return None
 
 
@@ -109,10 +108,8 @@ class ResourceSampler:
     def sample(self) -> None:
         rss = 0
         procs = [self._proc]
-        try:
+        with contextlib.suppress(psutil.Error):
             procs += self._proc.children(recursive=True)
-        except psutil.Error:
-            pass
         for p in procs:
             try:
                 rss += p.memory_info().rss
