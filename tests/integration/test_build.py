@@ -123,3 +123,19 @@ def test_text_only_path_when_processor_files_are_missing(demo_source, tmp_path):
     assert b["verification"]["passed"]
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3_5MoeForConditionalGeneration"] and "quantization_config" in cfg
+
+
+def test_autoround_multimodal_path_still_fails_without_processor_files(demo_source, tmp_path):
+    # Tells when reap's `autoround_text_only` fix is no longer needed: then this call succeeds.
+    src = tmp_path / "src"
+    shutil.copytree(demo_source, src)
+    for name in PROCESSOR_FILES:
+        (src / name).unlink()
+    code = ("from reap.compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
+            "from auto_round import AutoRound\n"
+            f"AutoRound(model={str(src)!r}, iters=0, nsamples=2, seqlen=32, device_map='cpu')\n")
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Can't load image processor" in proc.stderr
