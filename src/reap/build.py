@@ -176,14 +176,13 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
     if compat.flatten_autoround_output(raw, work):
         fixes.append("flatten_output_subfolder")
     shutil.rmtree(raw, ignore_errors=True)
-    if compat.restore_vl_config(src.root, work):
-        fixes.append("restore_vl_config")
-    if compat.gptq_skip_16bit_moe(work):
-        fixes.append("gptq_skip_16bit_moe")
-    if compat.restore_bf16_dtype(src.root, work):
-        fixes.append("restore_bf16_dtype")
-    if compat.carry_tokenizer_and_processor(src.root, work):
-        fixes.append("carry_tokenizer_and_processor_files")
+    for name, applied in (("restore_vl_config", lambda: compat.restore_vl_config(src.root, work)),
+                          ("gptq_skip_16bit_moe", lambda: compat.gptq_skip_16bit_moe(work)),
+                          ("restore_bf16_dtype", lambda: compat.restore_bf16_dtype(src.root, work)),
+                          ("carry_tokenizer_and_processor_files",
+                           lambda: compat.carry_tokenizer_and_processor(src.root, work))):
+        if applied():  # each fix detects whether it is needed and says so
+            fixes.append(name)
     return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,
             "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(layer_config)}
 

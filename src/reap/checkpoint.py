@@ -131,6 +131,17 @@ class Checkpoint:
     def is_quantized(self, module: str) -> bool:
         return "qweight" in self.modules.get(module, {})
 
+    def expert_states(self) -> dict[int, set[bool]]:
+        """Per decoder block: the set of "is quantized" values of its routed-expert Linear layers."""
+        states: dict[int, set[bool]] = {}
+        for mod in self.modules:
+            if ".mlp.experts." in mod and (i := layer_index(mod)) is not None:
+                states.setdefault(i, set()).add(self.is_quantized(mod))
+        return states
+
+    def experts_quantized(self) -> bool:
+        return any(True in s for s in self.expert_states().values())
+
     @property
     def quantization_config(self) -> dict[str, Any] | None:
         return self.config.get("quantization_config")

@@ -149,22 +149,18 @@ def gptq_skip_16bit_moe(dest: Path) -> bool:
     decides for the fused MoE module as a whole (prefix `...layers.N.mlp.experts`), finds no rule, treats
     the experts as int4 and fails (`No WNA16 MoE backend supports the deployment configuration`). Add a
     module-level skip rule for each block whose routed experts are all 16-bit. Returns True when needed."""
-    from reap.checkpoint import Checkpoint, layer_index
+    from reap.checkpoint import Checkpoint
 
     cfg = json.loads((dest / "config.json").read_text())
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "gptq":
         return False
-    ckpt = Checkpoint(dest)
-    blocks: dict[int, list[bool]] = {}
-    for mod in ckpt.modules:
-        if ".mlp.experts." in mod and (i := layer_index(mod)) is not None:
-            blocks.setdefault(i, []).append(ckpt.is_quantized(mod))
+    blocks = Checkpoint(dest).expert_states()
     dynamic = q.setdefault("dynamic", {})
     added = False
-    for i, quantized in sorted(blocks.items()):
+    for i, states in sorted(blocks.items()):
         rule = rf"-:.*layers\.{i}\.mlp\.experts$"
-        if not any(quantized) and rule not in dynamic:
+        if states == {False} and rule not in dynamic:
             dynamic[rule] = {}
             added = True
     if added:

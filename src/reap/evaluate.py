@@ -99,17 +99,14 @@ def normalize_endpoint(url: str) -> tuple[str, str | None]:
 
 
 def endpoint_models(base_url: str) -> list[dict[str, Any]]:
-    import urllib.error
-    import urllib.request
+    from reap.serve import http_get
 
-    key = os.environ.get("VLLM_API_KEY")
-    req = urllib.request.Request(f"{base_url}/models", headers={"Authorization": f"Bearer {key}"} if key else {})
+    code, body = http_get(f"{base_url}/models", timeout=10)
     try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            return json.loads(r.read())["data"]
-    except (urllib.error.URLError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise EvalError(f"no OpenAI-compatible server answers at {base_url}/models ({exc}); start one with "
-                        "`reap serve RUN --detach` or leave --endpoint out") from None
+        return json.loads(body)["data"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise EvalError(f"no OpenAI-compatible server answers at {base_url}/models (HTTP {code or 'no answer'}); "
+                        "start one with `reap serve RUN --detach` or leave --endpoint out") from None
 
 
 def model_args(model_type: str, base_url: str, served: str, tokenizer: Path, max_length: int,

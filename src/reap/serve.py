@@ -30,7 +30,7 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
-from reap.stats import cpu_flags, cpu_vendor, gpu_inventory, log
+from reap.stats import cpu_flags, cpu_vendor, gpu_inventory, gpu_memory_used_gb, log
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
 SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN")
@@ -85,10 +85,6 @@ def visible_gpus() -> int:
     return len(gpu_inventory())
 
 
-def experts_quantized(ckpt: Checkpoint) -> bool:
-    return any(ckpt.is_quantized(m) for m in ckpt.modules if ".mlp.experts." in m)
-
-
 def cpu_int4_moe_kernel() -> str | None:
     """The int4 MoE kernel vLLM's CPU build can use here: Intel AMX, or AMD's zentorch plugin, which vLLM
     only enables on AMD CPUs with AVX-512 (vllm/platforms/__init__.py, `_is_amd_zen_cpu`)."""
@@ -103,7 +99,7 @@ def cpu_int4_moe_kernel() -> str | None:
 
 def check_cpu_can_serve(ckpt: Checkpoint) -> None:
     q = ckpt.quantization_config
-    if not q or not experts_quantized(ckpt):
+    if not q or not ckpt.experts_quantized():
         return
     if q.get("quant_method") != "gptq":
         raise ServeError(
@@ -208,7 +204,9 @@ def log_cause(log_path: Path) -> str:
     return errors[-1] if errors else (text[-1].strip() if text else "empty log")
 
 
-def _get(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """(status, body) of a GET, with VLLM_API_KEY as bearer token when set; status 0 when nothing answers."""
+    api_key = os.environ.get("VLLM_API_KEY")
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -217,17 +215,6 @@ def _get(url: str, timeout: float = 2.0, api_key: str | None = None) -> tuple[in
         return e.code, b""
     except (urllib.error.URLError, OSError):
         return 0, b""
-
-
-def gpu_memory_used_gb() -> dict[str, float] | None:
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return {str(i): round(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).used / 1024**3, 2)
-                for i in range(pynvml.nvmlDeviceGetCount())}
-    except Exception:
-        return None
 
 
 def vllm_version() -> str | None:
@@ -283,14 +270,13 @@ class Server:
     def wait_ready(self) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + self.opts.ready_timeout
-        key = os.environ.get("VLLM_API_KEY")
         root = self.base_url.removesuffix("/v1")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise ServeError(f"vLLM exited ({self.proc.returncode}): {log_cause(self.log_path)} (log: {self.log_path})")
-            code, _ = _get(f"{root}/health")
+            code, _ = http_get(f"{root}/health")
             if code == 200:
-                code, body = _get(f"{self.base_url}/models", api_key=key)
+                code, body = http_get(f"{self.base_url}/models")
                 if code == 200 and self.target.served_name in body.decode(errors="replace"):
                     self.startup_s = round(time.perf_counter() - self._t0, 1)
                     return
@@ -394,7 +380,7 @@ def status(target: Target) -> dict[str, Any]:
         os.kill(info["pid"], 0)
     except ProcessLookupError:
         return {"running": False, "reason": f"process {info['pid']} is gone", **info}
-    code, _ = _get(info["base_url"].removesuffix("/v1") + "/health")
+    code, _ = http_get(info["base_url"].removesuffix("/v1") + "/health")
     return {"running": True, "healthy": code == 200, **info}
 
 

@@ -47,6 +47,15 @@ def gpu_inventory() -> list[dict[str, Any]]:
     return gpus
 
 
+def gpu_memory_used_gb() -> dict[str, float] | None:
+    """Memory in use on each GPU now (NVML); None where there is no NVIDIA driver."""
+    nv = _nvml()
+    if nv is None:
+        return None
+    return {str(i): round(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i)).used / GB, 2)
+            for i in range(nv.nvmlDeviceGetCount())}
+
+
 def _cpu_model() -> str:
     return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 

@@ -198,10 +198,7 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
             in_features = t["qweight"].shape[0] * 32 // bits
             if t["scales"].shape[0] != -(-in_features // group) or t["scales"].shape[1] != t["qweight"].shape[1]:
                 bad_shape.append(mod)
-    experts: dict[int, set[bool]] = {}
-    for mod in ckpt.modules:
-        if ".mlp.experts." in mod and (i := layer_index(mod)) is not None:
-            experts.setdefault(i, set()).add(ckpt.is_quantized(mod))
+    experts = ckpt.expert_states()
     mixed = [i for i, states in sorted(experts.items()) if len(states) > 1]
     if mixed:
         failures.append(f"blocks {mixed}: routed experts partly quantized; vLLM runs a block's experts all int4 "
@@ -239,8 +236,7 @@ def gate_marlin(ckpt: Checkpoint, tp: int) -> list[str]:
     q = ckpt.quantization_config or {}
     group = q.get("group_size", 128)
     failures = []
-    experts_quantized = any(ckpt.is_quantized(m) for m in ckpt.modules if ".mlp.experts." in m)
-    if experts_quantized:
+    if ckpt.experts_quantized():
         hidden, inter = tc["hidden_size"], tc["moe_intermediate_size"]
         need = max(64, group)
         if hidden % 128:

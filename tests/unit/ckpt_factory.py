@@ -88,7 +88,6 @@ def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_router
 
 def edit_index(root: Path, drop: list[str] = (), rename: dict[str, str] | None = None) -> None:
     """Remove or rename tensors in the index (and rewrite their shards) to craft a broken checkpoint."""
-    import torch  # noqa: F401
     from safetensors.torch import load_file, save_file
 
     index_path = root / "model.safetensors.index.json"
