@@ -22,14 +22,14 @@ bench() {  # $1 label, $2 port
 }
 
 mkdir -p "$WORK/bench"
-python3 -m reap serve "$RUN" --tp "$TP" --port 8100 --detach --timeout 300 -- --max-num-seqs 64
+python3 -m reap serve "$RUN" --tp "$TP" --port 8100 --detach --timeout 300 -- --max-num-seqs 64 ${VLLM_EXTRA:-}
 bench reap 8100
 python3 -m reap serve "$RUN" --stop
 cp "$RUN/manifest.json" "$OUTDIR/manifest-serve.json"
 
 # The seed release's exact command (plus a name and port to reach it).
 setsid python3 -m vllm.entrypoints.cli.main serve "$MODEL" --tensor-parallel-size "$TP" --trust-remote-code --quantization gptq \
-  --served-model-name "$NAME" --port 8200 --max-num-seqs 64 > "$WORK/seed-serve.log" 2>&1 &
+  --served-model-name "$NAME" --port 8200 --max-num-seqs 64 ${VLLM_EXTRA:-} > "$WORK/seed-serve.log" 2>&1 &
 for _ in $(seq 1 100); do curl -sf http://127.0.0.1:8200/health >/dev/null && break; sleep 3; done
 grep -E "LinearKernel|MoE backend|forcing|quantization=" "$WORK/seed-serve.log" | head -8 > "$OUTDIR/seed-kernels.txt"
 bench seed 8200

@@ -99,9 +99,9 @@ def normalize_endpoint(url: str) -> tuple[str, str | None]:
 
 
 def endpoint_models(base_url: str) -> list[dict[str, Any]]:
-    from reap.serve import http_get
+    from reap.serve import http_request
 
-    code, body = http_get(f"{base_url}/models", timeout=10)
+    code, body = http_request(f"{base_url}/models", timeout=10)
     try:
         return json.loads(body)["data"]
     except (KeyError, TypeError, json.JSONDecodeError):

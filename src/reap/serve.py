@@ -204,10 +204,22 @@ def log_cause(log_path: Path) -> str:
     return errors[-1] if errors else (text[-1].strip() if text else "empty log")
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    """(status, body) of a GET, with VLLM_API_KEY as bearer token when set; status 0 when nothing answers."""
+# Known causes in vLLM's log -> what to do (appended to the error line).
+_HINTS = {
+    "No module named 'flashinfer'": "; vLLM picked a FlashInfer kernel but flashinfer is not installed: "
+    "install flashinfer-python, or pass `-- --gdn-prefill-backend triton` (DeltaNet prefill)",
+}
+
+
+def http_request(url: str, timeout: float = 2.0, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+    """(status, body) of a GET (a JSON POST when `body` is given), with VLLM_API_KEY as bearer token when
+    set; status 0 when nothing answers."""
     api_key = os.environ.get("VLLM_API_KEY")
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
@@ -268,27 +280,41 @@ class Server:
         self._t0 = time.perf_counter()
 
     def wait_ready(self) -> None:
+        """/health, then /v1/models listing the served name, then one generated token: vLLM answers
+        /health before its engine has run a forward pass, and a kernel that cannot run (e.g. one whose
+        package is missing) only shows at the first request."""
         assert self.proc is not None
         deadline = time.monotonic() + self.opts.ready_timeout
         root = self.base_url.removesuffix("/v1")
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ServeError(f"vLLM exited ({self.proc.returncode}): {log_cause(self.log_path)} (log: {self.log_path})")
-            code, _ = http_get(f"{root}/health")
+                self._fail(f"vLLM exited ({self.proc.returncode})")
+            code, _ = http_request(f"{root}/health")
             if code == 200:
-                code, body = http_get(f"{self.base_url}/models")
+                code, body = http_request(f"{self.base_url}/models")
                 if code == 200 and self.target.served_name in body.decode(errors="replace"):
+                    self._first_token(deadline)
                     self.startup_s = round(time.perf_counter() - self._t0, 1)
                     return
             time.sleep(1.0)
+        self._fail(f"vLLM not ready after {self.opts.ready_timeout:.0f} s")
+
+    def _first_token(self, deadline: float) -> None:
+        probe = {"model": self.target.served_name, "prompt": "Hello", "max_tokens": 1}
+        code, _ = http_request(f"{self.base_url}/completions", timeout=max(60.0, deadline - time.monotonic()), body=probe)
+        if code != 200:
+            self._fail(f"vLLM started but its first request failed (HTTP {code})")
+
+    def _fail(self, what: str) -> None:
         self.stop()
-        raise ServeError(f"vLLM not ready after {self.opts.ready_timeout:.0f} s: {log_cause(self.log_path)} "
-                         f"(log: {self.log_path})")
+        cause = log_cause(self.log_path)
+        hint = next((h for needle, h in _HINTS.items() if needle in cause), "")
+        raise ServeError(f"{what}: {cause}{hint} (log: {self.log_path})")
 
     def stop(self, grace: float = 30.0) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        stop_group(self.proc.pid, grace)
+        stop_group(self.proc.pid, grace, self.proc)
         self.proc.wait()
 
     def record(self) -> dict[str, Any]:
@@ -315,8 +341,9 @@ class Server:
         self.stop()
 
 
-def stop_group(pid: int, grace: float = 30.0) -> None:
-    """SIGTERM the process group of `pid`, then SIGKILL what is left after `grace` seconds."""
+def stop_group(pid: int, grace: float = 30.0, child: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group of `pid`, then SIGKILL what is left after `grace` seconds. When `pid` is our
+    own `child`, it is reaped while waiting: an unreaped (zombie) leader keeps its group alive."""
     try:
         pgid = os.getpgid(pid)
     except ProcessLookupError:
@@ -324,6 +351,8 @@ def stop_group(pid: int, grace: float = 30.0) -> None:
     os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
+        if child is not None:
+            child.poll()
         try:
             os.killpg(pgid, 0)
         except ProcessLookupError:
@@ -380,7 +409,7 @@ def status(target: Target) -> dict[str, Any]:
         os.kill(info["pid"], 0)
     except ProcessLookupError:
         return {"running": False, "reason": f"process {info['pid']} is gone", **info}
-    code, _ = http_get(info["base_url"].removesuffix("/v1") + "/health")
+    code, _ = http_request(info["base_url"].removesuffix("/v1") + "/health")
     return {"running": True, "healthy": code == 200, **info}
 
 

@@ -164,3 +164,48 @@ def test_not_a_model_folder(tmp_path):
         serve.resolve_target(tmp_path / "nope")
     with pytest.raises(InputError, match="not a model folder"):
         serve.resolve_target(tmp_path)
+
+
+def test_ready_means_a_first_token_not_only_health(ckpt, tmp_path):
+    """vLLM answers /health and /v1/models before its engine has run; a kernel that cannot run shows at the
+    first request (seen on the GPU host: FlashInfer's DeltaNet prefill picked without flashinfer installed)."""
+    import http.server
+    import subprocess
+    import sys
+    import threading
+
+    completions = []
+
+    class FakeVllm(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"data": [{"id": "qwen-w4a16"}]}).encode() if self.path == "/v1/models" else b""
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            completions.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeVllm)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    t = target(ckpt, tmp_path)
+    srv = serve.Server(t, ServeOptions(device="cpu", port=httpd.server_address[1], ready_timeout=20))
+    srv.log_path.parent.mkdir(parents=True)
+    srv.log_path.write_text("(Worker_TP0 pid=9) ERROR 11-27 05:45:35 [multiproc_executor.py:1000] "
+                            "ModuleNotFoundError: No module named 'flashinfer'\n")
+    srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    srv._t0 = 0.0
+    try:
+        with pytest.raises(ServeError, match=r"first request failed \(HTTP 500\).*flashinfer.*gdn-prefill-backend"):
+            srv.wait_ready()
+        assert completions == [{"model": "qwen-w4a16", "prompt": "Hello", "max_tokens": 1}]
+        assert srv.proc.poll() is not None, "the server is stopped when it fails its first request"
+    finally:
+        httpd.shutdown()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
