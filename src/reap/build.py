@@ -81,10 +81,25 @@ class AutoRoundWatcher(logging.Handler):
         self._file.close()
 
 
+def keep_patterns(recipe: Recipe) -> dict[str, str]:
+    """quantize.keep_16bit, plus the routed experts where `quantize.routed_experts` keeps them; pattern -> why."""
+    keep = dict(recipe.quantize.keep_16bit)
+    choice = recipe.quantize.routed_experts
+    if choice == "keep_16bit":
+        keep.setdefault("mlp.experts", "routed experts kept in 16-bit by the recipe")
+    elif choice == "auto":
+        from reap.serve import cpu_int4_moe_kernel, visible_gpus
+
+        if visible_gpus() == 0 and cpu_int4_moe_kernel() is None:
+            keep.setdefault("mlp.experts", "routed_experts: auto, and no GPU here while vLLM's CPU build has no int4 "
+                                           "MoE kernel on this processor (it needs Intel AMX, or AMD with zentorch)")
+    return keep
+
+
 def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
     """Linear modules of the source matched by the recipe's keep_16bit patterns, plus the DeltaNet
     projections that Marlin could not run at the recipe's TP; name -> reason."""
-    keep = dict(recipe.quantize.keep_16bit)
+    keep = keep_patterns(recipe)
     tp = recipe.serve.tensor_parallel_size
     rows = 2 * src.text_config.get("linear_num_value_heads", 0)
     if rows and (rows % tp or (rows // tp) % 64):
@@ -221,7 +236,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
                     work, tp=recipe.serve.tensor_parallel_size,
                     expect={"bits": recipe.quantize.bits, "group_size": recipe.quantize.group_size,
                             "sym": recipe.quantize.sym},
-                    reported_blocks=result["blocks"] or None, reasons=dict(recipe.quantize.keep_16bit))
+                    reported_blocks=result["blocks"] or None, reasons=keep_patterns(recipe))
         record.update(result, substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
                       verification=report, **sampler.summary())
         if not report["passed"]:

@@ -263,3 +263,57 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
         for task, r in results.items():
             click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}")
     click.echo(str(render_card_into(existing_run(run_dir))))
+
+
+@reap.command("run")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<recipe name>).")
+@click.option("--from", "start", metavar="STAGE", help="Re-run STAGE and every stage after it.")
+@click.option("--only", metavar="STAGE", help="Re-run STAGE alone (the stages it needs must be done).")
+@click.option("--until", metavar="STAGE", help="Stop after STAGE.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set eval.limit=50.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (what would run, what is done) and stop.")
+def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None, until: str | None,
+            sets: tuple[str, ...], dry_run: bool) -> None:
+    """The whole release from one recipe: build, verify, eval (serves source and W4A16), card. Resumable.
+
+    \b
+    Stages: build, verify, eval, card. Each records a fingerprint of its inputs (the recipe
+    sections it reads, the stages before it): a re-run skips what is done and unchanged and
+    redoes what changed and everything after it. Ctrl-C or SIGTERM marks the stage interrupted;
+    the next run resumes there (an interrupted build resumes after AutoRound's last finished block).
+
+    \b
+    Examples:
+      reap run recipes/demo.yaml                       # the README's main job
+      reap run recipes/demo.yaml --dry-run             # what would run
+      reap run recipes/demo.yaml --set eval.limit=50   # only eval and card re-run
+      reap run recipes/demo.yaml --only eval
+    """
+    from reap.pipeline import plan, run_pipeline
+    from reap.recipe import load_recipe
+    from reap.rundir import RunDir
+
+    rec = load_recipe(recipe, _parse_set(sets))
+    run_dir = out or Path("runs") / rec.name
+
+    def show(steps: list[dict]) -> None:
+        for s in steps:
+            click.echo(f"{'RUN ' if s['action'] == 'run' else 'skip'} {s['stage']:<8} {s['why']}", err=not dry_run)
+
+    if dry_run:
+        show(plan(rec, RunDir(run_dir), only, start, until))
+        return
+    rows = run_pipeline(rec, run_dir, only=only, start=start, until=until, argv=["reap", *sys.argv[1:]], on_plan=show)
+    _print_run_summary(run_dir, rows)
+
+
+def _print_run_summary(run_dir: Path, rows: list[dict]) -> None:
+    from reap.card import fmt_seconds
+
+    click.echo(f"{'stage':<8} {'status':<34} {'wall time':>10} {'peak RSS':>10}")
+    for r in rows:
+        wall = fmt_seconds(r["wall_s"]) if r["wall_s"] is not None else "-"
+        rss = f"{r['peak_rss_gb']:.2f} GB" if r["peak_rss_gb"] is not None else "-"
+        click.echo(f"{r['stage']:<8} {r['status']:<34} {wall:>10} {rss:>10}")
+    click.echo(f"card: {run_dir / 'model' / 'README.md'}")

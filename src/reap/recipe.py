@@ -56,6 +56,9 @@ class QuantizeSection(_Section):
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
     enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")
+    routed_experts: Literal["quantize", "keep_16bit", "auto"] = Field(
+        "quantize", description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
+        "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor")
     keep_16bit: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_KEEP_16BIT),
         description="module name patterns (dotted segments) kept in 16-bit, with the reason shown in the card",
@@ -83,6 +86,23 @@ class ServeSection(_Section):
     quantization: str | None = Field(None, description="force vLLM's --quantization; leave unset to let vLLM detect")
 
 
+class EvalSection(_Section):
+    enabled: bool = Field(True, description="evaluate in `reap run` (serve, then lm-eval against the endpoint)")
+    suite: str | None = Field("demo", description="a suite of evals/suites/ (demo, standard); unset with `tasks`")
+    tasks: list[str] | None = Field(None, description="lm-eval tasks (task or task:metric) instead of a suite")
+    limit: int | None = Field(None, ge=1, description="at most N documents per task")
+    num_fewshot: int | None = Field(None, ge=0)
+    concurrency: int = Field(8, ge=1, description="concurrent requests to the server")
+    baseline: bool = Field(True, description="also serve and evaluate the bf16 source: the card shows recovery")
+    port: int = Field(8000, ge=1, le=65535, description="port of the servers reap starts")
+
+    @model_validator(mode="after")
+    def _suite_or_tasks(self) -> "EvalSection":
+        if self.enabled and not self.suite and not self.tasks:
+            raise ValueError("give eval.suite or eval.tasks (or eval.enabled: false)")
+        return self
+
+
 class CardSection(_Section):
     tags: list[str] = Field(default_factory=lambda: ["reap", "moe", "autoround", "w4a16", "int4"])
     pipeline_tag: str = "image-text-to-text"
@@ -94,6 +114,7 @@ class Recipe(_Section):
     model: ModelSection
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     card: CardSection = Field(default_factory=CardSection)
 
     @field_validator("name")

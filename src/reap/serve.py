@@ -107,8 +107,8 @@ def check_cpu_can_serve(ckpt: Checkpoint) -> None:
             "quantized MoE yet'); rebuild with --set quantize.format=auto_gptq (same int4 packing) or serve on a GPU")
     if cpu_int4_moe_kernel() is None:
         raise ServeError("this CPU has no int4 MoE kernel for vLLM (it needs Intel AMX, or an AMD CPU with AVX-512 "
-                         "and `pip install zentorch==2.13.0.2`); serve on a GPU, or rebuild with `mlp.experts` added to "
-                         "quantize.keep_16bit (int4 attention and shared expert, 16-bit routed experts)")
+                         "and `pip install zentorch==2.13.0.2`); serve on a GPU, or rebuild with quantize.routed_experts: auto "
+                         "(int4 attention and shared expert, 16-bit routed experts where this CPU needs them)")
 
 
 def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[str, str]]:

@@ -36,8 +36,9 @@ def demo_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_build(demo_source, tmp_path_factory) -> Path:
+    """The demo recipe with every routed expert quantized, whatever this CPU can serve."""
     run = tmp_path_factory.mktemp("runs") / "demo"
-    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run))
+    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", "quantize.routed_experts=quantize")
     return run
 
 
@@ -55,15 +56,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def servable_build(demo_build, demo_source, tmp_path_factory) -> Path:
-    """The demo build if this CPU has an int4 MoE kernel for vLLM (AMX, or AMD + zentorch); else the same
-    recipe with the routed experts kept in 16-bit, which vLLM's CPU build can run."""
+    """The demo build if this CPU has an int4 MoE kernel for vLLM (AMX, or AMD + zentorch); else the demo
+    recipe as it is (`routed_experts: auto` keeps the routed experts in 16-bit here, which vLLM's CPU build runs)."""
     from reap.serve import cpu_int4_moe_kernel
 
     if cpu_int4_moe_kernel():
         return demo_build
     run = tmp_path_factory.mktemp("runs") / "demo-cpu"
-    keep = "[mlp.gate, mlp.shared_expert_gate, linear_attn.in_proj_a, linear_attn.in_proj_b, lm_head, model.visual, mtp, mlp.experts]"
-    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", f"quantize.keep_16bit={keep}")
+    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run))
     return run
 
 

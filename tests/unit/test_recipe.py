@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from reap.errors import RecipeError
-from reap.recipe import DEFAULT_KEEP_16BIT, load_recipe
+from reap.recipe import DEFAULT_KEEP_16BIT, load_recipe, parse_recipe
 from reap.resources import data_dir
 
 RECIPES = data_dir("recipes")
@@ -68,3 +68,21 @@ def test_overrides_and_list_form_of_keep_16bit(tmp_path):
     r = load_recipe(p, {"quantize.iters": 0, "serve.tensor_parallel_size": 2})
     assert r.quantize.iters == 0 and r.serve.tensor_parallel_size == 2
     assert r.quantize.keep_16bit == {"mlp.gate": DEFAULT_KEEP_16BIT["mlp.gate"], "lm_head": DEFAULT_KEEP_16BIT["lm_head"]}
+
+
+@pytest.mark.parametrize("choice, gpus, kernel, kept", [
+    ("quantize", 0, None, False),
+    ("keep_16bit", 4, "AMX", True),
+    ("auto", 0, None, True),        # vLLM's CPU build could not run int4 experts here
+    ("auto", 0, "AMX", False),
+    ("auto", 4, None, False),       # GPUs serve int4 experts (Marlin)
+])
+def test_routed_experts_choice(tmp_path, monkeypatch, choice, gpus, kernel, kept):
+    from reap import build, serve
+
+    monkeypatch.setattr(serve, "visible_gpus", lambda: gpus)
+    monkeypatch.setattr(serve, "cpu_int4_moe_kernel", lambda: kernel)
+    rec = parse_recipe({"name": "x", "model": {"path": "m"}, "quantize": {"routed_experts": choice}}, "r.yaml")
+    keep = build.keep_patterns(rec)
+    assert ("mlp.experts" in keep) is kept
+    assert set(rec.quantize.keep_16bit) <= set(keep)

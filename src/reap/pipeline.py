@@ -1,0 +1,255 @@
+"""`reap run`: the whole release from one recipe, as a graph of stages, resumable.
+
+Each stage is the same library function the single command calls (build.build, verify.verify_checkpoint,
+evaluate.evaluate, card.render_card_into). A stage is done when its record in `manifest.json` under
+`pipeline.stages` says `done` with the fingerprint of its current inputs (the recipe sections it reads and
+the fingerprints of the stages it depends on) and its outputs exist. A re-run skips such stages and redoes
+a stage whose inputs changed, and everything downstream of a stage that ran. The fingerprint is written
+only after the stage finished, so an interrupted or failed stage is never mistaken for done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from reap.errors import InputError
+from reap.recipe import Recipe
+from reap.rundir import RunDir
+from reap.stats import ResourceSampler, log
+
+
+@dataclass(frozen=True)
+class Context:
+    recipe: Recipe
+    run: RunDir
+    argv: list[str]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    after: tuple[str, ...]                  # stages whose results this one reads
+    inputs: Callable[[Recipe], Any]         # the parts of the recipe it depends on (JSON-able)
+    execute: Callable[[Context, dict[str, Any]], None]  # (context, its step of the plan)
+    outputs_exist: Callable[[RunDir], bool]
+    wanted: Callable[[Recipe], bool] = lambda recipe: True
+
+
+def source_signature(path: str) -> list[tuple[str, int, int]]:
+    """Names, sizes and modification times of the source checkpoint's files: a changed source rebuilds."""
+    root = Path(path)
+    if not root.is_dir():
+        raise InputError(f"model.path {path} not found; build the demo source with `reap demo-model {path}` "
+                         "or point model.path at a checkpoint folder")
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file())
+
+
+def _build_inputs(recipe: Recipe) -> dict[str, Any]:
+    from reap.build import keep_patterns
+
+    return {"model": recipe.model.model_dump(mode="json"), "quantize": recipe.quantize.model_dump(mode="json"),
+            "keep_16bit_resolved": keep_patterns(recipe), "tp": recipe.serve.tensor_parallel_size,
+            "source": source_signature(recipe.model.path)}
+
+
+def _build(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.build import build
+
+    build(ctx.recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
+
+
+def _verify(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.build import keep_patterns
+    from reap.verify import raise_on_failure, verify_checkpoint
+
+    q = ctx.recipe.quantize
+    report = verify_checkpoint(ctx.run.model_dir, tp=ctx.recipe.serve.tensor_parallel_size,
+                               expect={"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
+                               reasons=keep_patterns(ctx.recipe))
+    ctx.run.update_stage("verify", {"passed": report["passed"], "tensor_parallel_size": report["tensor_parallel_size"],
+                                    "gates": {k: g["passed"] for k, g in report["gates"].items()}})
+    raise_on_failure(report, str(ctx.run.model_dir))
+
+
+def _eval(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.evaluate import evaluate
+
+    e = ctx.recipe.eval
+    evaluate(ctx.run.root, suite_name=e.suite, tasks=",".join(e.tasks) if e.tasks else None, limit=e.limit,
+             num_fewshot=e.num_fewshot, concurrency=e.concurrency, baseline=e.baseline, port=e.port)
+
+
+def _card(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.card import render_card_into
+
+    render_card_into(ctx.run)
+
+
+def _stage_done(run: RunDir, name: str) -> bool:
+    return run.read_manifest().get("stages", {}).get(name, {}).get("status") == "done"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("build", (), _build_inputs, _build,
+          lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file()),
+    Stage("verify", ("build",), lambda r: {"tp": r.serve.tensor_parallel_size}, _verify,
+          lambda run: _stage_done(run, "build")),
+    Stage("eval", ("build",), lambda r: r.eval.model_dump(mode="json"), _eval,
+          lambda run: _stage_done(run, "eval"), wanted=lambda r: r.eval.enabled),
+    Stage("card", ("build", "verify", "eval"), lambda r: r.card.model_dump(mode="json"), _card,
+          lambda run: run.card_path.is_file()),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def fingerprint(stage: Stage, recipe: Recipe, upstream: dict[str, str]) -> str:
+    blob = json.dumps({"stage": stage.name, "inputs": stage.inputs(recipe),
+                       "after": {u: upstream.get(u) for u in stage.after}}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_run_folder(run: RunDir, recipe: Recipe) -> None:
+    """Refuse a run folder that another recipe made (another name or another source model)."""
+    manifest = run.read_manifest()
+    made_by = manifest.get("recipe") or {}
+    theirs = (manifest.get("name"), (made_by.get("model") or {}).get("path"))
+    if theirs[0] is None:
+        return
+    if theirs != (recipe.name, recipe.model.path):
+        raise InputError(f"{run.root} was made by another recipe (name {theirs[0]!r}, model.path {theirs[1]!r}); "
+                         f"pass --out with a new folder, or remove {run.root}")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What contradicts itself or cannot run, refused before any stage starts."""
+    if recipe.eval.enabled:
+        from reap.evaluate import load_suite
+
+        load_suite(recipe.eval.suite, ",".join(recipe.eval.tasks) if recipe.eval.tasks else None, None)
+
+
+def select(wanted: list[str], only: str | None, start: str | None, until: str | None) -> tuple[list[str], bool]:
+    """(stages selected, forced): --only/--from re-run their stages even when done."""
+    names = [n for n in STAGE_NAMES if n in wanted]
+    for opt, value in (("--only", only), ("--from", start), ("--until", until)):
+        if value is not None and value not in names:
+            raise InputError(f"{opt} {value}: this recipe has no {value} stage (its stages: {', '.join(names)})")
+    if only:
+        return [only], True
+    lo = names.index(start) if start else 0
+    hi = names.index(until) + 1 if until else len(names)
+    if lo >= hi:
+        raise InputError(f"--from {start} comes after --until {until}")
+    return names[lo:hi], start is not None
+
+
+def plan(recipe: Recipe, run: RunDir, only: str | None = None, start: str | None = None,
+         until: str | None = None) -> list[dict[str, Any]]:
+    """What `reap run` would do, stage by stage: run (and why) or skip (and why)."""
+    check_recipe(recipe)
+    wanted = [s.name for s in STAGES if s.wanted(recipe)]
+    selected, forced = select(wanted, only, start, until)
+    recorded = run.read_manifest().get("pipeline", {}).get("stages", {})
+    fps: dict[str, str] = {}
+    steps, ran = [], set()
+    for stage in STAGES:
+        if stage.name not in wanted:
+            steps.append({"stage": stage.name, "action": "skip", "why": "not asked for by the recipe"})
+            continue
+        fp = fps[stage.name] = fingerprint(stage, recipe, fps)
+        rec = recorded.get(stage.name, {})
+        done = rec.get("status") == "done" and rec.get("fingerprint") == fp and stage.outputs_exist(run)
+        if stage.name not in selected:
+            why = "done" if done else "not selected"
+            if not done and any(s in selected for s in _downstream(stage.name)):
+                raise InputError(f"stage {stage.name} is needed but not done; run without --only/--from")
+            steps.append({"stage": stage.name, "action": "skip", "why": why, "fingerprint": fp})
+            continue
+        upstream_ran = any(u in ran for u in stage.after)
+        if forced or upstream_ran or not done:
+            why = ("forced" if forced else "upstream re-ran" if upstream_ran else
+                   "inputs changed" if rec.get("fingerprint") not in (None, fp) else
+                   {"interrupted": "resumes (was interrupted)", "failed": "retries (failed last time)",
+                     "running": "resumes (the last attempt was killed)"}.get(
+                       rec.get("status"), "not done yet"))
+            steps.append({"stage": stage.name, "action": "run", "why": why, "fingerprint": fp})
+            ran.add(stage.name)
+        else:
+            steps.append({"stage": stage.name, "action": "skip", "why": "done, inputs unchanged", "fingerprint": fp})
+    return steps
+
+
+def _downstream(name: str) -> set[str]:
+    out: set[str] = set()
+    for stage in STAGES:
+        if name in stage.after or out & set(stage.after):
+            out.add(stage.name)
+    return out
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends the run like Ctrl-C: the stage is marked interrupted, finished outputs stay."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: str | None = None,
+                 until: str | None = None, argv: list[str] | None = None,
+                 on_plan: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run the stages `plan` says to run; returns the summary rows (stage, status, wall_s, peak_rss_gb)."""
+    run = RunDir(out)
+    check_run_folder(run, recipe)
+    steps = plan(recipe, run, only, start, until)
+    if on_plan:
+        on_plan(steps)
+    run.root.mkdir(parents=True, exist_ok=True)
+    ctx = Context(recipe, run, argv or ["reap", *sys.argv[1:]])
+    by_name = {s.name: s for s in STAGES}
+    rows = []
+    with _sigterm_as_interrupt():
+        for step in steps:
+            name = step["stage"]
+            if step["action"] == "skip":
+                rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
+                continue
+            _record(run, name, status="running", fingerprint=None)
+            log(f"run: {name} started ({step['why']})")
+            t0 = time.perf_counter()
+            status = "failed"
+            try:
+                with ResourceSampler() as sampler:
+                    by_name[name].execute(ctx, step)
+                status = "done"
+            except KeyboardInterrupt:
+                status = "interrupted"
+                raise
+            finally:
+                wall = round(time.perf_counter() - t0, 2)
+                peak = sampler.summary()["peak_rss_gb"] if status == "done" else None
+                _record(run, name, status=status, wall_s=wall, peak_rss_gb=peak,
+                        fingerprint=step["fingerprint"] if status == "done" else None)
+                log(f"run: {name} {status} in {wall:.1f} s")
+            rows.append({"stage": name, "status": "done", "wall_s": wall, "peak_rss_gb": peak})
+    return rows
+
+
+def _record(run: RunDir, stage: str, **fields: Any) -> None:
+    manifest = run.read_manifest()
+    manifest.setdefault("pipeline", {}).setdefault("stages", {}).setdefault(stage, {}).update(fields)
+    run.write_manifest(manifest)
+
