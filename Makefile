@@ -21,10 +21,11 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 runs/demo-source: | $(STAMP)
 	$(BIN)/reap demo-model runs/demo-source
 
-# The main job on the embedded default: build the tiny Qwen3.5-MoE, quantize it W4A16, verify, write its card.
+# The main job on the embedded default: build the tiny Qwen3.5-MoE, then `reap run`: quantize it W4A16,
+# verify, serve source and W4A16 with vLLM's CPU build, evaluate both on the demo suite, write the card.
+# Resumable: run it again and finished stages are skipped.
 demo: setup runs/demo-source
-	$(BIN)/reap build recipes/demo.yaml --overwrite
-	@echo "card: runs/demo/model/README.md"
+	$(BIN)/reap run recipes/demo.yaml
 
 test: setup
 	$(PYTEST) tests -m "not integration" -q

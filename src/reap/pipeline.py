@@ -103,7 +103,7 @@ STAGES: tuple[Stage, ...] = (
           lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file()),
     Stage("verify", ("build",), lambda r: {"tp": r.serve.tensor_parallel_size}, _verify,
           lambda run: _stage_done(run, "build")),
-    Stage("eval", ("build",), lambda r: r.eval.model_dump(mode="json"), _eval,
+    Stage("eval", ("build",), lambda r: r.eval.model_dump(mode="json", exclude={"port"}), _eval,
           lambda run: _stage_done(run, "eval"), wanted=lambda r: r.eval.enabled),
     Stage("card", ("build", "verify", "eval"), lambda r: r.card.model_dump(mode="json"), _card,
           lambda run: run.card_path.is_file()),
