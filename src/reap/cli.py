@@ -263,3 +263,34 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
         for task, r in results.items():
             click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}")
     click.echo(str(render_card_into(existing_run(run_dir))))
+
+
+@reap.command("publish")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo", help="Hub model repo ORG/NAME (default: the recipe's publish.repo).")
+@click.option("--private/--public", default=None,
+              help="Visibility of a repo reap creates (default: the recipe's publish.private, private unless it says "
+                   "otherwise). An existing repo keeps its own.")
+@click.option("--revision", help="Branch to commit to, created if missing (default: the recipe's, else main).")
+@click.option("--message", help="Commit message (default: 'reap publish <name>').")
+@click.option("--dry-run", is_flag=True, help="Run every gate and print the plan (files, sizes, what would be created, "
+                                              "replaced or deleted); send nothing.")
+def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision: str | None, message: str | None,
+                dry_run: bool) -> None:
+    """Upload a verified run to the Hugging Face Hub: checkpoint, card, recipe, public manifest, eval results.
+
+    \b
+    The token comes from HF_TOKEN or `hf auth login` and is never printed. Everything goes up in one
+    commit. An interrupted upload resumes when the same command runs again: files the Hub already
+    received are not sent again. With nothing changed, no commit is made.
+
+    \b
+    Examples:
+      reap publish runs/demo --repo my-org/demo-w4a16 --dry-run
+      reap publish runs/demo --repo my-org/demo-w4a16
+      reap publish runs/212b --repo my-org/Qwen3.5-REAP-212B-A17B-W4A16 --public --revision v1
+    """
+    from reap.publish import describe_plan, describe_result, publish
+
+    record = publish(run_dir, repo=repo, private=private, revision=revision, message=message, dry_run=dry_run)
+    click.echo(describe_plan(record) if dry_run else describe_result(record))
