@@ -42,11 +42,15 @@ LFS_SIZE = 10 * 1024 * 1024
 @dataclass(frozen=True)
 class User:
     name: str
-    orgs: tuple[str, ...] = ()
-    role: str = "write"  # the token's role: "write" or "read"
+    orgs: tuple[str, ...] = ()       # organizations the user may write to
+    read_orgs: tuple[str, ...] = ()  # organizations the user is a member of with the "read" role
+    role: str = "write"              # the token's role: "write" or "read"
+
+    def can_read(self, namespace: str) -> bool:
+        return namespace in (self.name, *self.orgs, *self.read_orgs)
 
     def can_write(self, namespace: str) -> bool:
-        return self.role == "write" and (namespace == self.name or namespace in self.orgs)
+        return self.role == "write" and namespace in (self.name, *self.orgs)
 
 
 def git_sha1(data: bytes) -> str:
@@ -214,12 +218,13 @@ class Handler(BaseHTTPRequestHandler):
         """The repo if it exists and `user` may read it; else None (404 RepoNotFound sent)."""
         data = self.state.repo(repo)
         ns = repo.split("/")[0]
-        if data is None or (data["private"] and not (user and (ns == user.name or ns in user.orgs))):
+        if data is None or (data["private"] and not (user and user.can_read(ns))):
             self._error(404, "Repository not found", "RepoNotFound")
             return None
         return data
 
-    def _writable_repo(self, repo: str) -> tuple[User, dict[str, Any]] | None:
+    def _writable_repo(self, repo: str) -> dict[str, Any] | None:
+        """The repo if the user may write to it; else None (401, 403 or 404 sent)."""
         user = self._auth()
         if user is False:
             return None
@@ -232,7 +237,7 @@ class Handler(BaseHTTPRequestHandler):
         if not user.can_write(repo.split("/")[0]):
             self._error(403, f"You don't have write access to {repo}")
             return None
-        return user, data
+        return data
 
     def _base(self) -> str:
         return f"http://{self.server.server_address[0]}:{self.server.server_address[1]}"
@@ -301,7 +306,8 @@ class Handler(BaseHTTPRequestHandler):
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
         self._send(200, {"type": "user", "name": user.name,
-                         "orgs": [{"name": o, "roleInOrg": "write"} for o in user.orgs],
+                         "orgs": [{"name": o, "roleInOrg": "write"} for o in user.orgs]
+                         + [{"name": o, "roleInOrg": "read"} for o in user.read_orgs],
                          "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user.role}}})
 
     def create_repo(self) -> None:
@@ -383,9 +389,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def preupload(self, repo: str, rev: str) -> None:
         body = self._json()
-        if (ok := self._writable_repo(repo)) is None:
+        if (data := self._writable_repo(repo)) is None:
             return
-        _, data = ok
         sha = data["branches"].get(rev)
         tree = data["commits"][sha]["tree"] if sha else {}
         files = []
@@ -400,7 +405,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def lfs_batch(self, repo: str) -> None:
         body = self._json()
-        if (self._writable_repo(repo)) is None:
+        if self._writable_repo(repo) is None:
             return
         objects = []
         for o in body["objects"]:
@@ -454,9 +459,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._body()
         if self.state.fault_for("commit"):
             return self._drop()
-        if (ok := self._writable_repo(repo)) is None:
+        if self._writable_repo(repo) is None:
             return
-        _, data = ok
         lines = [json.loads(line) for line in raw.splitlines() if line.strip()]
         header = next(item["value"] for item in lines if item["key"] == "header")
         with self.state.lock:
@@ -488,7 +492,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def create_branch(self, repo: str, branch: str) -> None:
         body = self._json()
-        if (ok := self._writable_repo(repo)) is None:
+        if self._writable_repo(repo) is None:
             return
         with self.state.lock:
             data = self.state.repo(repo)

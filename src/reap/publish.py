@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from reap.card import fmt_bytes, render_card
+from reap.card import render_card
 from reap.checkpoint import Checkpoint, read_header
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.recipe import PublishSection, check_repo_id, load_section
@@ -78,6 +78,13 @@ class Remote:
     private: bool | None = None
     head: str | None = None
     files: dict[str, Any] = field(default_factory=dict)  # path -> RepoSibling (size, blob_id, lfs)
+
+
+def fmt_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n} B"
 
 
 def now() -> str:
@@ -212,7 +219,8 @@ def explain(exc: BaseException, repo: str) -> ReapError | None:
         if isinstance(seen, ReapError):
             return seen
         if isinstance(seen, OfflineModeIsEnabled):
-            return UploadError("HF_HUB_OFFLINE is set, so the Hub cannot be reached; unset it to publish")
+            return UploadError("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), so the Hub cannot be "
+                               "reached; unset it to publish")
         if isinstance(seen, HfHubHTTPError) and seen.response is not None:
             code = seen.response.status_code
             why = (seen.server_message or "").strip().splitlines()
@@ -307,9 +315,12 @@ def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[
 
 
 def transfer_mode() -> str:
-    from huggingface_hub.utils import is_xet_available
+    """How the client sends large files: Xet whenever `hf_xet` imports, unless HF_HUB_DISABLE_XET is set."""
+    from importlib.util import find_spec
 
-    return "xet" if is_xet_available() else "lfs"
+    from huggingface_hub import constants
+
+    return "lfs" if constants.HF_HUB_DISABLE_XET or find_spec("hf_xet") is None else "xet"
 
 
 def _commit(api, repo: str, revision: str, items: list[Item], rows: list[dict[str, Any]], digests: dict[str, bytes],
@@ -382,7 +393,7 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
                 remote = remote_state(api, s.repo, s.revision)
             rows, digests = plan(items, remote)
             changed = [r for r in rows if r["action"] != "unchanged"]
-            log(f"publish: {len(items)} files, {fmt_bytes(record['bytes'])} -> {s.repo}@{s.revision} ("
+            log(f"publish: {len(items)} files, {fmt_size(record['bytes'])} -> {s.repo}@{s.revision} ("
                 + ", ".join(f"{sum(r['action'] == a for r in rows)} {a}" for a in ("create", "replace", "delete", "unchanged"))
                 + f"; {record['transfer'].upper()} transfer)")
             if changed:
@@ -415,13 +426,12 @@ def describe_plan(plan_record: dict[str, Any]) -> str:
         repo_line = f"{r['repo']} (to be created, {'private' if r['private'] else 'public'})"
     branch = r["revision"] + ("" if r["branch_exists"] or not r["repo_exists"] and r["revision"] == "main"
                               else " (to be created)")
-    width = max(len(row["path"]) for row in r["plan"])
     lines = [f"repo      {repo_line}", f"revision  {branch}", f"user      {r['user']}",
              f"message   {r['message']}", f"transfer  {r['transfer']}", ""]
-    lines += [f"  {row['action']:<9} {fmt_bytes(row['size']):>10}  {row['path']:<{width}}" for row in r["plan"]]
+    lines += [f"  {row['action']:<9} {fmt_size(row['size']):>10}  {row['path']}" for row in r["plan"]]
     send = [row for row in r["plan"] if row["action"] in ("create", "replace")]
-    lines += ["", f"total     {len(r['files'])} files, {fmt_bytes(r['bytes'])}; "
-                  f"{len(send)} to send ({fmt_bytes(sum(row['size'] for row in send))}), "
+    lines += ["", f"total     {len(r['files'])} files, {fmt_size(r['bytes'])}; "
+                  f"{len(send)} to send ({fmt_size(sum(row['size'] for row in send))}), "
                   f"{sum(row['action'] == 'delete' for row in r['plan'])} to delete",
               "dry run: nothing was sent"]
     return "\n".join(lines)
@@ -435,6 +445,6 @@ def describe_result(record: dict[str, Any]) -> str:
     for action in ("create", "replace", "delete"):
         if r["changed"][action]:
             lines.append(f"  {action:<8} {', '.join(r['changed'][action])}")
-    lines.append(f"  {len(r['files'])} files, {fmt_bytes(r['bytes'])} ({fmt_bytes(r['bytes_changed'])} new or changed) "
+    lines.append(f"  {len(r['files'])} files, {fmt_size(r['bytes'])} ({fmt_size(r['bytes_changed'])} new or changed) "
                  f"in {r['wall_s']:.1f} s")
     return "\n".join(lines)
