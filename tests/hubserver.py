@@ -4,8 +4,8 @@ disabled) talks to it through HF_ENDPOINT, and everything it receives is stored 
 It implements what the client uses to create a repo, upload (preupload, LFS batch + PUT + verify, NDJSON
 commit), list (model_info, tree) and download (resolve), with the Hub's status codes and error headers:
 401 for a bad token, 403 for a namespace the user does not belong to, 404 `RepoNotFound` for a repo the
-user cannot see. Storage: `lfs/<sha256>` (large files), `blobs/<git sha1>` (regular files),
-`repos/<ns>/<name>.json` (branches and commits, each commit a full tree path -> entry).
+user cannot see. Storage: `lfs/<ns>/<name>/<sha256>` (large files, per repo like the Hub's), `blobs/<git sha1>`
+(regular files), `repos/<ns>/<name>.json` (branches and commits, each commit a full tree path -> entry).
 
 Tests read the counters (`put_attempts`, `put_done`, `put_bytes`, `commit_count`, `requests`) and inject
 faults: `fail("put", oid=..., mode="drop")` drops the connection of every PUT of that object halfway through
@@ -127,9 +127,11 @@ class HubState:
         new, old = (self.commits(repo, branch) + [{"tree": {}}])[:2]
         return {p for p in set(new["tree"]) | set(old["tree"]) if new["tree"].get(p) != old["tree"].get(p)}
 
-    def read_file(self, entry: dict[str, Any]) -> bytes:
-        folder = "lfs" if entry["lfs"] else "blobs"
-        return (self.root / folder / entry["oid"]).read_bytes()
+    def lfs_path(self, repo: str, oid: str) -> Path:
+        return self.root / "lfs" / repo / oid
+
+    def read_file(self, repo: str, entry: dict[str, Any]) -> bytes:
+        return (self.lfs_path(repo, entry["oid"]) if entry["lfs"] else self.root / "blobs" / entry["oid"]).read_bytes()
 
     def store_blob(self, data: bytes) -> str:
         sha = git_sha1(data)
@@ -278,10 +280,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self.create_branch(repo, rest[1])
         if method == "POST" and len(p) == 6 and p[1].endswith(".git") and p[2:] == ["info", "lfs", "objects", "batch"]:
             return self.lfs_batch(f"{p[0]}/{p[1].removesuffix('.git')}")
-        if method == "PUT" and len(p) == 2 and p[0] == "_lfs":
-            return self.lfs_put(p[1])
-        if method == "POST" and len(p) == 3 and p[0] == "_lfs" and p[2] == "verify":
-            return self.lfs_verify(p[1])
+        if method == "PUT" and len(p) == 4 and p[0] == "_lfs":
+            return self.lfs_put(f"{p[1]}/{p[2]}", p[3])
+        if method == "POST" and len(p) == 5 and p[0] == "_lfs" and p[4] == "verify":
+            return self.lfs_verify(f"{p[1]}/{p[2]}", p[3])
         if method in ("GET", "HEAD") and len(p) >= 5 and p[2] == "resolve":
             return self.resolve(f"{p[0]}/{p[1]}", p[3], "/".join(p[4:]), head=method == "HEAD")
         self._error(404, f"no route for {method} {self.path}")
@@ -410,13 +412,14 @@ class Handler(BaseHTTPRequestHandler):
         objects = []
         for o in body["objects"]:
             item = {"oid": o["oid"], "size": o["size"], "authenticated": True}
-            if not (self.state.root / "lfs" / o["oid"]).is_file():
-                item["actions"] = {"upload": {"href": f"{self._base()}/_lfs/{o['oid']}", "header": {}},
-                                   "verify": {"href": f"{self._base()}/_lfs/{o['oid']}/verify", "header": {}}}
+            if not self.state.lfs_path(repo, o["oid"]).is_file():
+                href = f"{self._base()}/_lfs/{repo}/{o['oid']}"
+                item["actions"] = {"upload": {"href": href, "header": {}},
+                                   "verify": {"href": f"{href}/verify", "header": {}}}
             objects.append(item)
         self._send(200, {"transfer": "basic", "objects": objects})
 
-    def lfs_put(self, oid: str) -> None:
+    def lfs_put(self, repo: str, oid: str) -> None:
         """The upload link of the LFS batch answer: no Authorization header, like a pre-signed S3 URL."""
         with self.state.lock:
             self.state.put_attempts[oid] += 1
@@ -441,16 +444,18 @@ class Handler(BaseHTTPRequestHandler):
         if digest.hexdigest() != oid:
             os.unlink(tmp)
             return self._error(400, f"sha256 mismatch for {oid}")
-        os.replace(tmp, self.state.root / "lfs" / oid)
+        dest = self.state.lfs_path(repo, oid)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
         with self.state.lock:
             self.state.put_done[oid] += 1
         self._send(200, headers={"ETag": f'"{oid}"'})
 
-    def lfs_verify(self, oid: str) -> None:
+    def lfs_verify(self, repo: str, oid: str) -> None:
         body = self._json()
         if self._auth() in (None, False):
             return self._error(401, "Invalid credentials in Authorization header")
-        path = self.state.root / "lfs" / oid
+        path = self.state.lfs_path(repo, oid)
         if not path.is_file() or path.stat().st_size != body.get("size"):
             return self._error(404, f"object {oid} not found")
         self._send(200, {"success": True})
@@ -477,7 +482,7 @@ class Handler(BaseHTTPRequestHandler):
                     content = base64.b64decode(v["content"])
                     tree[v["path"]] = {"lfs": False, "oid": self.state.store_blob(content), "size": len(content)}
                 elif key == "lfsFile":
-                    if not (self.state.root / "lfs" / v["oid"]).is_file():
+                    if not self.state.lfs_path(repo, v["oid"]).is_file():
                         return self._error(422, f"Your push was rejected because an LFS pointer pointed to a file that "
                                                 f"does not exist: {v['path']}")
                     tree[v["path"]] = {"lfs": True, "oid": v["oid"], "size": v["size"]}
@@ -513,7 +518,7 @@ class Handler(BaseHTTPRequestHandler):
         entry = data["commits"][sha]["tree"].get(path)
         if entry is None:
             return self._error(404, f"{path} not found", "EntryNotFound")
-        content = self.state.read_file(entry)
+        content = self.state.read_file(repo, entry)
         headers = {"X-Repo-Commit": sha, "ETag": f'"{entry["oid"]}"'}
         if entry["lfs"]:
             headers.update({"X-Linked-Etag": f'"{entry["oid"]}"', "X-Linked-Size": str(entry["size"])})

@@ -282,11 +282,12 @@ def remote_state(api, repo: str, revision: str) -> Remote:
 
     try:
         info = api.model_info(repo, revision=revision, files_metadata=True)
+        head = info.sha
     except RepositoryNotFoundError:
         return Remote(exists=False)
-    except RevisionNotFoundError:
-        return Remote(exists=True, private=api.model_info(repo).private)
-    return Remote(True, info.private, info.sha, {s.rfilename: s for s in info.siblings or []})
+    except RevisionNotFoundError:  # a new branch starts from main: compare with main's files
+        info, head = api.model_info(repo, files_metadata=True), None
+    return Remote(True, info.private, head, {s.rfilename: s for s in info.siblings or []})
 
 
 def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[str, bytes]]:

@@ -15,6 +15,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_demo_release_arrives_complete_and_byte_identical(hub, published, tmp_pa
     assert {k: got[k] for k in expected} == expected
     assert set(record["files"]) == set(got) - {".gitattributes"}
     # the LFS objects are on the server's disk under their sha256, received once each
-    lfs = {p.name for p in (hub.state.root / "lfs").iterdir()}
+    lfs = {p.name for p in (hub.state.root / "lfs" / "alice" / "demo").iterdir()}
     assert expected["model.safetensors"] in lfs and hub.state.put_done[expected["model.safetensors"]] == 1
     assert [m for m, _ in sent].count("PUT") == 1  # only the weights go by LFS; the small files ride in the commit
 
@@ -200,6 +201,9 @@ def test_demo_release_arrives_complete_and_byte_identical(hub, published, tmp_pa
 def test_republish_makes_no_new_commit(hub, published):
     run, _, _ = published
     commits, before = hub.state.commit_count("alice/demo"), len(uploads(hub))
+    plan = ok(publish(hub, run, "--repo", "alice/demo", "--dry-run")).stdout
+    assert "repo      alice/demo (exists, private)" in plan and "to send (0 B), 0 to delete" in plan
+    assert all(line.split()[0] == "unchanged" for line in plan.splitlines() if line.startswith("  "))
     out = ok(publish(hub, run, "--repo", "alice/demo")).stdout
     assert out.startswith("unchanged alice/demo@main")
     assert hub.state.commit_count("alice/demo") == commits and uploads(hub)[before:] == []
@@ -229,9 +233,9 @@ def test_republish_after_eval_updates_the_card_and_results_only(hub, demo_build,
     record = manifest(run)["stages"]["publish"]
     assert record["changed"] == {"create": ["eval_results.json"], "replace": ["README.md"], "delete": []}
     tree = hub.state.commits("reap-lab/demo")[0]["tree"]
-    results = json.loads(hub.state.read_file(tree["eval_results.json"]))
+    results = json.loads(hub.state.read_file("reap-lab/demo", tree["eval_results.json"]))
     assert results["results"]["demo_larger"]["value"] == 0.95 and "endpoint" not in results
-    assert b"model-index:" in hub.state.read_file(tree["README.md"])
+    assert b"model-index:" in hub.state.read_file("reap-lab/demo", tree["README.md"])
 
 
 def test_public_repo_on_a_new_branch(hub, demo_build, tmp_path):
@@ -276,6 +280,34 @@ def test_interrupted_upload_resumes_without_resending_what_arrived(hub, demo_bui
     assert hub.state.put_bytes - sent == (run / "model" / "model-00002-of-00003.safetensors").stat().st_size
     tree = hub.state.commits("alice/resume")[0]["tree"]
     assert {name: tree[name]["oid"] for name in shards} == shards
+    assert manifest(run)["stages"]["publish"]["status"] == "done"
+
+
+def test_killed_upload_resumes_without_resending_what_arrived(hub, demo_build, tmp_path):
+    run = copy_run(demo_build, tmp_path)
+    reshard(run / "model", 3)
+    shards = {p.name: sha256(p) for p in sorted((run / "model").glob("*.safetensors"))}
+    stuck = shards["model-00003-of-00003.safetensors"]
+    hub.state.fail("put", oid=stuck, mode="hang")  # this PUT stalls halfway until the process is killed
+    attempts, done = dict(hub.state.put_attempts), dict(hub.state.put_done)
+    proc = subprocess.Popen([sys.executable, "-m", "reap", "publish", str(run), "--repo", "alice/killed"],
+                            env=env_for(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (all(hub.state.put_done[o] > done.get(o, 0) for o in shards.values() if o != stuck)
+                   and hub.state.put_attempts[stuck] > attempts.get(stuck, 0)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the upload did not reach the stalled shard"
+            time.sleep(0.1)
+        proc.kill()  # SIGKILL: no handler runs, like a lost machine
+        OUTPUTS.extend(o.decode() for o in proc.communicate())
+    finally:
+        hub.state.heal()
+    assert hub.state.commit_count("alice/killed") == 1
+    assert manifest(run)["stages"]["publish"]["status"] == "running"  # no claim of success
+    attempts = dict(hub.state.put_attempts)
+    ok(publish(hub, run, "--repo", "alice/killed"))
+    resent = {oid: hub.state.put_attempts[oid] - attempts.get(oid, 0) for oid in shards.values()}
+    assert resent == {oid: int(oid == stuck) for oid in shards.values()}
     assert manifest(run)["stages"]["publish"]["status"] == "done"
 
 
