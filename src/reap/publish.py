@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -296,7 +298,10 @@ def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[
     which then does not hash it again)."""
     from huggingface_hub.utils.sha import git_hash
 
-    rows, digests = [], {}
+    same_size = [i for i in items if (f := remote.files.get(i.path)) is not None and f.lfs is not None and f.size == i.size]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
+        digests = dict(zip((i.path for i in same_size), pool.map(Item.sha256, same_size)))
+    rows = []
     for item in items:
         theirs = remote.files.get(item.path)
         if theirs is None:
@@ -304,7 +309,6 @@ def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[
         elif theirs.size != item.size:
             action = "replace"
         elif theirs.lfs is not None:
-            digests[item.path] = item.sha256()
             action = "unchanged" if digests[item.path].hex() == theirs.lfs.sha256 else "replace"
         else:
             action = "unchanged" if git_hash(item.read()) == theirs.blob_id else "replace"
