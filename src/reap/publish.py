@@ -448,8 +448,10 @@ def describe_result(record: dict[str, Any]) -> str:
             else f"unchanged {r['repo']}@{r['revision']}: commit {r['commit'][:12]} already holds these files")
     lines = [head, f"  {r['url']}"]
     for action in ("create", "replace", "delete"):
-        if r["changed"][action]:
-            lines.append(f"  {action:<8} {', '.join(r['changed'][action])}")
+        names = r["changed"][action]
+        if names:
+            shown = ", ".join(names) if len(names) <= 6 else f"{len(names)} files ({', '.join(names[:3])}, ...)"
+            lines.append(f"  {action:<8} {shown}")
     lines.append(f"  {len(r['files'])} files, {fmt_size(r['bytes'])} ({fmt_size(r['bytes_changed'])} new or changed) "
                  f"in {r['wall_s']:.1f} s")
     return "\n".join(lines)

@@ -340,3 +340,6 @@ def test_result_lines():
     record.update(committed=True, changed={"create": [], "replace": ["README.md", "eval_results.json"], "delete": []})
     text = pub.describe_result(record)
     assert text.startswith("published org/x@main: commit cccccccccccc") and "replace  README.md, eval_results.json" in text
+    record["changed"]["create"] = [f"model-{i:05d}-of-00040.safetensors" for i in range(1, 41)]
+    assert ("create   40 files (model-00001-of-00040.safetensors, model-00002-of-00040.safetensors, "
+            "model-00003-of-00040.safetensors, ...)") in pub.describe_result(record)
