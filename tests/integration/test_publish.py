@@ -248,6 +248,19 @@ def test_public_repo_on_a_new_branch(hub, demo_build, tmp_path):
     assert out.startswith("published alice/demo-public@v1")
 
 
+def test_a_resharded_checkpoint_replaces_the_stale_weights(hub, demo_build, tmp_path):
+    run = copy_run(demo_build, tmp_path)
+    ok(publish(hub, run, "--repo", "alice/reshard"))
+    size = (run / "model" / "model.safetensors").stat().st_size
+    reshard(run / "model", 3)
+    plan = ok(publish(hub, run, "--repo", "alice/reshard", "--dry-run")).stdout
+    assert f"  delete    {fmt_size(size):>10}  model.safetensors\n" in plan
+    ok(publish(hub, run, "--repo", "alice/reshard"))
+    weights = {p for p in hub.state.commits("alice/reshard")[0]["tree"] if "safetensors" in p}
+    assert weights == {"model.safetensors.index.json", *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))}
+    assert manifest(run)["stages"]["publish"]["changed"]["delete"] == ["model.safetensors"]
+
+
 # --- failures and resume ------------------------------------------------------------------------------------
 
 def test_interrupted_upload_resumes_without_resending_what_arrived(hub, demo_build, tmp_path):
