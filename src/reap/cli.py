@@ -272,16 +272,17 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
 @click.option("--only", metavar="STAGE", help="Re-run STAGE alone (the stages it needs must be done).")
 @click.option("--until", metavar="STAGE", help="Stop after STAGE.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set eval.limit=50.")
+@click.option("--publish", is_flag=True, help="Also publish to the Hub (publish.repo of the recipe; token from HF_TOKEN).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would run, what is done) and stop.")
 def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None, until: str | None,
-            sets: tuple[str, ...], dry_run: bool) -> None:
-    """The whole release from one recipe: build, verify, eval (serves source and W4A16), card. Resumable.
+            sets: tuple[str, ...], publish: bool, dry_run: bool) -> None:
+    """The whole release from one recipe: build, verify, eval (serves source and W4A16), card, publish. Resumable.
 
     \b
-    Stages: build, verify, eval, card. Each records a fingerprint of its inputs (the recipe
-    sections it reads, the stages before it): a re-run skips what is done and unchanged and
-    redoes what changed and everything after it. Ctrl-C or SIGTERM marks the stage interrupted;
-    the next run resumes there (an interrupted build resumes after AutoRound's last finished block).
+    Stages: build, verify, eval, card, publish (with --publish). Each records a fingerprint
+    of its inputs (the recipe sections it reads, the stages before it): a re-run skips what
+    is done and unchanged and redoes what changed and everything after it. Ctrl-C, SIGTERM
+    or a crash leave the stage marked interrupted, never done; the next run redoes it.
 
     \b
     Examples:
@@ -289,6 +290,7 @@ def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None,
       reap run recipes/demo.yaml --dry-run             # what would run
       reap run recipes/demo.yaml --set eval.limit=50   # only eval and card re-run
       reap run recipes/demo.yaml --only eval
+      reap run recipes/demo.yaml --publish --set publish.repo=my-org/demo-w4a16
     """
     from reap.pipeline import plan, run_pipeline
     from reap.recipe import load_recipe
@@ -302,9 +304,10 @@ def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None,
             click.echo(f"{'RUN ' if s['action'] == 'run' else 'skip'} {s['stage']:<8} {s['why']}", err=not dry_run)
 
     if dry_run:
-        show(plan(rec, RunDir(run_dir), only, start, until))
+        show(plan(rec, RunDir(run_dir), only, start, until, publish))
         return
-    rows = run_pipeline(rec, run_dir, only=only, start=start, until=until, argv=["reap", *sys.argv[1:]], on_plan=show)
+    rows = run_pipeline(rec, run_dir, only=only, start=start, until=until, publish=publish,
+                        argv=["reap", *sys.argv[1:]], on_plan=show)
     _print_run_summary(run_dir, rows)
 
 
@@ -317,3 +320,34 @@ def _print_run_summary(run_dir: Path, rows: list[dict]) -> None:
         rss = f"{r['peak_rss_gb']:.2f} GB" if r["peak_rss_gb"] is not None else "-"
         click.echo(f"{r['stage']:<8} {r['status']:<34} {wall:>10} {rss:>10}")
     click.echo(f"card: {run_dir / 'model' / 'README.md'}")
+
+
+@reap.command("publish")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--repo", help="Hub model repo ORG/NAME (default: the recipe's publish.repo).")
+@click.option("--private/--public", default=None,
+              help="Visibility of a repo reap creates (default: the recipe's publish.private, private unless it says "
+                   "otherwise). An existing repo keeps its own.")
+@click.option("--revision", help="Branch to commit to, created if missing (default: the recipe's, else main).")
+@click.option("--message", help="Commit message (default: 'reap publish <name>').")
+@click.option("--dry-run", is_flag=True, help="Run every gate and print the plan (files, sizes, what would be created, "
+                                              "replaced or deleted); send nothing.")
+def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision: str | None, message: str | None,
+                dry_run: bool) -> None:
+    """Upload a verified run to the Hugging Face Hub: checkpoint, card, recipe, public manifest, eval results.
+
+    \b
+    The token comes from HF_TOKEN or `hf auth login` and is never printed. Everything goes up in one
+    commit. An interrupted upload resumes when the same command runs again: files the Hub already
+    received are not sent again. With nothing changed, no commit is made.
+
+    \b
+    Examples:
+      reap publish runs/demo --repo my-org/demo-w4a16 --dry-run
+      reap publish runs/demo --repo my-org/demo-w4a16
+      reap publish runs/212b --repo my-org/Qwen3.5-REAP-212B-A17B-W4A16 --public --revision v1
+    """
+    from reap.publish import describe_plan, describe_result, publish
+
+    record = publish(run_dir, repo=repo, private=private, revision=revision, message=message, dry_run=dry_run)
+    click.echo(describe_plan(record) if dry_run else describe_result(record))

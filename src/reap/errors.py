@@ -50,3 +50,15 @@ class CardError(ReapError):
 
 class StageError(ReapError):
     """A third-party tool (AutoRound, transformers) failed inside a stage."""
+
+
+class HubAuthError(ReapError):
+    """No Hugging Face token, or one the Hub does not accept."""
+
+
+class RepoAccessError(ReapError):
+    """The token's user cannot write to the Hub repo."""
+
+
+class UploadError(ReapError):
+    """The upload to the Hub failed; nothing was committed, and a re-run sends only what did not arrive."""

@@ -41,7 +41,7 @@ class Stage:
     inputs: Callable[[Recipe], Any]         # the parts of the recipe it depends on (JSON-able)
     execute: Callable[[Context, dict[str, Any]], None]  # (context, its step of the plan)
     outputs_exist: Callable[[RunDir], bool]
-    wanted: Callable[[Recipe], bool] = lambda recipe: True
+    wanted: Callable[[Recipe, bool], bool] = lambda recipe, publish: True  # (recipe, --publish given)
 
 
 def source_signature(path: str) -> list[tuple[str, int, int]]:
@@ -94,6 +94,13 @@ def _card(ctx: Context, step: dict[str, Any]) -> None:
     render_card_into(ctx.run)
 
 
+def _publish(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.publish import publish
+
+    p = ctx.recipe.publish
+    publish(ctx.run.root, repo=p.repo, private=p.private, revision=p.revision, message=p.message)
+
+
 def _stage_done(run: RunDir, name: str) -> bool:
     return run.read_manifest().get("stages", {}).get(name, {}).get("status") == "done"
 
@@ -104,9 +111,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("verify", ("build",), lambda r: {"tp": r.serve.tensor_parallel_size}, _verify,
           lambda run: _stage_done(run, "build")),
     Stage("eval", ("build",), lambda r: r.eval.model_dump(mode="json", exclude={"port"}), _eval,
-          lambda run: _stage_done(run, "eval"), wanted=lambda r: r.eval.enabled),
+          lambda run: _stage_done(run, "eval"), wanted=lambda r, publish: r.eval.enabled),
     Stage("card", ("build", "verify", "eval"), lambda r: r.card.model_dump(mode="json"), _card,
           lambda run: run.card_path.is_file()),
+    Stage("publish", ("card",), lambda r: r.publish.model_dump(mode="json"), _publish,
+          lambda run: _stage_done(run, "publish"), wanted=lambda r, publish: publish),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -129,8 +138,10 @@ def check_run_folder(run: RunDir, recipe: Recipe) -> None:
                          f"pass --out with a new folder, or remove {run.root}")
 
 
-def check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe: Recipe, publish: bool) -> None:
     """What contradicts itself or cannot run, refused before any stage starts."""
+    if publish and not recipe.publish.repo:
+        raise InputError("--publish needs publish.repo in the recipe (or --set publish.repo=ORG/NAME)")
     if recipe.eval.enabled:
         from reap.evaluate import load_suite
 
@@ -153,17 +164,18 @@ def select(wanted: list[str], only: str | None, start: str | None, until: str | 
 
 
 def plan(recipe: Recipe, run: RunDir, only: str | None = None, start: str | None = None,
-         until: str | None = None) -> list[dict[str, Any]]:
+         until: str | None = None, publish: bool = False) -> list[dict[str, Any]]:
     """What `reap run` would do, stage by stage: run (and why) or skip (and why)."""
-    check_recipe(recipe)
-    wanted = [s.name for s in STAGES if s.wanted(recipe)]
+    check_recipe(recipe, publish)
+    wanted = [s.name for s in STAGES if s.wanted(recipe, publish)]
     selected, forced = select(wanted, only, start, until)
     recorded = run.read_manifest().get("pipeline", {}).get("stages", {})
     fps: dict[str, str] = {}
     steps, ran = [], set()
     for stage in STAGES:
         if stage.name not in wanted:
-            steps.append({"stage": stage.name, "action": "skip", "why": "not asked for by the recipe"})
+            steps.append({"stage": stage.name, "action": "skip",
+                          "why": "not asked for (--publish)" if stage.name == "publish" else "not asked for by the recipe"})
             continue
         fp = fps[stage.name] = fingerprint(stage, recipe, fps)
         rec = recorded.get(stage.name, {})
@@ -209,12 +221,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: str | None = None,
-                 until: str | None = None, argv: list[str] | None = None,
+                 until: str | None = None, publish: bool = False, argv: list[str] | None = None,
                  on_plan: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Run the stages `plan` says to run; returns the summary rows (stage, status, wall_s, peak_rss_gb)."""
     run = RunDir(out)
     check_run_folder(run, recipe)
-    steps = plan(recipe, run, only, start, until)
+    steps = plan(recipe, run, only, start, until, publish)
     if on_plan:
         on_plan(steps)
     run.root.mkdir(parents=True, exist_ok=True)

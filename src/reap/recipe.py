@@ -27,6 +27,7 @@ DEFAULT_KEEP_16BIT: dict[str, str] = {
 }
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 class _Section(BaseModel):
@@ -109,6 +110,25 @@ class CardSection(_Section):
     library_name: str = "transformers"
 
 
+def check_repo_id(value: str) -> str:
+    """A Hub model repo id, `ORG/NAME` (letters, digits, '.', '_', '-'; no '--' or '..'; not ending in .git)."""
+    if not REPO_RE.match(value) or "--" in value or ".." in value or value.endswith(".git"):
+        raise ValueError(f"{value!r} is not a Hub repo id: use ORG/NAME (letters, digits, '.', '_', '-')")
+    return value
+
+
+class PublishSection(_Section):
+    repo: str | None = Field(None, description="Hub model repo ORG/NAME; `reap publish --repo` overrides it")
+    private: bool = Field(True, description="visibility of a repo reap creates (an existing repo keeps its own)")
+    revision: str = Field("main", min_length=1, description="branch to commit to; created if missing")
+    message: str | None = Field(None, description="commit message (default: `reap publish <name>`)")
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_ok(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
+
 class Recipe(_Section):
     name: str = Field(description="run name: runs/<name>/ holds everything the run produces")
     model: ModelSection
@@ -116,6 +136,7 @@ class Recipe(_Section):
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     card: CardSection = Field(default_factory=CardSection)
+    publish: PublishSection = Field(default_factory=PublishSection)
 
     @field_validator("name")
     @classmethod
@@ -169,6 +190,21 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         for dotted, value in (overrides or {}).items():
             _set_dotted(data, dotted, value)
     return parse_recipe(data, str(p))
+
+
+def load_section(path: str | Path, name: str) -> BaseModel:
+    """One section of a recipe file (e.g. a run's recipe.yaml), validated on its own: the other sections may
+    name files of the machine that built the run. An absent file or section gives the defaults."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) if p.is_file() else {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(str(p), [f"not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    section = (data if isinstance(data, dict) else {}).get(name) or {}
+    try:
+        return Recipe.model_fields[name].annotation.model_validate(section)
+    except ValidationError as exc:
+        raise RecipeError(str(p), [_format_error({**e, "loc": (name, *e["loc"])}) for e in exc.errors()]) from None
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -7,14 +7,20 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
+import reap
 from reap.resources import data_dir
+from tests.hubserver import HubServer, User
 
 REAP = [sys.executable, "-m", "reap"]
 DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
+SRC = str(Path(reap.__file__).resolve().parents[1])
+TOKEN = "hf_" + uuid.uuid4().hex + uuid.uuid4().hex[:6]       # alice, writes to alice/* and reap-lab/*
+READ_TOKEN = "hf_" + uuid.uuid4().hex + uuid.uuid4().hex[:6]  # alice, a read-only token
 
 
 def reap_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -74,3 +80,24 @@ def demo_server(servable_build):
 
     with Server(resolve_target(servable_build), ServeOptions(port=free_port(), max_model_len=1024)) as srv:
         yield srv
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The Hub stand-in on 127.0.0.1 (tests/hubserver.py) that the real huggingface_hub client talks to."""
+    users = {TOKEN: User("alice", orgs=("reap-lab",), read_orgs=("readers",)),
+             READ_TOKEN: User("alice", orgs=("reap-lab",), role="read")}
+    with HubServer(tmp_path_factory.mktemp("hub"), users) as server:
+        yield server
+
+
+def env_for(hub: HubServer, home: Path, token: str | None = TOKEN) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()  # no real login, no offline switch
+           if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
+    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
+               PYTHONPATH=os.pathsep.join([SRC, env.get("PYTHONPATH", "")]))
+    if token:
+        env["HF_TOKEN"] = token
+    return env
+
+

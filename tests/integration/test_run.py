@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEMO_RECIPE, REAP, free_port, manifest, reap_cli
+from .conftest import DEMO_RECIPE, REAP, env_for, free_port, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ def plan_lines(stderr: str) -> dict[str, str]:
     return out
 
 
-def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, servable_build, tmp_path):
+def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, servable_build, hub, tmp_path):
     run = tmp_path / "run"
     args = ["run", DEMO_RECIPE, "--out", str(run), "--set", f"model.path={demo_source}",
             "--set", "eval.baseline=false", "--set", "eval.limit=20", "--set", f"eval.port={free_port()}"]
@@ -88,6 +88,18 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
     # 4. Nothing changed: nothing runs.
     res = reap_cli(*args[:-4], "--set", "eval.limit=10", "--set", f"eval.port={free_port()}")
     assert all(v.startswith("skip") for v in plan_lines(res.stderr).values()), res.stderr
+
+    # 5. --publish: only the publish stage runs, against the Hub stand-in; a second time it is done.
+    publish = [*REAP, *args[:-4], "--set", "eval.limit=10", "--publish", "--set", "publish.repo=alice/demo-run"]
+    env = env_for(hub, tmp_path / "hf-home")
+    res = subprocess.run(publish, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plan = plan_lines(res.stderr)
+    assert plan["publish"] == "RUN not done yet" and plan["eval"].startswith("skip done")
+    record = manifest(run)["stages"]["publish"]
+    assert record["status"] == "done" and record["committed"] and record["repo"] == "alice/demo-run"
+    res = subprocess.run(publish, env=env, capture_output=True, text=True)
+    assert res.returncode == 0 and plan_lines(res.stderr)["publish"].startswith("skip done"), res.stderr[-2000:]
 
 
 def test_run_refuses_contradictions_in_one_line(demo_source, tmp_path):

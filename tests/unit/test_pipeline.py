@@ -146,3 +146,12 @@ def test_dry_run_cli_prints_the_plan_and_touches_nothing(src, tmp_path):
 def test_an_unknown_eval_suite_is_refused_before_anything_runs(src, tmp_path):
     with pytest.raises(InputError, match="unknown suite 'nope'"):
         pipeline.plan(recipe(src, eval={"suite": "nope"}), RunDir(tmp_path / "run"))
+
+
+def test_publish_is_opt_in_and_needs_a_repo(src, tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert actions(pipeline.plan(recipe(src), run))["publish"] == ("skip", "not asked for (--publish)")
+    with pytest.raises(InputError, match="--publish needs publish.repo"):
+        pipeline.plan(recipe(src), run, publish=True)
+    steps = actions(pipeline.plan(recipe(src, publish={"repo": "me/demo"}), run, publish=True))
+    assert steps["publish"] == ("run", "upstream re-ran")
