@@ -334,6 +334,14 @@ class Handler(BaseHTTPRequestHandler):
             self.state.new_commit(repo, data, "main", tree, "initial commit")
         self._send(200, {"url": f"{self._base()}/{repo}", "name": repo, "id": repo})
 
+    def _readable_at(self, repo: str, rev: str) -> tuple[dict[str, Any], str] | None:
+        """(repo data, commit sha of `rev`) when the caller may read the repo, else None (error sent)."""
+        user = self._auth()
+        if user is False or (data := self._visible_repo(repo, user)) is None:
+            return None
+        sha = self._head(repo, data, rev)
+        return None if sha is None else (data, sha)
+
     def _head(self, repo: str, data: dict[str, Any], rev: str) -> str | None:
         sha = data["branches"].get(rev) or (rev if rev in data["commits"] else None)
         if sha is None:
@@ -341,12 +349,9 @@ class Handler(BaseHTTPRequestHandler):
         return sha
 
     def model_info(self, repo: str, rev: str) -> None:
-        user = self._auth()
-        if user is False or (data := self._visible_repo(repo, user)) is None:
+        if (found := self._readable_at(repo, rev)) is None:
             return
-        sha = self._head(repo, data, rev)
-        if sha is None:
-            return
+        data, sha = found
         blobs = self.query.get("blobs", ["false"])[0].lower() == "true"
         siblings = []
         for path, e in sorted(data["commits"][sha]["tree"].items()):
@@ -362,12 +367,9 @@ class Handler(BaseHTTPRequestHandler):
                          "createdAt": "2026-01-01T00:00:00.000Z"})
 
     def tree(self, repo: str, rev: str, folder: str) -> None:
-        user = self._auth()
-        if user is False or (data := self._visible_repo(repo, user)) is None:
+        if (found := self._readable_at(repo, rev)) is None:
             return
-        sha = self._head(repo, data, rev)
-        if sha is None:
-            return
+        data, sha = found
         recursive = self.query.get("recursive", ["false"])[0].lower() == "true"
         prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
         out, dirs = [], set()
@@ -509,12 +511,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {})
 
     def resolve(self, repo: str, rev: str, path: str, head: bool) -> None:
-        user = self._auth()
-        if user is False or (data := self._visible_repo(repo, user)) is None:
+        if (found := self._readable_at(repo, rev)) is None:
             return
-        sha = self._head(repo, data, rev)
-        if sha is None:
-            return
+        data, sha = found
         entry = data["commits"][sha]["tree"].get(path)
         if entry is None:
             return self._error(404, f"{path} not found", "EntryNotFound")

@@ -68,8 +68,11 @@ def test_detach_status_stop_and_manifest(servable_build):
 
 def test_foreground_ctrl_c_stops_the_whole_process_group(servable_build, tmp_path):
     port = free_port()
+    # SIGINT as a terminal delivers it, also when the test runner itself was started in the background
+    # (a shell's `&` makes SIGINT ignored, and Python keeps an ignored SIGINT ignored)
     proc = subprocess.Popen([*REAP, "serve", str(servable_build), "--port", str(port), "--max-model-len", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # reap records the server once it answers
         rec = manifest(servable_build)["stages"].get("serve", {})
