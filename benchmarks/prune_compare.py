@@ -7,7 +7,7 @@ transformers (`reap.demo.score_heldout`: `larger` by loglikelihood, `reverse` by
 unpruned source's. Prints a Markdown table; `--json` also writes every number.
 
     python benchmarks/prune_compare.py runs/demo-source --out runs/prune-compare [--ratios 0.25 0.5]
-        [--random-seeds 5] [--limit N] [--json FILE]
+        [--random-seeds 5] [--limit N] [--json FILE] [--threads 1]
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--limit", type=int, help="held-out rows per task (default: all 300)")
     ap.add_argument("--json", type=Path, help="write every number here")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: on a busy 2-core machine, 2 threads made scoring ~40x slower)")
     args = ap.parse_args()
 
     from reap.compat import ensure_torchvision_importable
@@ -45,6 +47,9 @@ def main() -> None:
     from reap.resources import data_dir
 
     ensure_torchvision_importable()
+    import torch
+
+    torch.set_num_threads(args.threads)
     calibration = data_dir("evals") / "demo" / "data" / "calibration.jsonl"
     source = score(args.source, args.limit)
     rows = []

@@ -77,8 +77,8 @@ class MoeLayout:
 def moe_layout(ckpt: Checkpoint) -> MoeLayout:
     """The MoE layout of a bf16 Qwen3.5-MoE / Qwen3-MoE checkpoint; typed errors for anything else."""
     mt = ckpt.config.get("model_type")
-    tc = ckpt.text_config
-    if mt not in ARCHS or not tc.get("num_experts"):
+    num_experts = _num_experts(ckpt.text_config)
+    if mt not in ARCHS or not num_experts:
         raise UnsupportedModelError(
             f"{ckpt.root} is a `{mt}` model without routed experts; reap prune supports Mixture-of-Experts "
             f"checkpoints of type {', '.join(ARCHS)}")
@@ -91,8 +91,14 @@ def moe_layout(ckpt: Checkpoint) -> MoeLayout:
     prefixes = {m["base"] + "layers." for m in routers}
     if len(prefixes) != 1:
         raise UnsupportedModelError(f"{ckpt.root} has routers under several prefixes: {sorted(prefixes)}")
-    return MoeLayout(mt, prefixes.pop(), tuple(sorted(int(m["i"]) for m in routers)), int(tc["num_experts"]),
-                     int(tc["num_experts_per_tok"]))
+    return MoeLayout(mt, prefixes.pop(), tuple(sorted(int(m["i"]) for m in routers)), num_experts,
+                     int(ckpt.text_config["num_experts_per_tok"]))
+
+
+def _num_experts(text_config: dict[str, Any]) -> int:
+    """Routed experts per layer: `num_experts` (Qwen3.5, Qwen3-MoE releases) or its alias `num_local_experts`
+    (how transformers 5 saves Qwen3-MoE configs)."""
+    return int(text_config.get("num_experts") or text_config.get("num_local_experts") or 0)
 
 
 def experts_to_keep(num_experts: int, top_k: int, ratio: float | None, keep: int | None) -> int:
@@ -400,10 +406,11 @@ def slice_checkpoint(ckpt: Checkpoint, layout: MoeLayout, kept: dict[int, list[i
 
 
 def pruned_config(config: dict[str, Any], keep: int, mtp_dropped: bool) -> dict[str, Any]:
-    """The source config.json with `num_experts` (in `text_config` when there is one) set to `keep`."""
+    """The source config.json with `num_experts` (in `text_config` when there is one) set to `keep`, and
+    `mtp_num_hidden_layers` to 0 when the MTP layers were dropped."""
     new = json.loads(json.dumps(config))
     text = new.get("text_config", new)
-    text["num_experts"] = keep
+    text["num_local_experts" if "num_local_experts" in text and "num_experts" not in text else "num_experts"] = keep
     if mtp_dropped and text.get("mtp_num_hidden_layers"):
         text["mtp_num_hidden_layers"] = 0
     return new
