@@ -8,9 +8,10 @@ to j), `ean` (mean ||f_j(x)|| over those tokens) and `random` (seeded; needs no 
 
 Observation is streamed, block by block: the calibration tokens are embedded, then decoder layer i is built
 empty, filled from the memory-mapped safetensors shards, run on every calibration sample with a hook on its MoE
-block that adds to running per-expert sums, and freed before layer i+1. Peak memory is about two decoder
-layers (the per-expert tensors on disk are stacked into the fused in-memory layout) plus the calibration
-activations (samples x seqlen x hidden), whatever the size of the model.
+block that adds to running per-expert sums, and freed before layer i+1. Each shard is
+opened (memory-mapped) only while a layer's tensors are copied out of it, straight into the fused in-memory
+layout, so peak memory is about one decoder layer plus the calibration activations (samples x seqlen x
+hidden), whatever the size of the model.
 
 Pruning drops the same number of lowest-scoring experts in every MoE layer. It works on the files, shard by
 shard: surviving experts are renumbered 0..K-1 and their tensors (and the router rows, and any router bias)
@@ -200,45 +201,51 @@ def observe_block(block, stats: ExpertStats):
     return block.register_forward_hook(hook)
 
 
-class Shards:
-    """Memory-mapped tensors of a checkpoint, read on demand (`safetensors.safe_open`)."""
+def read_tensors(ckpt: Checkpoint, keys: list[str], into: Callable[[str, Any], None]) -> None:
+    """Read `keys` from the memory-mapped shards, one shard open at a time (closed, so unmapped, after), and hand
+    each tensor to `into(key, tensor)`."""
+    from safetensors import safe_open
 
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt = ckpt
-        self._open: dict[str, Any] = {}
-
-    def get(self, key: str):
-        from safetensors import safe_open
-
-        shard = self.ckpt.weight_map[key]
-        if shard not in self._open:
-            self._open[shard] = safe_open(str(self.ckpt.root / shard), framework="pt", device="cpu")
-        return self._open[shard].get_tensor(key)
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(ckpt.weight_map[key], []).append(key)
+    for shard, names in sorted(by_shard.items()):
+        with safe_open(str(ckpt.root / shard), framework="pt", device="cpu") as fh:
+            for key in names:
+                into(key, fh.get_tensor(key))
 
 
-def layer_state(shards: Shards, layout: MoeLayout, i: int) -> dict[str, Any]:
-    """State dict of decoder layer i in transformers' in-memory layout: per-expert tensors on disk are stacked
-    into the fused `mlp.experts.gate_up_proj` [E, 2I, H] ([gate; up]) and `mlp.experts.down_proj` [E, H, I]."""
+def layer_state(ckpt: Checkpoint, layout: MoeLayout, i: int) -> dict[str, Any]:
+    """State dict of decoder layer i in transformers' in-memory layout. Per-expert tensors on disk are copied one
+    by one into the fused `mlp.experts.gate_up_proj` [E, 2I, H] ([gate; up]) and `mlp.experts.down_proj`
+    [E, H, I], so the layer is held once, not twice."""
     import torch
 
     prefix = f"{layout.prefix}{i}."
-    state, per_expert = {}, {}
-    for key in shards.ckpt.weight_map:
-        if key.startswith(prefix):
-            name = key[len(prefix):]
-            if m := EXPERT_RE.match(name):
-                per_expert.setdefault(m[2], {})[int(m[1])] = shards.get(key)
-            else:
-                state[name] = shards.get(key)
-    if per_expert:
-        def stacked(proj: str):
-            found = per_expert.get(proj, {})
-            missing = sorted(set(range(layout.num_experts)) - set(found))
-            if missing:
-                raise InputError(f"{shards.ckpt.root}: layer {i} lacks {proj} of experts {missing}")
-            return torch.stack([found[e] for e in range(layout.num_experts)])
-        state["mlp.experts.gate_up_proj"] = torch.cat([stacked("gate_proj"), stacked("up_proj")], dim=1)
-        state["mlp.experts.down_proj"] = stacked("down_proj")
+    state: dict[str, Any] = {}
+    seen: set[tuple[int, str]] = set()
+
+    def put(key: str, t) -> None:
+        name = key[len(prefix):]
+        m = EXPERT_RE.match(name)
+        if not m:
+            state[name] = t
+            return
+        e, proj = int(m[1]), m[2]
+        fused = "mlp.experts.down_proj" if proj == "down_proj" else "mlp.experts.gate_up_proj"
+        if fused not in state:
+            rows = t.shape[0] * (1 if proj == "down_proj" else 2)
+            state[fused] = torch.empty((layout.num_experts, rows, t.shape[1]), dtype=t.dtype)
+        half = t.shape[0]
+        target = state[fused][e]
+        (target if proj == "down_proj" else target[:half] if proj == "gate_proj" else target[half:]).copy_(t)
+        seen.add((e, proj))
+
+    read_tensors(ckpt, [k for k in ckpt.weight_map if k.startswith(prefix)], put)
+    if seen:
+        missing = sorted({(e, p) for e in range(layout.num_experts) for p in ("gate_proj", "up_proj", "down_proj")} - seen)
+        if missing:
+            raise InputError(f"{ckpt.root}: layer {i} lacks expert tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     return state
 
 
@@ -294,9 +301,10 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
     module_name, layer_cls, rotary_cls = ARCHS[layout.model_type]
     modeling = importlib.import_module(module_name)
     config = _text_config(ckpt)
-    shards = Shards(ckpt)
-    embed = shards.get(layout.embed_key)
-    hidden = [F.embedding(torch.tensor(samples[b:b + BATCH]), embed) for b in range(0, len(samples), BATCH)]
+    embed: dict[str, Any] = {}
+    read_tensors(ckpt, [layout.embed_key], embed.__setitem__)
+    hidden = [F.embedding(torch.tensor(samples[b:b + BATCH]), embed[layout.embed_key])
+              for b in range(0, len(samples), BATCH)]
     del embed
     rotary = getattr(modeling, rotary_cls)(config=config).to(device)
     stats = {i: ExpertStats(layout.num_experts) for i in layout.moe_layers}
@@ -306,7 +314,7 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
             with torch.device("meta"):
                 layer = getattr(modeling, layer_cls)(config, i)
             try:
-                layer.load_state_dict(layer_state(shards, layout, i), strict=True, assign=True)
+                layer.load_state_dict(layer_state(ckpt, layout, i), strict=True, assign=True)
             except RuntimeError as exc:
                 raise InputError(f"{ckpt.root}: layer {i} does not match its config: "
                                  f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None

@@ -19,19 +19,35 @@ CALIBRATION = str(data_dir("evals") / "demo" / "data" / "calibration.jsonl")
 COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "prune_compare.py"
 
 
-def test_reap_keeps_more_of_the_demo_score_than_frequency_and_random(demo_source, tmp_path, capsys):
-    # The command docs/benchmarks.md records, run as is: every method at 25 % and 50 %, random with 5 seeds.
-    out = tmp_path / "compare.json"
-    proc = subprocess.run([sys.executable, str(COMPARE), str(demo_source), "--out", str(tmp_path / "pruned"),
-                           "--json", str(out)], capture_output=True, text=True)
+@pytest.fixture(scope="module")
+def comparison(demo_source, tmp_path_factory, pytestconfig) -> dict:
+    """The command docs/benchmarks.md records, run as is: every method at 25 % and 50 %, random with 5 seeds,
+    each pruned checkpoint scored on the held-out demo tasks. The table is printed into the test output."""
+    work = tmp_path_factory.mktemp("compare")
+    proc = subprocess.run([sys.executable, str(COMPARE), str(demo_source), "--out", str(work / "pruned"),
+                           "--json", str(work / "compare.json")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    with capsys.disabled():
-        print("\n" + proc.stdout.split("unpruned source:", 1)[-1].join(["unpruned source:", ""]))
-    summary = json.loads(out.read_text())["summary"]
-    for ratio in ("0.25", "0.5"):
-        s = summary[ratio]
-        assert s["reap"] > s["frequency"], (ratio, s)
-        assert s["reap"] > s["random"], (ratio, s)
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print("\nunpruned source:" + proc.stdout.split("unpruned source:", 1)[1])
+    return json.loads((work / "compare.json").read_text())
+
+
+@pytest.mark.parametrize("ratio", ["0.25", "0.5"])
+def test_reap_keeps_more_of_the_demo_score_than_random_pruning(comparison, ratio):
+    s = comparison["summary"][ratio]
+    assert s["reap"] > s["random"], s
+
+
+# Measured on the demo model (docs/benchmarks.md): at 25 % frequency keeps 0.982 of 0.990, REAP 0.967. REAP drops
+# the layer-1 experts 4 and 5, which take about half of that layer's routed slots but add small outputs; on a
+# model of 8 experts with top-2 routing that costs more than frequency's choice. Strict: if it starts to hold,
+# this fails so that the record is updated.
+@pytest.mark.parametrize("ratio", [
+    pytest.param("0.25", marks=pytest.mark.xfail(strict=True, reason="measured: frequency beats REAP at 25 % here")),
+    "0.5"])
+def test_reap_keeps_more_of_the_demo_score_than_frequency(comparison, ratio):
+    s = comparison["summary"][ratio]
+    assert s["reap"] > s["frequency"], s
 
 
 @pytest.fixture(scope="module")

@@ -305,6 +305,26 @@ def test_plan_on_a_fabricated_header_drops_mtp_and_slices_router_rows_and_bias(t
     assert ckpt.config["text_config"]["num_experts"] == 4  # the source's config is not touched
 
 
+def test_layer_state_fuses_per_expert_tensors_and_names_missing_ones(tmp_path):
+    torch = torch_ready()
+    from safetensors.torch import load_file, save_file
+
+    from reap.prune import layer_state
+
+    root = fabricated(tmp_path / "src")
+    state = layer_state(Checkpoint.open(root), moe_layout(Checkpoint.open(root)), 0)
+    gate_up, down = state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"]
+    assert gate_up.shape == (4, 4, 8) and down.shape == (4, 2, 8)
+    assert all(torch.equal(gate_up[e], torch.full((4, 8), float(e))) for e in range(4))
+    assert set(state) == {"mlp.gate.weight", "mlp.gate.e_score_correction_bias", "mlp.shared_expert_gate.weight",
+                          "mlp.shared_expert.up_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    tensors = load_file(str(root / "model.safetensors"))
+    del tensors["model.language_model.layers.0.mlp.experts.2.up_proj.weight"]
+    save_file(tensors, str(root / "model.safetensors"))
+    with pytest.raises(InputError, match=r"layer 0 lacks expert tensors \[\(2, 'up_proj'\)\]"):
+        layer_state(Checkpoint.open(root), moe_layout(Checkpoint.open(root)), 0)
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio, keep, match", [
@@ -397,3 +417,77 @@ def test_cli_prunes_and_prints_the_report(tmp_path):
     r = CliRunner().invoke(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "0.5", "--method", "random"])
     assert r.exit_code == 0, r.output
     assert "4 -> 2 experts in each of 2 MoE layers" in r.output and "layer 0" in r.output and "peak RSS" in r.output
+
+
+# --- recipe and card ------------------------------------------------------------------------------------------
+
+CALIBRATION = str(Path(__file__).resolve().parents[2] / "evals" / "demo" / "data" / "calibration.jsonl")
+
+
+def recipe_with(tmp_path: Path, prune_yaml: str):
+    from reap.recipe import load_recipe
+
+    p = tmp_path / "r.yaml"
+    p.write_text(f"name: x\nmodel: {{path: /m}}\nprune: {prune_yaml}\n")
+    return load_recipe(p)
+
+
+def test_recipe_prune_section(tmp_path):
+    from reap.errors import RecipeError
+    from reap.recipe import load_recipe
+
+    p = tmp_path / "plain.yaml"
+    p.write_text("name: x\nmodel: {path: /m}\n")
+    assert load_recipe(p).prune is None
+    r = recipe_with(tmp_path, f"{{ratio: 0.5, calibration: {CALIBRATION}}}").prune
+    assert (r.method, r.ratio, r.keep, r.nsamples, r.seqlen, r.seed) == ("reap", 0.5, None, 64, 512, 0)
+    assert recipe_with(tmp_path, "{keep: 4, method: random}").prune.keep == 4
+    for bad, needle in [("{ratio: 0.5, keep: 4, method: random}", "exactly one of prune.ratio and prune.keep"),
+                        ("{method: random}", "exactly one"), ("{ratio: 1.5, method: random}", "prune.ratio"),
+                        ("{ratio: 0, method: random}", "prune.ratio"), ("{keep: 0, method: random}", "prune.keep"),
+                        ("{ratio: 0.5}", "needs prune.calibration"),
+                        ("{ratio: 0.5, calibration: /nope.jsonl}", "calibration file /nope.jsonl not found"),
+                        ("{ratio: 0.5, method: magnitude}", "prune.method: allowed"),
+                        ("{ratio: 0.5, method: random, colour: red}", "prune.colour: unknown field")]:
+        with pytest.raises(RecipeError, match=needle.replace(".", r"\.")):
+            recipe_with(tmp_path, bad)
+
+
+SUMMARY = {"method": "reap", "method_description": "mean router-weighted expert output norm", "ratio": 0.5,
+           "keep": None, "dropped_fraction": 0.5, "experts_before": 8, "experts_after": 4, "top_k": 2, "moe_layers": 4,
+           "calibration": {"path": "/x/calibration.jsonl", "rows": 128, "nsamples": 64, "seqlen": 512, "samples": 52,
+                           "tokens": 26624},
+           "seed": 0, "mtp": "none in the source", "source": "/work/demo-source", "wall_s": 8.1, "peak_rss_gb": 0.87,
+           "peak_vram_gb": None, "reap_version": "0.1.0"}
+
+
+def test_build_card_shows_the_lineage_and_the_pruning_settings():
+    from reap.card import render_card
+    from reap.errors import CardError
+
+    manifest = json.loads((Path(__file__).resolve().parents[1] / "data" / "golden_manifest.json").read_text())
+    manifest["stages"]["build"]["pruning"] = dict(SUMMARY)
+    text = str(render_card(manifest))
+    assert "| pruned | `reap prune` (reap): 8 -> 4 experts per MoE layer |" in text
+    assert "## Expert pruning" in text and "from `demo-source`" in text and "/work" not in text
+    assert "| experts per MoE layer | 8 -> 4 (ratio 0.5: 50.0 % dropped in each of 4 layers; top-2 routing unchanged) |" in text
+    assert "| calibration | `calibration.jsonl`: 52 samples of up to 512 tokens, 26624 tokens |" in text
+    assert text.index("## Lineage") < text.index("## Expert pruning") < text.index("## Quantization settings")
+    random = dict(SUMMARY, method="random", calibration=None, seed=3, ratio=None, keep=4)
+    manifest["stages"]["build"]["pruning"] = random
+    text = str(render_card(manifest))
+    assert "| calibration | none (seed 3) |" in text and "(keep 4: 50.0 % dropped" in text
+    del manifest["stages"]["build"]["pruning"]["mtp"]
+    with pytest.raises(CardError, match="mtp"):
+        render_card(manifest)
+
+
+def test_pruned_model_card_carries_the_license():
+    from huggingface_hub import ModelCard
+
+    from reap.card import render_pruned_card
+
+    card = ModelCard(render_pruned_card(SUMMARY, "apache-2.0"))
+    assert card.data.license == "apache-2.0" and "expert-pruning" in card.data.tags
+    assert "# demo-source, 4 of 8 experts" in card.text and "## Expert pruning" in card.text
+    assert "license" not in ModelCard(render_pruned_card(SUMMARY, None)).data.to_dict()
