@@ -38,10 +38,10 @@ def test_reap_keeps_more_of_the_demo_score_than_random_pruning(comparison, ratio
     assert s["reap"] > s["random"], s
 
 
-# Measured on the demo model (docs/benchmarks.md): at 25 % frequency keeps 0.982 of 0.990, REAP 0.967. REAP drops
-# the layer-1 experts 4 and 5, which take about half of that layer's routed slots but add small outputs; on a
-# model of 8 experts with top-2 routing that costs more than frequency's choice. Strict: if it starts to hold,
-# this fails so that the record is updated.
+# Measured on the demo model (docs/benchmarks.md): at 25 % frequency keeps 0.982 of 0.990, REAP 0.967. The gap is
+# layer 0's choice: REAP drops expert 0 (9.4 % of the routed slots, smaller outputs) and keeps expert 7 (1.3 % of
+# the slots, larger outputs); frequency does the opposite. Strict: if it starts to hold, this fails so that the
+# record is updated.
 @pytest.mark.parametrize("ratio", [
     pytest.param("0.25", marks=pytest.mark.xfail(strict=True, reason="measured: frequency beats REAP at 25 % here")),
     "0.5"])
