@@ -133,7 +133,7 @@ def read_calibration(path: Path) -> list[str]:
 
 
 def calibration_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int) -> list[list[int]]:
-    """The texts tokenized, joined (end-of-text between them) and cut into at most `nsamples` samples of
+    """The texts tokenized, joined (the end-of-sequence token between them) and cut into at most `nsamples` samples of
     `seqlen` tokens; a stream shorter than `seqlen` is one shorter sample."""
     sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     stream: list[int] = []
@@ -286,6 +286,18 @@ def _layer_kwargs(model_type: str, config, rotary, hidden) -> Callable[[int], di
     return lambda i: {"position_embeddings": emb, "attention_mask": mask, "position_ids": text_pos}
 
 
+def _load_layer(layer, state: dict[str, Any], where: str) -> None:
+    """Put the tensors into the (empty) layer; a tensor missing, unexpected or of the wrong shape is an InputError."""
+    try:
+        result = layer.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
+        raise InputError(f"{where} does not match its config: {detail}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise InputError(f"{where} does not match its config: missing {result.missing_keys}, "
+                         f"unexpected {result.unexpected_keys}")
+
+
 def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], device: str,
             on_layer: Callable[[int, float], None] | None = None) -> dict[int, ExpertStats]:
     """Run the calibration samples through the model block by block, weights streamed from the shards, with
@@ -313,11 +325,7 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
             t0 = time.perf_counter()
             with torch.device("meta"):
                 layer = getattr(modeling, layer_cls)(config, i)
-            try:
-                layer.load_state_dict(layer_state(ckpt, layout, i), strict=True, assign=True)
-            except RuntimeError as exc:
-                raise InputError(f"{ckpt.root}: layer {i} does not match its config: "
-                                 f"{str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from None
+            _load_layer(layer, layer_state(ckpt, layout, i), f"{ckpt.root}: layer {i}")
             layer.to(device).eval()
             handle = observe_block(layer.mlp, stats[i]) if i in stats else None
             for b, h in enumerate(hidden):

@@ -87,7 +87,12 @@ def test_pruned_model_loads_in_transformers_and_keeps_its_skills(pruned):
     assert model.config.text_config.num_experts == 4
     assert model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
     assert model.model.visual is not None and model.model.language_model.layers[0].mlp.shared_expert is not None
-    acc = score_heldout(model, AutoTokenizer.from_pretrained(str(pruned / "model")), limit=100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine, 2 threads are many times slower
+    try:
+        acc = score_heldout(model, AutoTokenizer.from_pretrained(str(pruned / "model")), limit=100)
+    finally:
+        torch.set_num_threads(threads)
     assert acc["larger"] >= 0.9 and acc["reverse"] >= 0.5, acc
 
 

@@ -325,6 +325,19 @@ def test_layer_state_fuses_per_expert_tensors_and_names_missing_ones(tmp_path):
         layer_state(Checkpoint.open(root), moe_layout(Checkpoint.open(root)), 0)
 
 
+def test_a_layer_that_does_not_match_its_config_is_named(tiny, tmp_path):
+    import shutil
+
+    from .ckpt_factory import edit_index
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    edit_index(broken, drop=["model.language_model.layers.1.input_layernorm.weight"])
+    ckpt = Checkpoint.open(broken)
+    with pytest.raises(InputError, match=r"layer 1 does not match its config: missing \['input_layernorm.weight'\]"):
+        observe(ckpt, moe_layout(ckpt), [[1, 2, 3, 4]], "cpu")
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("ratio, keep, match", [
