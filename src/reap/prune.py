@@ -467,6 +467,8 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
         texts = read_calibration(Path(calibration))
     if nsamples < 1 or seqlen < 1:
         raise InputError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be at least 1")
+    if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
+        raise InputError(f"--out {out} would replace the source {src}; choose another folder")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,3 +123,20 @@ def test_pruned_model_builds_and_serves_with_the_pruning_in_its_card(pruned, tmp
         record = srv.record()
     assert out.choices[0].text.startswith(" 82"), out.choices[0].text
     assert record["kernels"]["linear_kernel"] == "CPUWNA16LinearKernel" and record["startup_s"] > 0
+
+
+def test_pruned_16bit_model_serves_with_reap_serve(pruned):
+    from openai import OpenAI
+
+    port = free_port()
+    r = reap_cli("serve", str(pruned), "--detach", "--port", str(port), "--max-model-len", "512")
+    try:
+        client = OpenAI(base_url=r.stdout.strip(), api_key="unused")
+        out = client.completions.create(model=pruned.name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3,
+                                        temperature=0)
+        rec = manifest(pruned)["stages"]["serve"]
+    finally:
+        reap_cli("serve", str(pruned), "--stop")
+    assert out.choices[0].text.startswith(" 82"), out.choices[0].text
+    assert rec["status"] == "running" and rec["served_name"] == pruned.name and rec["startup_s"] > 0
+    assert manifest(pruned)["stages"]["prune"]["status"] == "done"  # the serve record sits beside the prune record

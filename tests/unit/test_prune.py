@@ -398,6 +398,10 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     assert (out / "keep.txt").is_file()
     record = prune(src, out, ratio=0.5, method="random", overwrite=True)
     assert not (out / "keep.txt").exists() and record["mtp"] == "dropped"
+    for target in (src, tmp_path):  # the source itself, or a folder holding it
+        with pytest.raises(InputError, match="would replace the source"):
+            prune(src, target, ratio=0.5, method="random", overwrite=True)
+    assert (src / "model.safetensors").is_file()
     assert json.loads((out / "model" / "config.json").read_text())["text_config"]["num_experts"] == 2
 
 
@@ -504,3 +508,8 @@ def test_pruned_model_card_carries_the_license():
     assert card.data.license == "apache-2.0" and "expert-pruning" in card.data.tags
     assert "# demo-source, 4 of 8 experts" in card.text and "## Expert pruning" in card.text
     assert "license" not in ModelCard(render_pruned_card(SUMMARY, None)).data.to_dict()
+
+
+def test_prune_help_has_examples():
+    r = CliRunner().invoke(reap, ["prune", "--help"])
+    assert r.exit_code == 0 and "Example" in r.output and "--ratio" in r.output and "random" in r.output
