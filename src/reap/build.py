@@ -23,8 +23,9 @@ from reap import compat
 from reap.card import render_card_into
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import InputError, ReapError, StageError
+from reap.prune import PRUNE_FILE, pruning_summary, read_pruning
 from reap.recipe import Recipe, dump_recipe
-from reap.rundir import RunDir, atomic_write_text, check_free_disk, open_run
+from reap.rundir import RunDir, atomic_write_text, check_free_disk, open_run, swap_into_place
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -221,6 +222,9 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
                               "lineage": {"base": recipe.model.base_model or src.root.name,
                                           "pruned_from": recipe.model.pruned_from},
                               "license": license_}
+    pruning = read_pruning(src.root)
+    if pruning:  # the source was made by `reap prune`: its settings go into the lineage and the card
+        record["pruning"] = pruning_summary(pruning)
     run.update_stage("build", record, hardware=hardware_inventory(), name=recipe.name,
                      recipe=recipe.model_dump(mode="json"))
     log(f"build {recipe.name}: {src.root} -> {run.model_dir} (W{recipe.quantize.bits}A16 g{recipe.quantize.group_size}, "
@@ -247,7 +251,9 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
             run.update_stage("build", record)
             raise_on_failure(report, f"{rejected} (kept for inspection)")
         atomic_write_text(work / "reap_recipe.yaml", dump_recipe(recipe))
-        _swap_into_place(work, run.model_dir)
+        if pruning:
+            shutil.copy2(src.root / PRUNE_FILE, work / PRUNE_FILE)
+        swap_into_place(work, run.model_dir)
         record.update(status="done", ended=now(), outputs={"model": str(run.model_dir)})
         run.update_stage("build", record)
         render_card_into(run)
@@ -263,13 +269,3 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
         shutil.rmtree(work, ignore_errors=True)
         raise
     return record
-
-
-def _swap_into_place(new: Path, dest: Path) -> None:
-    """Replace `dest` by `new`; the old build is removed only once the new one is in place."""
-    old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old, ignore_errors=True)

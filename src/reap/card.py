@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -99,6 +99,22 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "serve_command": shlex.join(serve_argv(manifest)),
         "serve_notes": notes,
         "evaluation": _evaluation(manifest),
+        "pruning": pruning_context(build["pruning"]) if build.get("pruning") else None,
+    }
+
+
+def pruning_context(p: dict[str, Any]) -> dict[str, Any]:
+    """The `reap prune` settings a card shows, from a prune record's summary (reap.prune.pruning_summary)."""
+    cal = p["calibration"]
+    requested = f"ratio {p['ratio']}" if p["ratio"] is not None else f"keep {p['keep']}"
+    return {
+        "method": p["method"], "description": p["method_description"], "requested": requested,
+        "experts_before": p["experts_before"], "experts_after": p["experts_after"],
+        "dropped": f"{100 * p['dropped_fraction']:.1f} %", "moe_layers": p["moe_layers"], "top_k": p["top_k"],
+        "calibration": (f"`{Path(cal['path']).name}`: {cal['samples']} samples of up to {cal['seqlen']} tokens, "
+                        f"{cal['tokens']} tokens" if cal else f"none (seed {p['seed']})"),
+        "mtp": p["mtp"], "source": Path(p["source"]).name, "reap_version": p["reap_version"],
+        "wall": fmt_seconds(p["wall_s"]), "peak_rss_gb": f"{p['peak_rss_gb']:.2f}",
     }
 
 
@@ -139,23 +155,38 @@ def card_metadata(manifest: dict[str, Any]):
     return data
 
 
-def render_card(manifest: dict[str, Any], templates: Path | None = None):
-    """Render the ModelCard for a manifest. Raises CardError naming the first missing value."""
+def _render(template: str, context: Callable[[], dict[str, Any]], templates: Path | None = None) -> str:
+    """Render a template strictly: a missing value is a CardError naming it, never an empty cell."""
     import jinja2
-    from huggingface_hub import ModelCard
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates or data_dir("templates"))),
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
                              trim_blocks=False, autoescape=False)
     try:
-        context = card_context(manifest)
-        body = env.get_template("model_card.md.j2").render(**context)
+        return env.get_template(template).render(**context())
     except KeyError as exc:
         raise CardError(f"the manifest lacks {exc.args[0]!r}, needed by the card; rebuild the run") from None
     except jinja2.UndefinedError as exc:
         raise CardError(f"card template needs a value the manifest lacks: {exc.message}") from None
+
+
+def render_card(manifest: dict[str, Any], templates: Path | None = None):
+    """Render the ModelCard for a manifest. Raises CardError naming the first missing value."""
+    from huggingface_hub import ModelCard
+
+    body = _render("model_card.md.j2", lambda: card_context(manifest), templates)
     data = card_metadata(manifest)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
+
+
+def render_pruned_card(summary: dict[str, Any], license_: str | None) -> str:
+    """The card of a `reap prune` output (a 16-bit checkpoint, not yet quantized): its pruning settings and
+    the source's license, which `reap build` carries on."""
+    from huggingface_hub import ModelCardData
+
+    body = _render("pruned_card.md.j2", lambda: {"pruning": pruning_context(summary)})
+    data = ModelCardData(license=license_, library_name="transformers", tags=["reap", "moe", "expert-pruning"])
+    return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
 
 
 def render_card_into(run: RunDir) -> Path:

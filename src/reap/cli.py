@@ -351,3 +351,57 @@ def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision:
 
     record = publish(run_dir, repo=repo, private=private, revision=revision, message=message, dry_run=dry_run)
     click.echo(describe_plan(record) if dry_run else describe_result(record))
+
+@reap.command("prune")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Output folder: OUT/model/ (the pruned checkpoint) and OUT/manifest.json.")
+@click.option("--ratio", type=float, help="Fraction of the routed experts dropped in every MoE layer, in (0, 1).")
+@click.option("--keep", type=int, help="Routed experts kept in every MoE layer (instead of --ratio).")
+@click.option("--method", type=click.Choice(["reap", "frequency", "ean", "random"]), default="reap", show_default=True,
+              help="Saliency criterion; frequency, ean and random are baselines.")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="A .jsonl of {\"text\": ...} rows (needed by every method but random).")
+@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
+@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random baseline.")
+@click.option("--device", help="Where the observation runs (default: cuda if available, else cpu).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")
+def prune_cmd(src: Path, out: Path, ratio: float | None, keep: int | None, method: str, calibration: Path | None,
+              nsamples: int, seqlen: int, seed: int, device: str | None, overwrite: bool) -> None:
+    """Drop the least salient routed experts of a 16-bit MoE checkpoint (REAP).
+
+    \b
+    Saliency of an expert: the mean, over the calibration tokens routed to it, of its
+    router weight times the norm of its output. The same number of experts is dropped in
+    every MoE layer; the checkpoint is written shard by shard, surviving weights bit-identical.
+    Quantize the result with `reap build RECIPE --model OUT/model`.
+
+    \b
+    Examples:
+      reap prune runs/demo-source --out runs/demo-reap50 --ratio 0.5 \\
+          --calibration evals/demo/data/calibration.jsonl
+      reap prune /data/Qwen3.5-397B-A17B --out /data/reap-268 --keep 268 --calibration code.jsonl
+      reap prune runs/demo-source --out runs/demo-random50 --ratio 0.5 --method random --seed 1
+    """
+    from reap.prune import prune
+
+    record = prune(src, out, ratio=ratio, keep=keep, method=method, calibration=calibration, nsamples=nsamples,
+                   seqlen=seqlen, seed=seed, overwrite=overwrite, device=device, argv=["reap", *sys.argv[1:]])
+    _print_prune_summary(out, record)
+
+
+def _print_prune_summary(out: Path, record: dict) -> None:
+    from reap.card import fmt_seconds
+
+    lines = [f"prune {record['status']}: {out / 'model'} ({record['method']}, {record['experts_before']} -> "
+             f"{record['experts_after']} experts in each of {record['moe_layers']} MoE layers)"]
+    for row in record["layers"]:
+        lines.append(f"  layer {row['layer']:<3} dropped {row['dropped']}")
+    for stage, seconds in record["substages"].items():
+        lines.append(f"  {stage:<22} {fmt_seconds(seconds)}")
+    lines.append(f"  {'total':<22} {fmt_seconds(record['wall_s'])}")
+    lines.append(f"  {'peak RSS':<22} {record['peak_rss_gb']:.2f} GB")
+    vram = record.get("peak_vram_gb")
+    lines.append(f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU"))
+    click.echo("\n".join(lines))

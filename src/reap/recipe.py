@@ -80,6 +80,34 @@ class QuantizeSection(_Section):
         return value
 
 
+class PruneSection(_Section):
+    """`reap prune` settings (REAP expert pruning before quantization); see docs/recipe.md."""
+
+    method: Literal["reap", "frequency", "ean", "random"] = Field(
+        "reap", description="saliency criterion; frequency, ean and random are baselines")
+    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the routed experts dropped in every MoE layer")
+    keep: int | None = Field(None, ge=1, description="routed experts kept in every MoE layer (instead of ratio)")
+    calibration: str | None = Field(None, description="local .jsonl of {\"text\": ...} rows; not used by `random`")
+    nsamples: int = Field(64, ge=1, description="calibration samples")
+    seqlen: int = Field(512, ge=8, description="tokens per calibration sample")
+    seed: int = Field(0, description="seed of the `random` baseline")
+
+    @field_validator("calibration")
+    @classmethod
+    def _calibration_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"calibration file {value} not found; give an existing .jsonl of {{\"text\": ...}} rows")
+        return value
+
+    @model_validator(mode="after")
+    def _one_size_and_data(self) -> "PruneSection":
+        if (self.ratio is None) == (self.keep is None):
+            raise ValueError("give exactly one of prune.ratio and prune.keep")
+        if self.method != "random" and self.calibration is None:
+            raise ValueError(f"prune.method {self.method} needs prune.calibration (a .jsonl of {{\"text\": ...}} rows)")
+        return self
+
+
 class ServeSection(_Section):
     tensor_parallel_size: int = Field(4, ge=1, description="the tensor-parallel size the checkpoint is checked for")
     max_model_len: int | None = Field(None, ge=16)
@@ -132,6 +160,7 @@ class PublishSection(_Section):
 class Recipe(_Section):
     name: str = Field(description="run name: runs/<name>/ holds everything the run produces")
     model: ModelSection
+    prune: PruneSection | None = Field(None, description="prune experts before quantizing (used by `reap run`)")
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)

@@ -100,3 +100,13 @@ def check_free_disk(where: Path, needed_bytes: int) -> None:
         raise DiskSpaceError(
             f"not enough disk at {probe}: {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
             "free some space or pass --out on a larger disk")
+
+
+def swap_into_place(new: Path, dest: Path) -> None:
+    """Replace `dest` by `new`; the old one is removed only once the new one is in place."""
+    old = dest.with_name(dest.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
