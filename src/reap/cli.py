@@ -276,10 +276,11 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would run, what is done) and stop.")
 def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None, until: str | None,
             sets: tuple[str, ...], publish: bool, dry_run: bool) -> None:
-    """The whole release from one recipe: build, verify, eval (serves source and W4A16), card, publish. Resumable.
+    """The whole release from one recipe: prune, build, verify, eval, card, publish. Resumable.
 
     \b
-    Stages: build, verify, eval, card, publish (with --publish). Each records a fingerprint
+    Stages: prune (when the recipe has prune:), build, verify, eval (serves the bf16 source
+    and the W4A16 build), card, publish (with --publish). Each records a fingerprint
     of its inputs (the recipe sections it reads, the stages before it): a re-run skips what
     is done and unchanged and redoes what changed and everything after it. Ctrl-C, SIGTERM
     or a crash leave the stage marked interrupted, never done; the next run redoes it.

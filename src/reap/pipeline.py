@@ -1,7 +1,8 @@
 """`reap run`: the whole release from one recipe, as a graph of stages, resumable.
 
-Each stage is the same library function the single command calls (build.build, verify.verify_checkpoint,
-evaluate.evaluate, card.render_card_into). A stage is done when its record in `manifest.json` under
+Stages: prune (when the recipe has `prune:`), build, verify, eval, card, publish (with `--publish`). Each is
+the same library function the single command calls (prune.prune, build.build, verify.verify_checkpoint,
+evaluate.evaluate, card.render_card_into, publish.publish). A stage is done when its record in `manifest.json` under
 `pipeline.stages` says `done` with the fingerprint of its current inputs (the recipe sections it reads and
 the fingerprints of the stages it depends on) and its outputs exist. A re-run skips such stages and redoes
 a stage whose inputs changed, and everything downstream of a stage that ran. The fingerprint is written
@@ -61,10 +62,27 @@ def _build_inputs(recipe: Recipe) -> dict[str, Any]:
             "source": source_signature(recipe.model.path)}
 
 
+def _pruned_dir(run: RunDir) -> Path:
+    return run.root / "pruned"
+
+
+def _prune(ctx: Context, step: dict[str, Any]) -> None:
+    from reap.prune import prune
+
+    p = ctx.recipe.prune
+    prune(Path(ctx.recipe.model.path), _pruned_dir(ctx.run), ratio=p.ratio, keep=p.keep, method=p.method,
+          calibration=Path(p.calibration) if p.calibration else None, nsamples=p.nsamples, seqlen=p.seqlen,
+          seed=p.seed, overwrite=True, argv=ctx.argv)
+
+
 def _build(ctx: Context, step: dict[str, Any]) -> None:
     from reap.build import build
 
-    build(ctx.recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
+    recipe = ctx.recipe
+    if recipe.prune is not None:  # quantize what the prune stage wrote
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
+            update={"path": str(_pruned_dir(ctx.run) / "model")})})
+    build(recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
 
 
 def _verify(ctx: Context, step: dict[str, Any]) -> None:
@@ -106,7 +124,11 @@ def _stage_done(run: RunDir, name: str) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("build", (), _build_inputs, _build,
+    Stage("prune", (), lambda r: {"model": r.model.model_dump(mode="json"), "prune": r.prune.model_dump(mode="json"),
+                                  "source": source_signature(r.model.path)}, _prune,
+          lambda run: (_pruned_dir(run) / "model" / "config.json").is_file(),
+          wanted=lambda r, publish: r.prune is not None),
+    Stage("build", ("prune",), _build_inputs, _build,
           lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file()),
     Stage("verify", ("build",), lambda r: {"tp": r.serve.tensor_parallel_size}, _verify,
           lambda run: _stage_done(run, "build")),

@@ -137,7 +137,8 @@ def test_dry_run_cli_prints_the_plan_and_touches_nothing(src, tmp_path):
     path.write_text(json.dumps({"name": "demo", "model": {"path": str(src)}}))
     res = CliRunner().invoke(reap, ["run", str(path), "--out", str(tmp_path / "run"), "--dry-run"])
     assert res.exit_code == 0, res.output
-    assert res.output.splitlines()[0].split()[:2] == ["RUN", "build"]
+    lines = [line.split()[:2] for line in res.output.splitlines()]
+    assert lines[0] == ["skip", "prune"] and lines[1] == ["RUN", "build"]
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(reap, ["run", str(path), "--only", "bogus", "--dry-run"])
     assert bad.exit_code == 1 and "no bogus stage" in bad.output
@@ -155,3 +156,17 @@ def test_publish_is_opt_in_and_needs_a_repo(src, tmp_path):
         pipeline.plan(recipe(src), run, publish=True)
     steps = actions(pipeline.plan(recipe(src, publish={"repo": "me/demo"}), run, publish=True))
     assert steps["publish"] == ("run", "upstream re-ran")
+
+
+def test_a_prune_section_adds_the_first_stage_and_its_changes_redo_everything(src, tmp_path):
+    run = RunDir(tmp_path / "run")
+    pruned = recipe(src, prune={"method": "random", "ratio": 0.5})
+    steps = pipeline.plan(pruned, run)
+    assert [s["stage"] for s in steps if s["action"] == "run"][:2] == ["prune", "build"]
+    assert actions(pipeline.plan(recipe(src), run))["prune"] == ("skip", "not asked for by the recipe")
+    finish(run, steps, pruned)
+    (run.root / "pruned" / "model").mkdir(parents=True)
+    (run.root / "pruned" / "model" / "config.json").write_text("{}")
+    assert {a for a, _ in actions(pipeline.plan(pruned, run)).values()} == {"skip"}
+    changed = actions(pipeline.plan(recipe(src, prune={"method": "random", "ratio": 0.25}), run))
+    assert changed["prune"] == ("run", "inputs changed") and changed["build"] == ("run", "upstream re-ran")
