@@ -115,16 +115,21 @@ def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str |
     _print_build_summary(run_dir, record)
 
 
-def _print_build_summary(run_dir: Path, record: dict) -> None:
+def _measured_lines(record: dict) -> list[str]:
+    """Stage times, total, peak RSS and per-GPU peak memory of a build or prune record."""
     from reap.card import fmt_seconds
 
-    lines = [f"build {record['status']}: {run_dir / 'model'}"]
-    for stage, seconds in record["substages"].items():
-        lines.append(f"  {stage:<22} {fmt_seconds(seconds)}")
+    lines = [f"  {stage:<22} {fmt_seconds(seconds)}" for stage, seconds in record["substages"].items()]
     lines.append(f"  {'total':<22} {fmt_seconds(record['wall_s'])}")
     lines.append(f"  {'peak RSS':<22} {record['peak_rss_gb']:.2f} GB")
     vram = record.get("peak_vram_gb")
     lines.append(f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU"))
+    return lines
+
+
+def _print_build_summary(run_dir: Path, record: dict) -> None:
+    lines = [f"build {record['status']}: {run_dir / 'model'}"]
+    lines += _measured_lines(record)
     if record.get("autoround_summary"):
         s = record["autoround_summary"]
         lines.append(f"  {'quantized layers':<22} {s['quantized']}/{s['total']}")
@@ -393,16 +398,9 @@ def prune_cmd(src: Path, out: Path, ratio: float | None, keep: int | None, metho
 
 
 def _print_prune_summary(out: Path, record: dict) -> None:
-    from reap.card import fmt_seconds
-
     lines = [f"prune {record['status']}: {out / 'model'} ({record['method']}, {record['experts_before']} -> "
              f"{record['experts_after']} experts in each of {record['moe_layers']} MoE layers)"]
     for row in record["layers"]:
         lines.append(f"  layer {row['layer']:<3} dropped {row['dropped']}")
-    for stage, seconds in record["substages"].items():
-        lines.append(f"  {stage:<22} {fmt_seconds(seconds)}")
-    lines.append(f"  {'total':<22} {fmt_seconds(record['wall_s'])}")
-    lines.append(f"  {'peak RSS':<22} {record['peak_rss_gb']:.2f} GB")
-    vram = record.get("peak_vram_gb")
-    lines.append(f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU"))
+    lines += _measured_lines(record)
     click.echo("\n".join(lines))
