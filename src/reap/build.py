@@ -171,6 +171,7 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
         with compat.autoround_text_only(src) as text_only:
             if text_only:
                 fixes.append("autoround_text_only")
+                layer_config = compat.text_only_layer_names(layer_config)
             try:
                 with clock.span("weight_loading"):
                     ar = AutoRound(model=str(src.root), **_autoround_kwargs(recipe, layer_config))

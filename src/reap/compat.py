@@ -8,7 +8,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
 
@@ -93,6 +93,14 @@ def autoround_text_only(src: "Checkpoint") -> Iterator[bool]:
     finally:
         if added:
             ar_model._LLM_ONLY_MODEL_TYPES.discard(model_type)
+
+
+def text_only_layer_names(layer_config: dict[str, Any]) -> dict[str, Any]:
+    """On AutoRound's text-only path the model is the text model: `model.layers.N...` instead of the VL
+    wrapper's `model.language_model.layers.N...`, and no vision tower. Without this, per-layer settings
+    (e.g. 16-bit routed experts) silently miss their modules (measured: experts quantized anyway)."""
+    return {name.replace("model.language_model.", "model.", 1): cfg for name, cfg in layer_config.items()
+            if not name.startswith("model.visual.")}
 
 
 def flatten_autoround_output(raw: Path, dest: Path) -> bool:

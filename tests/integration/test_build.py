@@ -108,7 +108,7 @@ def test_failed_rebuild_keeps_the_previous_build(demo_build, demo_source, tmp_pa
     shutil.copytree(demo_build, run)
     before = (run / "model" / "model.safetensors").read_bytes()
     r = reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--overwrite",
-                 "--iters", "0", "--tp", "4", check=False)
+                 "--iters", "0", "--tp", "4", "--set", "quantize.routed_experts=quantize", check=False)
     assert r.returncode == 1 and "verification failed" in r.stderr and "marlin_shapes" in r.stderr
     assert (run / "model" / "model.safetensors").read_bytes() == before
     assert (run / "model.rejected" / "config.json").is_file() and not (run / "model.partial").exists()
@@ -120,11 +120,14 @@ def test_text_only_path_when_processor_files_are_missing(demo_source, tmp_path):
     shutil.copytree(demo_source, src)
     for name in PROCESSOR_FILES:
         (src / name).unlink()
-    reap_cli("build", DEMO_RECIPE, "--model", str(src), "--out", str(tmp_path / "run"), "--iters", "0")
+    # routed_experts: keep_16bit also checks that per-layer settings reach the text model's names
+    reap_cli("build", DEMO_RECIPE, "--model", str(src), "--out", str(tmp_path / "run"), "--iters", "0",
+             "--set", "quantize.routed_experts=keep_16bit")
     b = manifest(tmp_path / "run")["stages"]["build"]
     # AutoRound's multimodal path cannot run without a processor; its text-only path saves the text config.
     assert {"autoround_text_only", "restore_vl_config"} <= set(b["fixes_applied"])
     assert b["verification"]["passed"]
+    assert any(row["modules"].endswith("mlp.experts.*.down_proj") for row in b["verification"]["kept_16bit"])
     cfg = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3_5MoeForConditionalGeneration"] and "quantization_config" in cfg
 

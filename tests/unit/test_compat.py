@@ -58,3 +58,10 @@ def test_carry_tokenizer_files(tmp_path):
     assert compat.carry_tokenizer_and_processor(src, out) is True
     assert (out / "tokenizer.json").read_text() == "tokenizer.json"
     assert compat.carry_tokenizer_and_processor(src, out) is False
+
+
+def test_text_only_layer_names_follow_the_text_model():
+    from reap.compat import text_only_layer_names
+
+    cfg = {"model.language_model.layers.0.mlp.experts.3.up_proj": 1, "model.visual.blocks.0.attn.qkv": 2, "lm_head": 3}
+    assert text_only_layer_names(cfg) == {"model.layers.0.mlp.experts.3.up_proj": 1, "lm_head": 3}
