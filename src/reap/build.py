@@ -7,7 +7,6 @@ per block, peak RSS of the process tree, per-GPU peak memory. The new checkpoint
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -23,18 +22,14 @@ from reap import compat
 from reap.card import render_card_into
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import InputError, ReapError, StageError
-from reap.prune import PRUNE_FILE, pruning_summary, read_pruning
+from reap.prune import PRUNE_FILE, pruning_summary, read_calibration, read_pruning
 from reap.recipe import Recipe, dump_recipe
 from reap.rundir import RunDir, atomic_write_text, check_free_disk, open_run, swap_into_place
-from reap.stats import Clock, ResourceSampler, hardware_inventory, log, package_versions
+from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
 BLOCK_RE = re.compile(r"quantized (\d+)/(\d+) layers in the block(?:, loss iter 0: ([\d.e+-]+) -> iter \d+: ([\d.e+-]+))?")
 SUMMARY_RE = re.compile(r"Summary: quantized (\d+)/(\d+) in the model")
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 class AutoRoundWatcher(logging.Handler):
@@ -119,15 +114,9 @@ def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
 
 
 def check_calibration(dataset: str) -> None:
-    if not dataset.endswith(".jsonl"):
-        return
-    path = Path(dataset)
-    try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"calibration file {path} is unreadable ({exc}); give a .jsonl of {{\"text\": ...}} rows") from None
-    if not rows or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
-        raise InputError(f"calibration file {path} must hold at least one row, each {{\"text\": \"...\"}}")
+    """A local .jsonl calibration file is read once before any weight is loaded (Hub ids are AutoRound's)."""
+    if dataset.endswith(".jsonl"):
+        read_calibration(Path(dataset))
 
 
 def source_license(root: Path) -> str | None:

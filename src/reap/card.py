@@ -25,7 +25,10 @@ def fmt_seconds(s: float) -> str:
 
 
 def fmt_bytes(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n} B"
 
 
 def serve_argv(manifest: dict[str, Any]) -> list[str]:

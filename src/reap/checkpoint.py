@@ -30,6 +30,11 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, Any]:
+    return read_header_and_offset(path)[0]
+
+
+def read_header_and_offset(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and where its tensor data starts (8 + the header's length)."""
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
@@ -37,7 +42,7 @@ def read_header(path: Path) -> dict[str, Any]:
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
             raise InputError(f"{path} is not a safetensors file (header of {n} bytes)")
-        return json.loads(fh.read(n))
+        return json.loads(fh.read(n)), 8 + n
 
 
 def segment_match(pattern: str, name: str) -> bool:

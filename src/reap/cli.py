@@ -358,6 +358,7 @@ def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision:
     record = publish(run_dir, repo=repo, private=private, revision=revision, message=message, dry_run=dry_run)
     click.echo(describe_plan(record) if dry_run else describe_result(record))
 
+
 @reap.command("prune")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True,

@@ -40,9 +40,10 @@ class Stage:
     name: str
     after: tuple[str, ...]                  # stages whose results this one reads
     inputs: Callable[[Recipe], Any]         # the parts of the recipe it depends on (JSON-able)
-    execute: Callable[[Context, dict[str, Any]], None]  # (context, its step of the plan)
+    execute: Callable[[Context], None]
     outputs_exist: Callable[[RunDir], bool]
     wanted: Callable[[Recipe, bool], bool] = lambda recipe, publish: True  # (recipe, --publish given)
+    unwanted_why: str = "not asked for by the recipe"
 
 
 def source_signature(path: str) -> list[tuple[str, int, int]]:
@@ -66,7 +67,7 @@ def _pruned_dir(run: RunDir) -> Path:
     return run.root / "pruned"
 
 
-def _prune(ctx: Context, step: dict[str, Any]) -> None:
+def _prune(ctx: Context) -> None:
     from reap.prune import prune
 
     p = ctx.recipe.prune
@@ -75,7 +76,7 @@ def _prune(ctx: Context, step: dict[str, Any]) -> None:
           seed=p.seed, overwrite=True, argv=ctx.argv)
 
 
-def _build(ctx: Context, step: dict[str, Any]) -> None:
+def _build(ctx: Context) -> None:
     from reap.build import build
 
     recipe = ctx.recipe
@@ -85,7 +86,7 @@ def _build(ctx: Context, step: dict[str, Any]) -> None:
     build(recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
 
 
-def _verify(ctx: Context, step: dict[str, Any]) -> None:
+def _verify(ctx: Context) -> None:
     from reap.build import keep_patterns
     from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -98,7 +99,7 @@ def _verify(ctx: Context, step: dict[str, Any]) -> None:
     raise_on_failure(report, str(ctx.run.model_dir))
 
 
-def _eval(ctx: Context, step: dict[str, Any]) -> None:
+def _eval(ctx: Context) -> None:
     from reap.evaluate import evaluate
 
     e = ctx.recipe.eval
@@ -106,13 +107,13 @@ def _eval(ctx: Context, step: dict[str, Any]) -> None:
              num_fewshot=e.num_fewshot, concurrency=e.concurrency, baseline=e.baseline, port=e.port)
 
 
-def _card(ctx: Context, step: dict[str, Any]) -> None:
+def _card(ctx: Context) -> None:
     from reap.card import render_card_into
 
     render_card_into(ctx.run)
 
 
-def _publish(ctx: Context, step: dict[str, Any]) -> None:
+def _publish(ctx: Context) -> None:
     from reap.publish import publish
 
     p = ctx.recipe.publish
@@ -137,7 +138,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("card", ("build", "verify", "eval"), lambda r: r.card.model_dump(mode="json"), _card,
           lambda run: run.card_path.is_file()),
     Stage("publish", ("card",), lambda r: r.publish.model_dump(mode="json"), _publish,
-          lambda run: _stage_done(run, "publish"), wanted=lambda r, publish: publish),
+          lambda run: _stage_done(run, "publish"), wanted=lambda r, publish: publish,
+          unwanted_why="not asked for (--publish)"),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -196,8 +198,7 @@ def plan(recipe: Recipe, run: RunDir, only: str | None = None, start: str | None
     steps, ran = [], set()
     for stage in STAGES:
         if stage.name not in wanted:
-            steps.append({"stage": stage.name, "action": "skip",
-                          "why": "not asked for (--publish)" if stage.name == "publish" else "not asked for by the recipe"})
+            steps.append({"stage": stage.name, "action": "skip", "why": stage.unwanted_why})
             continue
         fp = fps[stage.name] = fingerprint(stage, recipe, fps)
         rec = recorded.get(stage.name, {})
@@ -261,13 +262,13 @@ def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: s
             if step["action"] == "skip":
                 rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
                 continue
-            _record(run, name, status="running", fingerprint=None)
+            run.update_stage(name, {"status": "running", "fingerprint": None}, section="pipeline.stages")
             log(f"run: {name} started ({step['why']})")
             t0 = time.perf_counter()
             status = "failed"
             try:
                 with ResourceSampler() as sampler:
-                    by_name[name].execute(ctx, step)
+                    by_name[name].execute(ctx)
                 status = "done"
             except KeyboardInterrupt:
                 status = "interrupted"
@@ -275,15 +276,10 @@ def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: s
             finally:
                 wall = round(time.perf_counter() - t0, 2)
                 peak = sampler.summary()["peak_rss_gb"] if status == "done" else None
-                _record(run, name, status=status, wall_s=wall, peak_rss_gb=peak,
-                        fingerprint=step["fingerprint"] if status == "done" else None)
+                run.update_stage(name, {"status": status, "wall_s": wall, "peak_rss_gb": peak,
+                                        "fingerprint": step["fingerprint"] if status == "done" else None},
+                                 section="pipeline.stages")
                 log(f"run: {name} {status} in {wall:.1f} s")
             rows.append({"stage": name, "status": "done", "wall_s": wall, "peak_rss_gb": peak})
     return rows
-
-
-def _record(run: RunDir, stage: str, **fields: Any) -> None:
-    manifest = run.read_manifest()
-    manifest.setdefault("pipeline", {}).setdefault("stages", {}).setdefault(stage, {}).update(fields)
-    run.write_manifest(manifest)
 

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint
 from reap.errors import InputError, OutputExistsError, UnsupportedModelError
 from reap.rundir import RunDir, atomic_write_text, check_free_disk, swap_into_place
-from reap.stats import Clock, ResourceSampler, hardware_inventory, log, package_versions
+from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 
 METHODS: dict[str, str] = {
     "reap": "mean router-weighted expert output norm over the tokens routed to the expert (REAP, arXiv 2510.13999)",
@@ -434,12 +434,6 @@ def pruned_config(config: dict[str, Any], keep: int, mtp_dropped: bool) -> dict[
 
 # --- the stage ----------------------------------------------------------------------------------------
 
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def _device(device: str | None) -> str:
     if device:
         return device
@@ -479,7 +473,7 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
     run = RunDir(work)
     run.model_dir.mkdir(parents=True)
     record: dict[str, Any] = {
-        "status": "running", "started": _now(), "argv": argv or sys.argv, "source": str(src.resolve()),
+        "status": "running", "started": now(), "argv": argv or sys.argv, "source": str(src.resolve()),
         "output": str(out.resolve()), "method": method, "method_description": METHODS[method],
         "ratio": ratio, "keep": keep, "dropped_fraction": round(1 - n_keep / layout.num_experts, 4),
         "experts_before": layout.num_experts, "experts_after": n_keep,
@@ -531,7 +525,7 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
                         shutil.copy2(src / name, run.model_dir / name)
         record.update(layers=layers, tensors=sliced, mtp="dropped" if sliced["dropped_mtp"] else "none in the source",
                       substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3), **sampler.summary())
-        record.update(status="done", ended=_now())
+        record.update(status="done", ended=now())
         _write_card(src, record, run.model_dir)
         atomic_write_text(run.model_dir / PRUNE_FILE, json.dumps(record, indent=2) + "\n")
         run.update_stage("prune", record, name=out.name, hardware=hardware_inventory())

@@ -23,21 +23,19 @@ import hashlib
 import json
 import os
 import re
-import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
-from reap.card import render_card
-from reap.checkpoint import Checkpoint, read_header
+from reap.card import fmt_bytes, render_card
+from reap.checkpoint import Checkpoint, read_header, read_header_and_offset
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.recipe import PublishSection, check_repo_id, load_section
 from reap.rundir import RunDir, existing_run
-from reap.stats import log
+from reap.stats import log, now
 
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 # Remote files of these kinds that the new upload does not have are deleted: a stale shard or index left
@@ -80,17 +78,6 @@ class Remote:
     private: bool | None = None
     head: str | None = None
     files: dict[str, Any] = field(default_factory=dict)  # path -> RepoSibling (size, blob_id, lfs)
-
-
-def fmt_size(n: int) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
-    return f"{n} B"
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --- what goes up -----------------------------------------------------------------------------------------
@@ -161,10 +148,8 @@ def check_build(run: RunDir, manifest: dict[str, Any]) -> None:
 
 def shard_size(path: Path) -> int:
     """The size a safetensors file has when complete: 8 + header length + the end of its last tensor."""
-    header = read_header(path)
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-    return 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    header, data_start = read_header_and_offset(path)
+    return data_start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
 
 
 def check_shards(model_dir: Path) -> None:
@@ -346,12 +331,6 @@ def _commit(api, repo: str, revision: str, items: list[Item], rows: list[dict[st
     return api.create_commit(repo, operations=ops, commit_message=message, revision=revision, parent_commit=parent)
 
 
-def _record_publish(run: RunDir, record: dict[str, Any]) -> None:
-    manifest = run.read_manifest()
-    manifest.setdefault("stages", {})["publish"] = record  # replaced whole: a failed run claims no earlier commit
-    run.write_manifest(manifest)
-
-
 def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = None, revision: str | None = None,
             message: str | None = None, dry_run: bool = False, token: str | None = None) -> dict[str, Any]:
     """Publish a run to the Hub (or, with `dry_run`, check everything and return the plan, sending nothing).
@@ -386,7 +365,7 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
         return {**record, "dry_run": True, "message": message, "repo_exists": remote.exists,
                 "branch_exists": remote.head is not None, "requested_private": s.private, "plan": rows}
     record.update(status="running", started=now())
-    _record_publish(run, record)
+    run.update_stage("publish", record, replace=True)  # whole: a failed run claims no earlier commit
     try:
         with hub_errors(s.repo):
             if not remote.exists:
@@ -398,7 +377,7 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
                 remote = remote_state(api, s.repo, s.revision)
             rows, digests = plan(items, remote)
             changed = [r for r in rows if r["action"] != "unchanged"]
-            log(f"publish: {len(items)} files, {fmt_size(record['bytes'])} -> {s.repo}@{s.revision} ("
+            log(f"publish: {len(items)} files, {fmt_bytes(record['bytes'])} -> {s.repo}@{s.revision} ("
                 + ", ".join(f"{sum(r['action'] == a for r in rows)} {a}" for a in ("create", "replace", "delete", "unchanged"))
                 + f"; {record['transfer'].upper()} transfer)")
             if changed:
@@ -409,13 +388,13 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
     except BaseException as exc:
         record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=now(),
                       wall_s=round(time.perf_counter() - t0, 3), error=str(explain(exc, s.repo) or type(exc).__name__))
-        _record_publish(run, record)
+        run.update_stage("publish", record, replace=True)
         raise
     record.update(status="done", ended=now(), wall_s=round(time.perf_counter() - t0, 3), commit=commit,
                   commit_url=commit_url, committed=bool(changed),
                   changed={a: [r["path"] for r in rows if r["action"] == a] for a in ("create", "replace", "delete")},
                   bytes_changed=sum(r["size"] for r in rows if r["action"] in ("create", "replace")))
-    _record_publish(run, record)
+    run.update_stage("publish", record, replace=True)
     return record
 
 
@@ -433,10 +412,10 @@ def describe_plan(plan_record: dict[str, Any]) -> str:
                               else " (to be created)")
     lines = [f"repo      {repo_line}", f"revision  {branch}", f"user      {r['user']}",
              f"message   {r['message']}", f"transfer  {r['transfer']}", ""]
-    lines += [f"  {row['action']:<9} {fmt_size(row['size']):>10}  {row['path']}" for row in r["plan"]]
+    lines += [f"  {row['action']:<9} {fmt_bytes(row['size']):>10}  {row['path']}" for row in r["plan"]]
     send = [row for row in r["plan"] if row["action"] in ("create", "replace")]
-    lines += ["", f"total     {len(r['files'])} files, {fmt_size(r['bytes'])}; "
-                  f"{len(send)} to send ({fmt_size(sum(row['size'] for row in send))}), "
+    lines += ["", f"total     {len(r['files'])} files, {fmt_bytes(r['bytes'])}; "
+                  f"{len(send)} to send ({fmt_bytes(sum(row['size'] for row in send))}), "
                   f"{sum(row['action'] == 'delete' for row in r['plan'])} to delete",
               "dry run: nothing was sent"]
     return "\n".join(lines)
@@ -452,6 +431,6 @@ def describe_result(record: dict[str, Any]) -> str:
         if names:
             shown = ", ".join(names) if len(names) <= 6 else f"{len(names)} files ({', '.join(names[:3])}, ...)"
             lines.append(f"  {action:<8} {shown}")
-    lines.append(f"  {len(r['files'])} files, {fmt_size(r['bytes'])} ({fmt_size(r['bytes_changed'])} new or changed) "
+    lines.append(f"  {len(r['files'])} files, {fmt_bytes(r['bytes'])} ({fmt_bytes(r['bytes_changed'])} new or changed) "
                  f"in {r['wall_s']:.1f} s")
     return "\n".join(lines)

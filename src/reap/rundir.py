@@ -63,10 +63,18 @@ class RunDir:
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
-    def update_stage(self, stage: str, record: dict[str, Any], **top: Any) -> dict[str, Any]:
-        """Merge `record` into `stages.<stage>` (and `top` into the manifest's top level), atomically."""
+    def update_stage(self, stage: str, record: dict[str, Any], *, section: str = "stages", replace: bool = False,
+                     **top: Any) -> dict[str, Any]:
+        """Merge `record` into `<section>.<stage>` (`replace`: put it there whole), and `top` into the
+        manifest's top level, atomically. `section` is dotted: `pipeline.stages` holds `reap run`'s records."""
         manifest = self.read_manifest()
-        manifest.setdefault("stages", {}).setdefault(stage, {}).update(record)
+        node = manifest
+        for key in section.split("."):
+            node = node.setdefault(key, {})
+        if replace:
+            node[stage] = dict(record)
+        else:
+            node.setdefault(stage, {}).update(record)
         manifest.update(top)
         self.write_manifest(manifest)
         return manifest

@@ -165,6 +165,13 @@ class Clock:
             self.spans[name] = round(self.spans.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
+def now() -> str:
+    """UTC wall-clock time for a stage record's `started` / `ended`."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def log(msg: str) -> None:
     """Stage lines go to stderr, results to stdout."""
     print(f"[reap] {msg}", file=sys.stderr, flush=True)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from reap.publish import fmt_size
+from reap.card import fmt_bytes
+from reap.checkpoint import read_header_and_offset
 from tests.hubserver import HubServer
 
 from .conftest import READ_TOKEN, SRC, TOKEN, env_for, manifest
@@ -87,8 +88,7 @@ def reshard(model_dir: Path, parts: int) -> None:
     """Split the demo build's model.safetensors into `parts` shards and an index, byte for byte."""
     src = model_dir / "model.safetensors"
     raw = src.read_bytes()
-    (n,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + n])
+    header, data_start = read_header_and_offset(src)
     meta = header.pop("__metadata__", None)
     names = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     total = sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in names)
@@ -104,7 +104,7 @@ def reshard(model_dir: Path, parts: int) -> None:
         for k in group:
             s, e = header[k]["data_offsets"]
             new[k] = {**header[k], "data_offsets": [off, off + e - s]}
-            chunks.append(raw[8 + n + s:8 + n + e])
+            chunks.append(raw[data_start + s:data_start + e])
             off += e - s
             weight_map[k] = name
         h = json.dumps(new).encode()
@@ -134,7 +134,7 @@ def test_dry_run_prints_the_plan_and_sends_nothing(hub, demo_build, tmp_path):
     assert "repo      alice/dry (to be created, private)" in out and "user      alice" in out
     model_files = {p.name: p.stat().st_size for p in (run / "model").iterdir() if p.is_file() and p.name != "README.md"}
     for name, size in model_files.items():
-        assert f"  create    {fmt_size(size):>10}  {name}\n" in out, name
+        assert f"  create    {fmt_bytes(size):>10}  {name}\n" in out, name
     for name in ("reap_manifest.json", "README.md"):
         assert f"  {name}\n" in out
     assert f"total     {len(model_files) + 2} files" in out and out.rstrip().endswith("dry run: nothing was sent")
@@ -231,7 +231,7 @@ def test_a_resharded_checkpoint_replaces_the_stale_weights(hub, demo_build, tmp_
     size = (run / "model" / "model.safetensors").stat().st_size
     reshard(run / "model", 3)
     plan = ok(publish(hub, run, "--repo", "alice/reshard", "--dry-run")).stdout
-    assert f"  delete    {fmt_size(size):>10}  model.safetensors\n" in plan
+    assert f"  delete    {fmt_bytes(size):>10}  model.safetensors\n" in plan
     ok(publish(hub, run, "--repo", "alice/reshard"))
     weights = {p for p in hub.state.commits("alice/reshard")[0]["tree"] if "safetensors" in p}
     assert weights == {"model.safetensors.index.json", *(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))}
