@@ -18,13 +18,13 @@ from typing import Any
 
 import yaml
 
-from reap import compat
+from reap import compat, parallel
 from reap.card import render_card_into
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import PRUNE_FILE, pruning_summary, read_calibration, read_pruning
 from reap.recipe import Recipe, dump_recipe
-from reap.rundir import RunDir, atomic_write_text, check_free_disk, open_run, swap_into_place
+from reap.rundir import atomic_write_text, check_free_disk, open_run, swap_into_place
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -146,14 +146,22 @@ def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str,
     )
 
 
-def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock) -> dict[str, Any]:
-    """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures."""
+def _block_names(src: Checkpoint, text_only: bool, block_range: tuple[int, int]) -> list[list[str]]:
+    """AutoRound's `to_quant_block_names` for decoder blocks [start, stop) (one group)."""
+    prefix = "model.language_model.layers" if src.is_vl and not text_only else "model.layers"
+    return [[f"{prefix}.{i}" for i in range(*block_range)]]
+
+
+def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock,
+              block_range: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Run AutoRound into `work` (only blocks [start, stop) tuned when `block_range` is given: a parallel
+    worker); returns what it reported. Raises StageError on its failures."""
     fixes: list[str] = []
     kept = keep_16bit_layers(src, recipe)
     layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
-    raw = run.root / ".autoround"
+    raw = work.with_name(work.name + ".autoround")
     shutil.rmtree(raw, ignore_errors=True)
-    with AutoRoundWatcher(run.logs_dir / "build.log") as watch:
+    with AutoRoundWatcher(logfile) as watch:
         compat.ensure_torchvision_importable()
         from auto_round import AutoRound
 
@@ -161,19 +169,21 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: C
             if text_only:
                 fixes.append("autoround_text_only")
                 layer_config = compat.text_only_layer_names(layer_config)
+            kwargs = _autoround_kwargs(recipe, layer_config)
+            if block_range:
+                kwargs["to_quant_block_names"] = _block_names(src, text_only, block_range)
             try:
                 with clock.span("weight_loading"):
-                    ar = AutoRound(model=str(src.root), **_autoround_kwargs(recipe, layer_config))
+                    ar = AutoRound(model=str(src.root), **kwargs)
                 t_quant = time.time()
                 ar.quantize_and_save(str(raw), format=recipe.quantize.format)
             except (KeyboardInterrupt, ReapError):
                 raise
             except SystemExit as exc:  # AutoRound calls sys.exit() on some failures (e.g. no calibration data)
-                raise StageError(f"AutoRound stopped (exit {exc.code}); its last error is in "
-                                 f"{run.logs_dir / 'build.log'}") from None
+                raise StageError(f"AutoRound stopped (exit {exc.code}); its last error is in {logfile}") from None
             except Exception as exc:  # AutoRound raises plain exceptions; keep the cause in one line
                 raise StageError(f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                 f" (full log: {run.logs_dir / 'build.log'})") from exc
+                                 f" (full log: {logfile})") from exc
             t_end = time.time()
     cache_done = watch.cache_done or t_quant
     clock.spans["calibration_caching"] = round(cache_done - (watch.cache_start or t_quant), 3)
@@ -198,6 +208,8 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
     src = Checkpoint.open(Path(recipe.model.path))
     src.require_supported_moe()
     check_calibration(recipe.quantize.dataset)
+    if recipe.quantize.parallel > 1:
+        parallel.check_parallel(src, recipe, *parallel.gpus_for(recipe))
     license_ = recipe.model.license or source_license(src.root)
     if not license_:
         raise InputError(f"{src.root} has no README.md with a `license`; set model.license in the recipe")
@@ -223,7 +235,10 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
     t0 = time.perf_counter()
     try:
         with ResourceSampler() as sampler:
-            result = _quantize(src, recipe, work, run, clock)
+            if recipe.quantize.parallel > 1:
+                result = parallel.quantize_parallel(src, recipe, work, run, clock)
+            else:
+                result = _quantize(src, recipe, work, run.logs_dir / "build.log", clock)
             log("verifying the checkpoint")
             with clock.span("verification"):
                 report = verify_checkpoint(
@@ -233,6 +248,8 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
                     reported_blocks=result["blocks"] or None, reasons=keep_patterns(recipe))
         record.update(result, substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
                       verification=report, **sampler.summary())
+        if "parallel" in record:
+            parallel.attach_gpu_peaks(record["parallel"], record["peak_vram_gb"])
         if not report["passed"]:
             rejected = run.root / "model.rejected"
             shutil.rmtree(rejected, ignore_errors=True)
@@ -244,6 +261,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
         if pruning:
             shutil.copy2(src.root / PRUNE_FILE, work / PRUNE_FILE)
         swap_into_place(work, run.model_dir)
+        parallel.finish(run)
         record.update(status="done", ended=now(), outputs={"model": str(run.model_dir)})
         run.update_stage("build", record)
         render_card_into(run)

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
-from reap.errors import ReapError
+from reap.errors import InputError, ReapError
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
@@ -90,9 +90,11 @@ def demo_model_cmd(out: Path, steps: int, seed: int) -> None:
 @click.option("--iters", type=int, help="Override quantize.iters (0 = optimized RTN).")
 @click.option("--nsamples", type=int, help="Override quantize.nsamples.")
 @click.option("--tp", type=int, help="Override serve.tensor_parallel_size (checked by the Marlin gate).")
+@click.option("--gpus", type=click.IntRange(min=1), help="Quantize block ranges on N GPUs at once, one worker "
+              "process each (quantize.parallel); N must not exceed the visible GPUs.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set quantize.seqlen=256.")
 def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str | None, iters: int | None,
-              nsamples: int | None, tp: int | None, sets: tuple[str, ...]) -> None:
+              nsamples: int | None, tp: int | None, gpus: int | None, sets: tuple[str, ...]) -> None:
     """Quantize with AutoRound, verify, measure and write the model card.
 
     \b
@@ -100,16 +102,33 @@ def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str |
       reap build recipes/demo.yaml
       reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --out /data/runs/212b
       reap build recipes/demo.yaml --iters 0 --out runs/demo-rtn --overwrite
+      reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --gpus 8
+      reap build recipes/demo.yaml --set quantize.parallel=2 --out runs/demo-2w   # 2 CPU workers
+
+    
+    With --gpus N (or quantize.parallel: N) the decoder blocks are split into N contiguous ranges quantized
+    at once by one worker process each; the outputs are merged into one checkpoint with the layout of a
+    sequential build. A failed or interrupted worker's range is redone by a re-run, finished ranges are kept.
     """
     from reap.build import build
+    from reap.parallel import visible_gpu_ids
     from reap.recipe import load_recipe
 
     overrides = _parse_set(sets)
+    if gpus is not None:
+        visible = len(visible_gpu_ids())
+        if gpus > visible:
+            raise InputError(f"--gpus {gpus} asks for more GPUs than are visible here ({visible}); "
+                             + (f"pass --gpus {visible} or fewer" if visible else
+                                "on a host without GPUs use --set quantize.parallel=N for CPU workers"))
     for key, value in (("model.path", model_path), ("quantize.iters", iters), ("quantize.nsamples", nsamples),
-                       ("serve.tensor_parallel_size", tp)):
+                       ("serve.tensor_parallel_size", tp), ("quantize.parallel", gpus)):
         if value is not None:
             overrides[key] = value
     rec = load_recipe(recipe, overrides)
+    if gpus is not None and rec.quantize.device_map == "cpu":
+        raise InputError("--gpus given but the recipe quantizes on the CPU (quantize.device_map: cpu); "
+                         "add --set quantize.device_map=auto")
     run_dir = out or Path("runs") / rec.name
     record = build(rec, run_dir, overwrite=overwrite, argv=["reap", *sys.argv[1:]])
     _print_build_summary(run_dir, record)

@@ -57,6 +57,8 @@ class QuantizeSection(_Section):
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
     enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")
+    parallel: int = Field(1, ge=1, description="worker processes quantizing contiguous block ranges at once, one "
+                          "per GPU (`reap build --gpus N`); CPU processes sharing the cores where no GPU is used")
     routed_experts: Literal["quantize", "keep_16bit", "auto"] = Field(
         "quantize", description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
         "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor")
