@@ -51,7 +51,9 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
     if "substages" not in build:
         return None
     labels = {"weight_loading": "weight loading", "calibration_caching": "calibration caching",
-              "quantization": "quantization", "saving": "saving", "verification": "verification"}
+              "quantization": "quantization", "saving": "saving",
+              "parallel_quantization": "quantization by the workers (wall)", "merge": "merging the workers' outputs",
+              "verification": "verification"}
     stages = [(label, fmt_seconds(build["substages"][k])) for k, label in labels.items() if k in build["substages"]]
     blocks = build.get("blocks") or []
     per_block = None
@@ -61,9 +63,19 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
                      f"min {fmt_seconds(min(times))}, max {fmt_seconds(max(times))}")
     vram = build.get("peak_vram_gb")
     peak_vram = ", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else None
+    workers = []
+    for w in (build.get("parallel") or {}).get("workers", []):
+        where = "CPU" if w["device"] == "cpu" else f"GPU {w['device']}"
+        times = w["block_wall_s"]
+        line = (f"{where}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
+                f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))} after "
+                f"{fmt_seconds(w['prefix_s'])} of full-precision prefix")
+        if w.get("peak_vram_gb") is not None:
+            line += f", peak GPU memory {w['peak_vram_gb']:.1f} GB"
+        workers.append((f"worker {w['index']}", line))
     v = build["versions"]
     software = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "auto-round") if k in v)
-    return {"stages": stages, "per_block": per_block, "total": fmt_seconds(build["wall_s"]),
+    return {"stages": stages, "per_block": per_block, "workers": workers, "total": fmt_seconds(build["wall_s"]),
             "peak_rss_gb": f"{build['peak_rss_gb']:.2f}", "peak_vram": peak_vram, "software": software}
 
 

@@ -62,7 +62,9 @@ def reap() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--steps", default=380, show_default=True, help="Training steps (batch 64).")
 @click.option("--seed", default=0, show_default=True)
-def demo_model_cmd(out: Path, steps: int, seed: int) -> None:
+@click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
+              help="Decoder blocks (every fourth one full attention); more blocks train proportionally longer.")
+def demo_model_cmd(out: Path, steps: int, seed: int, layers: int) -> None:
     """Build and train the tiny Qwen3.5-MoE demo checkpoint into OUT.
 
     \b
@@ -73,12 +75,13 @@ def demo_model_cmd(out: Path, steps: int, seed: int) -> None:
     \b
     Example:
       reap demo-model runs/demo-source
+      reap demo-model runs/demo8-source --layers 8   # 8 blocks, e.g. for a block-parallel build
     """
     from reap.demo import build_demo_model
 
     if out.exists():
         raise click.UsageError(f"{out} already exists; remove it or choose another folder")
-    report = build_demo_model(out, steps=steps, seed=seed)
+    report = build_demo_model(out, steps=steps, seed=seed, layers=layers)
     click.echo(json.dumps(report, indent=2))
 
 

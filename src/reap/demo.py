@@ -47,7 +47,7 @@ tags: [reap, demo, qwen3_5_moe]
 ---
 # reap demo Qwen3.5-MoE (tiny)
 
-A 2.2M-parameter `Qwen3_5MoeForConditionalGeneration` built and trained by `reap demo-model` on reap's own
+A {params:.1f}M-parameter, {layers}-block `Qwen3_5MoeForConditionalGeneration` built and trained by `reap demo-model` on reap's own
 synthetic tasks (evals/demo). Held-out accuracy in bfloat16: larger {larger:.3f}, reverse {reverse:.3f};
 trained in {seconds} s.
 """
@@ -136,14 +136,15 @@ def train_tokenizer(texts: list[str]):
     return qwen
 
 
-def demo_config(tokenizer):
+def demo_config(tokenizer, layers: int = 4):
+    """The demo's config; `layers` decoder blocks, every fourth one full attention (as in Qwen3.5)."""
     from transformers import Qwen3_5MoeConfig
 
     vocab = 64 * math.ceil(len(tokenizer) / 64)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
-        vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
-        layer_types=["linear_attention"] * 3 + ["full_attention"],
+        vocab_size=vocab, hidden_size=128, num_hidden_layers=layers,
+        layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)],
         # head dims of 64: vLLM's CPU kernels (DeltaNet prefill, attention) support 64 and 128, not 32
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
@@ -268,7 +269,8 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
     return acc
 
 
-def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0) -> dict[str, Any]:
+def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0,
+                     layers: int = 4) -> dict[str, Any]:
     """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
     from reap.compat import ensure_torchvision_importable
 
@@ -280,7 +282,7 @@ def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3
     torch.manual_seed(seed)
     texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
     tokenizer = train_tokenizer(texts)
-    config = demo_config(tokenizer)
+    config = demo_config(tokenizer, layers)
     model = Qwen3_5MoeForConditionalGeneration(config).to(torch.float32)
     log(f"demo-model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, training {steps} steps")
     losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed)
@@ -304,7 +306,8 @@ def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3
     log(f"demo-model: held-out accuracy of the saved bf16 checkpoint {accuracy}")
     report = {"train_seconds": round(train_s, 1), "steps": steps, "final_loss": round(losses[-1], 4),
               "heldout_accuracy_bf16": accuracy, "parameters": sum(p.numel() for p in model.parameters())}
-    (tmp / "README.md").write_text(DEMO_README.format(**accuracy, seconds=report["train_seconds"]))
+    (tmp / "README.md").write_text(DEMO_README.format(**accuracy, seconds=report["train_seconds"],
+                                                          params=report["parameters"] / 1e6, layers=layers))
     (tmp / "reap_demo.json").write_text(json.dumps(report, indent=2) + "\n")
     tmp.rename(out)
     return report

@@ -119,21 +119,13 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
 
 # --- the workers' inputs -------------------------------------------------------------------------------
 
-def view_stop(layer_types: list[str] | None, stop: int) -> int:
-    """Where a worker's view may end: after `stop`, or later if the blocks so far have no full-attention
-    layer (transformers' Qwen3.5 cache needs one: a view of DeltaNet blocks only fails its forward pass).
-    The blocks past `stop` run untuned and are not merged."""
-    if not layer_types:
-        return stop
-    end = stop
-    while "full_attention" not in layer_types[:end] and end < len(layer_types):
-        end += 1
-    return end
+VIEW_KEYS = ("num_hidden_layers", "layer_types", "use_cache")
 
 
 def write_view(src: Path, dest: Path, stop: int) -> None:
     """A folder of links to `src` whose config ends the decoder after block `stop` (the shards keep every
-    tensor; transformers leaves out the blocks the config does not have)."""
+    tensor; transformers leaves out the blocks the config does not have). `use_cache` is off: transformers'
+    Qwen3.5 cache fails the forward pass of a model whose blocks are all DeltaNet (e.g. blocks 0-1)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for f in src.iterdir():
@@ -142,6 +134,7 @@ def write_view(src: Path, dest: Path, stop: int) -> None:
     config = json.loads((src / "config.json").read_text())
     text = config.get("text_config", config)
     text["num_hidden_layers"] = stop
+    text["use_cache"] = False
     if isinstance(text.get("layer_types"), list):
         text["layer_types"] = text["layer_types"][:stop]
     atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
@@ -223,7 +216,7 @@ def run_workers(src: Checkpoint, recipe: Recipe, run: RunDir, parts: list[Part])
                 kept.add(part.index)
                 continue
             shutil.rmtree(part.root, ignore_errors=True)
-            write_view(src.root, part.view, view_stop(src.text_config.get("layer_types"), part.stop))
+            write_view(src.root, part.view, part.stop)
             spec = {"recipe": recipe.model_dump(mode="json"), "view": str(part.view), "out": str(part.model),
                     "start": part.start, "stop": part.stop, "index": part.index, "device": part.device,
                     "fingerprint": fp, "result": str(part.result_path), "log": str(part.log_path)}
@@ -279,8 +272,9 @@ def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part])
     return merged
 
 
-def merge_parts(parts: list[Part], dest: Path) -> dict[str, Any]:
-    """Write the merged checkpoint into `dest`: each block from its owner, the rest from the last part."""
+def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> dict[str, Any]:
+    """Write the merged checkpoint into `dest`: each block from its owner, the rest from the last part, whose
+    config gets back what its view changed (`VIEW_KEYS`, from the source's `src_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -317,6 +311,12 @@ def merge_parts(parts: list[Part], dest: Path) -> dict[str, Any]:
     merged = merge_quantization_configs(qconfigs, parts)
     config = json.loads((dest / "config.json").read_text())
     config["quantization_config"] = merged
+    text, src_text = config.get("text_config", config), src_config.get("text_config", src_config)
+    for key in VIEW_KEYS:
+        if key in src_text:
+            text[key] = src_text[key]
+        else:
+            text.pop(key, None)
     atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
     if (dest / "quantization_config.json").is_file():
         atomic_write_text(dest / "quantization_config.json", json.dumps(merged, indent=2) + "\n")
@@ -337,7 +337,7 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
     with clock.span("parallel_quantization"):
         results = run_workers(src, recipe, run, parts)
     with clock.span("merge"):
-        merged = merge_parts(parts, work)
+        merged = merge_parts(parts, work, src.config)
     blocks, workers = [], []
     for part, res in zip(parts, results):
         own = res["blocks"][part.start:part.stop]

@@ -1,0 +1,127 @@
+"""Block-parallel build on the CPU: an 8-block demo model quantized by 2 worker processes, compared with the
+sequential build of the same recipe; a worker killed mid-run is redone alone by the re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import DEMO_RECIPE, REAP, free_port, manifest, reap_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def demo8_source(tmp_path_factory) -> Path:
+    given = os.environ.get("REAP_DEMO8_SOURCE")
+    if given and (Path(given) / "config.json").is_file():
+        return Path(given)
+    out = tmp_path_factory.mktemp("demo8") / "source"
+    reap_cli("demo-model", str(out), "--layers", "8")
+    return out
+
+
+def _build_args(source: Path, out: Path, workers: int) -> list[str]:
+    return ["build", DEMO_RECIPE, "--model", str(source), "--out", str(out), "--set", f"quantize.parallel={workers}"]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def builds(demo8_source, tmp_path_factory) -> dict:
+    """The sequential build, and the 2-worker build whose worker 1 was SIGKILLed once, then re-run."""
+    root = tmp_path_factory.mktemp("par")
+    seq = root / "seq"
+    reap_cli(*_build_args(demo8_source, seq, 1))
+    par = root / "par"
+    proc = subprocess.Popen([*REAP, *_build_args(demo8_source, par, 2)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    worker1 = par / ".parallel" / "part-1"
+    _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
+    os.kill(json.loads((worker1 / "result.json").read_text())["pid"], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    first = {"rc": proc.returncode, "stderr": err, "manifest": manifest(par),
+             "part0": json.loads((par / ".parallel" / "part-0" / "result.json").read_text()),
+             "model_exists": (par / "model").exists()}
+    rerun = reap_cli(*_build_args(demo8_source, par, 2))
+    return {"seq": seq, "par": par, "first": first, "rerun": rerun}
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(builds):
+    first = builds["first"]
+    assert first["rc"] == 1 and not first["model_exists"]
+    errors = [line for line in first["stderr"].splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "Traceback" not in first["stderr"], first["stderr"][-3000:]
+    assert "worker 1 (CPU, blocks 4-7) failed" in errors[0] and "part-1/worker.log" in errors[0]
+    assert "re-run the build to redo only the rest" in errors[0]
+    assert first["manifest"]["stages"]["build"]["status"] == "failed"
+    assert first["part0"]["status"] == "done"  # worker 0 finished its range although worker 1 died
+    log = builds["rerun"].stderr
+    assert "worker 0 (CPU, blocks 0-3): kept from an earlier attempt" in log
+    assert "worker 1 (CPU, blocks 4-7): started" in log and "worker 0 (CPU, blocks 0-3): started" not in log
+    assert not (builds["par"] / ".parallel").exists()  # removed once the merged checkpoint is in place
+
+
+def test_merged_checkpoint_has_the_sequential_layout(builds):
+    from safetensors import safe_open
+
+    from reap.checkpoint import Checkpoint, layer_index
+
+    seq, par = Checkpoint.open(builds["seq"] / "model"), Checkpoint.open(builds["par"] / "model")
+    assert set(seq.weight_map) == set(par.weight_map)
+    assert seq.quantization_config == par.quantization_config
+    assert json.loads((seq.root / "config.json").read_text()) == json.loads((par.root / "config.json").read_text())
+    for name in seq.weight_map:
+        with safe_open(str(seq.root / seq.weight_map[name]), "pt") as a, \
+                safe_open(str(par.root / par.weight_map[name]), "pt") as b:
+            ta, tb = a.get_tensor(name), b.get_tensor(name)
+        assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
+        if (layer_index(name) or 0) < 4:  # worker 0's range saw the same inputs as the sequential build
+            assert ta.equal(tb), f"{name} differs although blocks 0-3 are computed alike"
+    build = manifest(builds["par"])["stages"]["build"]
+    assert build["verification"]["passed"] and build["status"] == "done"
+
+
+def test_manifest_and_card_record_each_worker(builds):
+    build = manifest(builds["par"])["stages"]["build"]
+    workers = build["parallel"]["workers"]
+    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 3]), (1, "cpu", [4, 7])]
+    assert [w["kept_from_earlier_attempt"] for w in workers] == [True, False]
+    for w in workers:
+        assert len(w["block_wall_s"]) == 4 and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
+    assert workers[1]["prefix_s"] > 0 == workers[0]["prefix_s"]  # worker 1 ran blocks 0-3 untuned first
+    assert [b["worker"] for b in build["blocks"]] == [0] * 4 + [1] * 4
+    assert all("loss_best" in b for b in build["blocks"])
+    card = (builds["par"] / "model" / "README.md").read_text()
+    assert "worker 0" in card and "blocks 0-3" in card and "blocks 4-7" in card
+
+
+def test_demo_suite_score_matches_the_sequential_build(builds):
+    scores = {}
+    for name in ("seq", "par"):
+        reap_cli("eval", str(builds[name]), "--port", str(free_port()))
+        tasks = manifest(builds[name])["stages"]["eval"]["results"]
+        scores[name] = {t: r["value"] for t, r in tasks.items()}
+    print("demo suite, sequential vs 2 workers:", scores)
+    seq, par = (sum(s.values()) / len(s) for s in (scores["seq"], scores["par"]))
+    assert seq > 0.8  # a trained model, not noise
+    assert abs(seq - par) <= 0.03, scores  # ~3 standard errors of the 600-item suite

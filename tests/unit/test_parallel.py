@@ -1,0 +1,140 @@
+"""Block-parallel build: the split, the workers' views, the merge and the refusals before anything runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reap.checkpoint import Checkpoint, layer_index
+from reap.errors import InputError
+from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, split_blocks, write_view)
+from reap.recipe import load_recipe
+from reap.resources import data_dir
+
+from .ckpt_factory import make_checkpoint
+from .test_cli import DEMO_RECIPE, one_error_line, run
+
+
+@pytest.mark.parametrize("blocks,workers", [(8, 2), (60, 8), (9, 4), (4, 4), (61, 3)])
+def test_split_covers_every_block_once_in_order(blocks, workers):
+    ranges = split_blocks(blocks, workers)
+    assert len(ranges) == workers
+    assert ranges[0][0] == 0 and ranges[-1][1] == blocks
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
+    sizes = [b - a for a, b in ranges]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)  # the remainder goes first
+
+
+def test_view_links_the_source_and_cuts_the_config(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    before = (src / "config.json").read_text()
+    write_view(src, tmp_path / "view", 1)
+    cfg = json.loads((tmp_path / "view" / "config.json").read_text())["text_config"]
+    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == ["linear_attention"] and cfg["use_cache"] is False
+    shard = tmp_path / "view" / "model-00001-of-00002.safetensors"
+    assert shard.is_symlink() and shard.resolve() == (src / shard.name).resolve()
+    assert (src / "config.json").read_text() == before  # the source is never written
+
+
+def _part_outputs(tmp_path: Path) -> list[Part]:
+    """Two workers' outputs of a 2-block model: each holds both blocks, but only its own block is 'its' work:
+    the other block's tensors are zeroed to show which copy the merge took."""
+    from safetensors.torch import load_file, save_file
+
+    parts = []
+    for k in range(2):
+        part = Part(k, k, k + 1, "cpu", tmp_path / f"part-{k}")
+        make_checkpoint(part.model)
+        ckpt = Checkpoint.open(part.model)
+        for shard in set(ckpt.weight_map.values()):
+            tensors = load_file(str(part.model / shard))
+            for name, t in tensors.items():
+                i = layer_index(name)
+                if (i is not None and i != k) or (i is None and k == 0):
+                    tensors[name] = t * 0
+            save_file(tensors, str(part.model / shard))
+        cfg = json.loads((part.model / "config.json").read_text())
+        extra = cfg["quantization_config"]["extra_config"]
+        for key in list(extra):
+            if layer_index(key.replace("\\", "")) != k:
+                extra[key] = {"bits": 16, "data_type": "worker-other"}
+        (part.model / "config.json").write_text(json.dumps(cfg))
+        parts.append(part)
+    return parts
+
+
+def test_merge_takes_each_block_from_its_worker_and_passes_the_gates(tmp_path):
+    from safetensors import safe_open
+
+    from reap.verify import verify_checkpoint
+
+    parts = _part_outputs(tmp_path)
+    reference = Checkpoint.open(parts[0].model)
+    for part in parts:  # as a worker's view left them
+        cfg = json.loads((part.model / "config.json").read_text())
+        cfg["text_config"].update(num_hidden_layers=part.stop, layer_types=reference.text_config["layer_types"][:part.stop],
+                                  use_cache=False)
+        (part.model / "config.json").write_text(json.dumps(cfg))
+    info = merge_parts(parts, tmp_path / "merged", reference.config)
+    merged = Checkpoint.open(tmp_path / "merged")
+    assert {k: merged.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")} == \
+        {k: reference.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")}
+    assert set(merged.weight_map) == set(reference.weight_map) and info["tensors"] == len(reference.weight_map)
+    for name, shard in merged.weight_map.items():
+        with safe_open(str(merged.root / shard), "pt") as f:
+            assert f.get_tensor(name).abs().sum() > 0, f"{name} was taken from a worker that does not own it"
+    extra = merged.quantization_config["extra_config"]
+    assert "worker-other" not in json.dumps(extra) and len(extra) == len(reference.quantization_config["extra_config"])
+    assert verify_checkpoint(merged.root, tp=1)["passed"]
+
+
+def test_merge_of_gptq_configs_is_the_sequential_one():
+    def entry(layer: int, module: str) -> str:
+        return rf"-:.*model\.language_model\.layers\.{layer}\.{module}.*"
+
+    seq = {"bits": 4, "quant_method": "gptq", "dynamic": {entry(i, m): {} for i in range(12) for m in ("mlp\\.gate", "x")},
+           "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]]}
+    parts = [Part(0, 0, 6, "0", Path("p0")), Part(1, 6, 12, "1", Path("p1"))]
+    # what a worker says of blocks outside its range (here: as if untuned, 16-bit) is left out
+    def worker(own: range) -> dict:
+        return {entry(i, m): ({} if i in own else {"bits": 16}) for i in range(12) for m in ("mlp\\.gate", "x")}
+
+    w0 = dict(seq, dynamic=worker(range(0, 6)), modules_in_block_to_quantize=[["a", "b"]])
+    w1 = dict(seq, dynamic=worker(range(6, 12)), modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
+    assert merge_quantization_configs([w0, w1], parts) == seq
+
+
+def test_refusals_before_anything_runs(tmp_path):
+    src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
+    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(src.root), "quantize.parallel": 3,
+                                       "quantize.device_map": "auto"})
+    with pytest.raises(InputError, match="model has 2 decoder blocks; use at most 2 workers"):
+        check_parallel(src, recipe, ["0", "1", "2"], [80.0] * 3)
+    recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"parallel": 2})})
+    with pytest.raises(InputError, match="2 workers .* but 1 GPUs are visible"):
+        check_parallel(src, recipe, ["0"], [80.0])
+    with pytest.raises(InputError, match=r"one block needs about .* GB of GPU memory .* smallest GPU has 0.0 GB"):
+        check_parallel(src, recipe, ["0", "1"], [80.0, 1e-6])
+    check_parallel(src, recipe, ["0", "1"], [80.0, 80.0])  # fits
+
+
+def test_cli_refuses_more_gpus_than_visible_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    r = run("build", DEMO_RECIPE, "--gpus", "2", "--out", str(tmp_path / "run"))
+    one_error_line(r, "--gpus 2 asks for more GPUs than are visible here (0)", "quantize.parallel=N")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    r = run("build", DEMO_RECIPE, "--gpus", "2", "--out", str(tmp_path / "run"))
+    one_error_line(r, "quantizes on the CPU", "quantize.device_map=auto")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_more_workers_than_blocks(tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    shutil.copy(data_dir("recipes") / "demo.yaml", tmp_path / "r.yaml")
+    r = run("build", str(tmp_path / "r.yaml"), "--model", str(src), "--set", "quantize.parallel=5",
+            "--out", str(tmp_path / "run"))
+    one_error_line(r, "quantize.parallel is 5 but the model has 2 decoder blocks")
+    assert not (tmp_path / "run").exists()
