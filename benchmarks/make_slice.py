@@ -53,8 +53,10 @@ def main() -> None:
     top = {k: v for k, v in small.items() if k not in ("text_config", "vision_config")}
     cfg = Qwen3_5MoeConfig(**dict(top, text_config=text, vision_config=vision))
     torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)  # created in bf16: 8 blocks in fp32 would not fit one 80 GB GPU
     with torch.device(args.device):
-        model = Qwen3_5MoeForConditionalGeneration(cfg).to(torch.bfloat16)
+        model = Qwen3_5MoeForConditionalGeneration(cfg)
+    torch.set_default_dtype(torch.float32)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(str(args.out), max_shard_size="5GB")
     tok.chat_template = CHAT_TEMPLATE
