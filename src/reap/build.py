@@ -7,6 +7,7 @@ per block, peak RSS of the process tree, per-GPU peak memory. The new checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -170,13 +171,17 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
                 fixes.append("autoround_text_only")
                 layer_config = compat.text_only_layer_names(layer_config)
             kwargs = _autoround_kwargs(recipe, layer_config)
+            saving = contextlib.nullcontext()
             if block_range:
                 kwargs["to_quant_block_names"] = _block_names(src, text_only, block_range)
+                saving = compat.autoround_saves_only_blocks(*block_range)
+                fixes.append("save_only_own_blocks")
             try:
                 with clock.span("weight_loading"):
                     ar = AutoRound(model=str(src.root), **kwargs)
                 t_quant = time.time()
-                ar.quantize_and_save(str(raw), format=recipe.quantize.format)
+                with saving:
+                    ar.quantize_and_save(str(raw), format=recipe.quantize.format)
             except (KeyboardInterrupt, ReapError):
                 raise
             except SystemExit as exc:  # AutoRound calls sys.exit() on some failures (e.g. no calibration data)

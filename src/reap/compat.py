@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
+from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, layer_index
 
 if TYPE_CHECKING:
     from reap.checkpoint import Checkpoint
@@ -101,6 +101,39 @@ def text_only_layer_names(layer_config: dict[str, Any]) -> dict[str, Any]:
     (e.g. 16-bit routed experts) silently miss their modules (measured: experts quantized anyway)."""
     return {name.replace("model.language_model.", "model.", 1): cfg for name, cfg in layer_config.items()
             if not name.startswith("model.visual.")}
+
+
+@contextmanager
+def autoround_saves_only_blocks(start: int, stop: int) -> Iterator[None]:
+    """A block-parallel worker's view holds decoder blocks it does not quantize: those before its range (run
+    untuned, the full-precision prefix) and, in the source shards its links point to, those after it. The
+    merge takes none of them, but AutoRound would write them all: its ShardWriter saves every block of the
+    model in 16-bit, and after saving it copies each source tensor "absent from the saved output" (meant for
+    MTP layers) into `model_extra_tensors.safetensors`. Measured on the 8-block slice of the 212B width: the
+    4 workers filled the host's 235 GB disk. Both go through one function each; tensors of decoder blocks
+    outside [start, stop) are left out there."""
+    from auto_round.compressors.shard_writer import ShardWriter
+    from auto_round.utils import missing_tensors
+
+    def own(name: str) -> bool:
+        layer = layer_index(name)
+        return layer is None or start <= layer < stop
+
+    add_tensor, resolve_maps = ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps
+
+    def add_own_tensor(self, name, tensor):
+        if own(name):
+            add_tensor(self, name, tensor)
+
+    def resolve_own_maps(source_dir, target_dir):
+        maps = resolve_maps(source_dir, target_dir)
+        return None if maps is None else ({n: f for n, f in maps[0].items() if own(n)}, maps[1])
+
+    ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps = add_own_tensor, resolve_own_maps
+    try:
+        yield
+    finally:
+        ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps = add_tensor, resolve_maps
 
 
 def flatten_autoround_output(raw: Path, dest: Path) -> bool:

@@ -52,8 +52,12 @@ def builds(demo8_source, tmp_path_factory) -> dict:
     _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
     os.kill(json.loads((worker1 / "result.json").read_text())["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
+    from reap.checkpoint import Checkpoint, layer_index
+
+    part0 = par / ".parallel" / "part-0"
     first = {"rc": proc.returncode, "stderr": err, "manifest": manifest(par),
-             "part0": json.loads((par / ".parallel" / "part-0" / "result.json").read_text()),
+             "part0": json.loads((part0 / "result.json").read_text()),
+             "part0_blocks": {layer_index(n) for n in Checkpoint.open(part0 / "model").weight_map},
              "model_exists": (par / "model").exists()}
     rerun = reap_cli(*_build_args(demo8_source, par, 2))
     return {"seq": seq, "par": par, "first": first, "rerun": rerun}
@@ -75,6 +79,7 @@ def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(bu
     assert "re-run the build to redo only the rest" in errors[0]
     assert first["manifest"]["stages"]["build"]["status"] == "failed"
     assert first["part0"]["status"] == "done"  # worker 0 finished its range although worker 1 died
+    assert first["part0_blocks"] == {0, 1, 2, 3, None}  # it saved its own blocks only, no 16-bit copies of others
     log = builds["rerun"].stderr
     assert "worker 0 (CPU, blocks 0-3): kept from an earlier attempt" in log
     assert "worker 1 (CPU, blocks 4-7): started" in log and "worker 0 (CPU, blocks 0-3): started" not in log
