@@ -40,17 +40,44 @@ PARALLEL_DIR = ".parallel"
 # rounding parameters and gradients); measured: a 3.5 B-parameter block of the 212B model's width took
 # 67-70 GB at iters 200 on an H100 (issue #8) and 85 GB NVML peak at iters 20 on an H200. RTN needs far less.
 TUNE_BYTES_PER_PARAM, RTN_BYTES_PER_PARAM = 20, 4
+PREFIX_STEPS = 25  # tuning steps that cost as much as one untuned block: see prefix_cost()
 _LAYER_IN_PATTERN = re.compile(r"layers\\?\.(\d+)\\?\.")
 
 
-def split_blocks(n_blocks: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous ranges [start, stop); the earlier ranges take the remainder (their prefix is shorter)."""
-    base, extra = divmod(n_blocks, workers)
+def prefix_cost(iters: int) -> float:
+    """What running one block untuned (the full-precision prefix) costs, in tuned blocks: a block's fixed
+    part (forward passes over the calibration set, wrapping, packing) against `iters` tuning steps. Measured
+    on the 212B width: ~23 s fixed and ~0.9 s per step (41 s at iters 20 on H200, 206 s at iters 200 on H100),
+    i.e. the fixed part is worth ~25 steps."""
+    return PREFIX_STEPS / (PREFIX_STEPS + iters)
+
+
+def split_blocks(n_blocks: int, workers: int, cost: float = 0.0) -> list[tuple[int, int]]:
+    """Contiguous ranges [start, stop), at least one block each, sized so that the workers finish together:
+    worker k first runs its `start` earlier blocks untuned at `cost` each (in tuned blocks), so the later
+    ranges are shorter. With cost 0 the ranges are equal, the earlier ones taking the remainder."""
+    if cost <= 0:
+        base, extra = divmod(n_blocks, workers)
+        sizes = [base + (1 if k < extra else 0) for k in range(workers)]
+    else:
+        def starts(t: float) -> list[float]:  # worker k's share is t - cost * start_k
+            out = [0.0]
+            for _ in range(workers):
+                out.append(out[-1] + max(t - cost * out[-1], 0.0))
+            return out
+
+        lo, hi = 0.0, float(n_blocks)
+        for _ in range(60):  # the t whose shares add up to n_blocks
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if starts(mid)[-1] < n_blocks else (lo, mid)
+        bounds = [round(b) for b in starts(hi)[:-1]] + [n_blocks]
+        for k in range(1, workers + 1):  # every worker keeps at least one block
+            bounds[k] = min(max(bounds[k], bounds[k - 1] + 1), n_blocks - (workers - k))
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
     ranges, start = [], 0
-    for k in range(workers):
-        stop = start + base + (1 if k < extra else 0)
-        ranges.append((start, stop))
-        start = stop
+    for size in sizes:
+        ranges.append((start, start + size))
+        start += size
     return ranges
 
 
@@ -184,8 +211,8 @@ class Part:
         return f"worker {self.index} ({where}, blocks {self.start}-{self.stop - 1})"
 
 
-def plan_parts(run: RunDir, n_blocks: int, workers: int, gpus: list[str]) -> list[Part]:
-    ranges = split_blocks(n_blocks, workers)
+def plan_parts(run: RunDir, n_blocks: int, recipe: Recipe, gpus: list[str]) -> list[Part]:
+    ranges = split_blocks(n_blocks, recipe.quantize.parallel, prefix_cost(recipe.quantize.iters))
     return [Part(k, a, b, gpus[k] if gpus else "cpu", run.root / PARALLEL_DIR / f"part-{k}")
             for k, (a, b) in enumerate(ranges)]
 
@@ -332,8 +359,11 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
 
     gpus, _ = gpus_for(recipe)
     n_blocks = int(src.text_config["num_hidden_layers"])
-    parts = plan_parts(run, n_blocks, recipe.quantize.parallel, gpus)
+    parts = plan_parts(run, n_blocks, recipe, gpus)
     log(f"{len(parts)} workers: " + ", ".join(p.describe() for p in parts))
+    if recipe.quantize.iters == 0:
+        log("note: with iters 0 (RTN) running the earlier blocks untuned costs about as much as quantizing them: "
+            "workers beyond the first save little time")
     with clock.span("parallel_quantization"):
         results = run_workers(src, recipe, run, parts)
     with clock.span("merge"):
@@ -353,7 +383,7 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
             "autoround_summary": ({"quantized": sum(s["quantized"] for s in summaries), "total": summaries[-1]["total"]}
                                   if len(summaries) == len(results) else None),
             "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(kept),
-            "parallel": {"workers": workers, "merged": merged}}
+            "parallel": {"workers": workers, "merged": merged, "prefix_cost": round(prefix_cost(recipe.quantize.iters), 3)}}
 
 
 def attach_gpu_peaks(record: dict[str, Any], peak_vram_gb: dict[str, float] | None) -> None:

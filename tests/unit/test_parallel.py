@@ -10,7 +10,8 @@ import pytest
 
 from reap.checkpoint import Checkpoint, layer_index
 from reap.errors import InputError
-from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, split_blocks, write_view)
+from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, prefix_cost, split_blocks,
+                           write_view)
 from reap.recipe import load_recipe
 from reap.resources import data_dir
 
@@ -19,13 +20,28 @@ from .test_cli import DEMO_RECIPE, one_error_line, run
 
 
 @pytest.mark.parametrize("blocks,workers", [(8, 2), (60, 8), (9, 4), (4, 4), (61, 3)])
-def test_split_covers_every_block_once_in_order(blocks, workers):
-    ranges = split_blocks(blocks, workers)
+@pytest.mark.parametrize("iters", [0, 20, 50, 200])
+def test_split_covers_every_block_once_in_order(blocks, workers, iters):
+    ranges = split_blocks(blocks, workers, prefix_cost(iters))
     assert len(ranges) == workers
     assert ranges[0][0] == 0 and ranges[-1][1] == blocks
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
     sizes = [b - a for a, b in ranges]
-    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)  # the remainder goes first
+    assert min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)  # later workers have a longer prefix
+
+
+def test_without_prefix_cost_the_split_is_even():
+    assert split_blocks(9, 4) == [(0, 3), (3, 5), (5, 7), (7, 9)]
+
+
+@pytest.mark.parametrize("workers", [2, 4, 8])
+def test_split_lets_the_workers_finish_together(workers):
+    """Worker k runs its `start` earlier blocks untuned first: the time of its range plus that prefix is
+    about the same for every worker, and better than an even split's slowest worker."""
+    cost = prefix_cost(200)
+    finish = [cost * a + (b - a) for a, b in split_blocks(60, workers, cost)]
+    even = [cost * a + (b - a) for a, b in split_blocks(60, workers)]
+    assert max(finish) - min(finish) <= 1 + cost and max(finish) < max(even)
 
 
 def test_view_links_the_source_and_cuts_the_config(tmp_path):
