@@ -30,14 +30,19 @@ def reap_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.fixture(scope="session")
-def demo_source(tmp_path_factory) -> Path:
-    given = os.environ.get("REAP_DEMO_SOURCE")
+def demo_model(tmp_path_factory, reuse_env: str, *args: str) -> Path:
+    """A demo checkpoint made by `reap demo-model [args]`, or the folder named by the `reuse_env` variable."""
+    given = os.environ.get(reuse_env)
     if given and (Path(given) / "config.json").is_file():
         return Path(given)
     out = tmp_path_factory.mktemp("demo") / "source"
-    reap_cli("demo-model", str(out))
+    reap_cli("demo-model", str(out), *args)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_source(tmp_path_factory) -> Path:
+    return demo_model(tmp_path_factory, "REAP_DEMO_SOURCE")
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DEMO_RECIPE, REAP, free_port, manifest, reap_cli
+from .conftest import DEMO_RECIPE, REAP, demo_model, free_port, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def demo8_source(tmp_path_factory) -> Path:
-    given = os.environ.get("REAP_DEMO8_SOURCE")
-    if given and (Path(given) / "config.json").is_file():
-        return Path(given)
-    out = tmp_path_factory.mktemp("demo8") / "source"
-    reap_cli("demo-model", str(out), "--layers", "8")
-    return out
+    return demo_model(tmp_path_factory, "REAP_DEMO8_SOURCE", "--layers", "8")
 
 
 def _build_args(source: Path, out: Path, workers: int) -> list[str]:
