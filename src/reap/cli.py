@@ -108,7 +108,7 @@ def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str |
       reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --gpus 8
       reap build recipes/demo.yaml --set quantize.parallel=2 --out runs/demo-2w   # 2 CPU workers
 
-    
+    \b
     With --gpus N (or quantize.parallel: N) the decoder blocks are split into N contiguous ranges quantized
     at once by one worker process each; the outputs are merged into one checkpoint with the layout of a
     sequential build. A failed or interrupted worker's range is redone by a re-run, finished ranges are kept.
