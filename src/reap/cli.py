@@ -114,7 +114,7 @@ def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str |
     sequential build. A failed or interrupted worker's range is redone by a re-run, finished ranges are kept.
     """
     from reap.build import build
-    from reap.parallel import visible_gpu_ids
+    from reap.stats import visible_gpu_ids
     from reap.recipe import load_recipe
 
     overrides = _parse_set(sets)

@@ -33,7 +33,7 @@ from reap.checkpoint import Checkpoint, layer_index
 from reap.errors import InputError, ReapError, StageError
 from reap.recipe import Recipe
 from reap.rundir import RunDir, atomic_write_text
-from reap.stats import GB, Clock, gpu_inventory, log
+from reap.stats import GB, Clock, gpu_inventory, log, visible_gpu_ids
 
 PARALLEL_DIR = ".parallel"
 # Bytes of GPU memory per parameter of the largest block while AutoRound tunes it (weights, their fp32
@@ -79,14 +79,6 @@ def split_blocks(n_blocks: int, workers: int, cost: float = 0.0) -> list[tuple[i
         ranges.append((start, start + size))
         start += size
     return ranges
-
-
-def visible_gpu_ids() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries."""
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return [d.strip() for d in cvd.split(",") if d.strip() not in ("", "-1")]
-    return [str(g["index"]) for g in gpu_inventory()]
 
 
 def gpus_for(recipe: Recipe) -> tuple[list[str], list[float]]:
@@ -227,26 +219,46 @@ def _worker_env(part: Part, workers: int) -> dict[str, str]:
     return env
 
 
+def _worker_alive(pid: int | None) -> bool:
+    """Whether `pid` is a reap worker still running (a parent killed with SIGKILL leaves its workers behind)."""
+    import psutil
+
+    try:
+        return pid is not None and "reap.parallel" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
+
+
+def _worker_recipe(recipe: Recipe, part: Part) -> dict[str, Any]:
+    """The recipe a worker runs: the build's, on its one device (a GPU worker sees only its GPU, as 0)."""
+    data = recipe.model_dump(mode="json")
+    data["quantize"]["device_map"] = "cpu" if part.device == "cpu" else 0
+    return data
+
+
 def run_workers(src: Checkpoint, recipe: Recipe, run: RunDir, parts: list[Part]) -> list[dict[str, Any]]:
     """Start one process per missing part, wait for all; returns every part's result. A part already done
     with the same fingerprint is kept. Raises StageError naming each worker that failed."""
     from reap.serve import stop_group
 
-    procs: dict[int, subprocess.Popen] = {}
+    fingerprints = {part.index: source_fingerprint(src, recipe, (part.start, part.stop)) for part in parts}
     kept: set[int] = set()
+    for part in parts:  # decide for every part before any worker starts
+        done = part.result() or {}
+        if done.get("status") == "done" and done.get("fingerprint") == fingerprints[part.index] and part.model.is_dir():
+            log(f"{part.describe()}: kept from an earlier attempt")
+            kept.add(part.index)
+        elif done.get("status") == "running" and _worker_alive(done.get("pid")):
+            raise InputError(f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
+                             f"log {part.log_path}); wait for it to end or stop it, then re-run")
+    procs: dict[int, subprocess.Popen] = {}
     try:
-        for part in parts:
-            fp = source_fingerprint(src, recipe, (part.start, part.stop))
-            done = part.result()
-            if done and done.get("status") == "done" and done.get("fingerprint") == fp and part.model.is_dir():
-                log(f"{part.describe()}: kept from an earlier attempt")
-                kept.add(part.index)
-                continue
+        for part in (p for p in parts if p.index not in kept):
             shutil.rmtree(part.root, ignore_errors=True)
             write_view(src.root, part.view, part.stop)
-            spec = {"recipe": recipe.model_dump(mode="json"), "view": str(part.view), "out": str(part.model),
+            spec = {"recipe": _worker_recipe(recipe, part), "view": str(part.view), "out": str(part.model),
                     "start": part.start, "stop": part.stop, "index": part.index, "device": part.device,
-                    "fingerprint": fp, "result": str(part.result_path), "log": str(part.log_path)}
+                    "fingerprint": fingerprints[part.index], "result": str(part.result_path), "log": str(part.log_path)}
             atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
             log(f"{part.describe()}: started (log {part.log_path})")
             with open(part.root / "stdout.log", "w") as out:
@@ -418,7 +430,7 @@ def worker_main(spec_path: Path) -> int:
     except ReapError as exc:
         result.update(status="failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - the parent reports it in one line with the log's path
-        result.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        result.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     atomic_write_text(result_path, json.dumps(result, indent=2))
     return 0 if result["status"] == "done" else 1
 

@@ -30,7 +30,7 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
-from reap.stats import cpu_flags, cpu_vendor, gpu_inventory, gpu_memory_used_gb, log
+from reap.stats import cpu_flags, cpu_vendor, gpu_memory_used_gb, log, visible_gpu_ids
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
 SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN")
@@ -79,10 +79,7 @@ def resolve_target(path: Path) -> Target:
 
 
 def visible_gpus() -> int:
-    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if cvd is not None:
-        return len([d for d in cvd.split(",") if d.strip() not in ("", "-1")])
-    return len(gpu_inventory())
+    return len(visible_gpu_ids())
 
 
 def cpu_int4_moe_kernel() -> str | None:

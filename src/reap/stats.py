@@ -47,6 +47,14 @@ def gpu_inventory() -> list[dict[str, Any]]:
     return gpus
 
 
+def visible_gpu_ids() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (NVML's indices when it is unset)."""
+    cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if cvd is not None:
+        return [d.strip() for d in cvd.split(",") if d.strip() not in ("", "-1")]
+    return [str(g["index"]) for g in gpu_inventory()]
+
+
 def gpu_memory_used_gb() -> dict[str, float] | None:
     """Memory in use on each GPU now (NVML); None where there is no NVIDIA driver."""
     nv = _nvml()

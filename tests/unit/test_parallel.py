@@ -154,3 +154,42 @@ def test_cli_refuses_more_workers_than_blocks(tmp_path):
             "--out", str(tmp_path / "run"))
     one_error_line(r, "quantize.parallel is 5 but the model has 2 decoder blocks")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
+    """A build killed with SIGKILL leaves its workers running: a re-run refuses to start over their folders."""
+    import subprocess
+    import sys
+
+    from reap.parallel import plan_parts, run_workers
+    from reap.rundir import RunDir
+
+    src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
+    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(src.root), "quantize.parallel": 2})
+    run = RunDir(tmp_path / "run")
+    parts = plan_parts(run, 2, recipe, [])
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "reap.parallel"])
+    try:
+        parts[1].root.mkdir(parents=True)
+        parts[1].result_path.write_text(json.dumps({"status": "running", "pid": orphan.pid}))
+        (parts[1].root / "keep").write_text("the running worker's")
+        with pytest.raises(InputError, match=rf"worker 1 \(CPU, blocks 1-1\) of an earlier attempt is still running "
+                                             rf"\(pid {orphan.pid}"):
+            run_workers(src, recipe, run, parts)
+        assert (parts[1].root / "keep").is_file()
+    finally:
+        orphan.kill()
+        orphan.wait()
+
+
+def test_gpu_workers_run_on_their_one_visible_gpu():
+    from reap.parallel import _worker_env, _worker_recipe
+
+    recipe = load_recipe(DEMO_RECIPE, {"quantize.device_map": "0,1,2,3", "quantize.parallel": 4})
+    part = Part(2, 4, 6, "2", Path("p2"))
+    assert _worker_recipe(recipe, part)["quantize"]["device_map"] == 0
+    assert _worker_env(part, 4)["CUDA_VISIBLE_DEVICES"] == "2"
+    cpu = Part(1, 2, 4, "cpu", Path("p1"))
+    env = _worker_env(cpu, 2)
+    assert _worker_recipe(recipe, cpu)["quantize"]["device_map"] == "cpu"
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and int(env["OMP_NUM_THREADS"]) >= 1
