@@ -241,7 +241,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
     try:
         with ResourceSampler() as sampler:
             if recipe.quantize.parallel > 1:
-                result = parallel.quantize_parallel(src, recipe, work, run, clock)
+                result = parallel.quantize_parallel(src, recipe, work, run, clock, sampler)
             else:
                 result = _quantize(src, recipe, work, run.logs_dir / "build.log", clock)
             log("verifying the checkpoint")
@@ -253,8 +253,6 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
                     reported_blocks=result["blocks"] or None, reasons=keep_patterns(recipe))
         record.update(result, substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
                       verification=report, **sampler.summary())
-        if "parallel" in record:
-            parallel.attach_gpu_peaks(record["parallel"], record["peak_vram_gb"])
         if not report["passed"]:
             rejected = run.root / "model.rejected"
             shutil.rmtree(rejected, ignore_errors=True)

@@ -154,6 +154,10 @@ class Checkpoint:
     def bytes_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.glob("*.safetensors"))
 
+    def file_signature(self) -> list[tuple[str, int, int]]:
+        """Names, sizes and modification times of the folder's files: what says the checkpoint changed."""
+        return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.root.iterdir() if p.is_file())
+
 
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 

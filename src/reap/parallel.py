@@ -17,10 +17,9 @@ worker's entry point.
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +31,10 @@ from typing import Any
 from reap.checkpoint import Checkpoint, layer_index
 from reap.errors import InputError, ReapError, StageError
 from reap.recipe import Recipe
-from reap.rundir import RunDir, atomic_write_text
-from reap.stats import GB, Clock, gpu_inventory, log, visible_gpu_ids
+import psutil
+
+from reap.rundir import RunDir, atomic_write_text, digest
+from reap.stats import GB, Clock, ResourceSampler, gpu_inventory, log, visible_gpu_ids
 
 PARALLEL_DIR = ".parallel"
 # Bytes of GPU memory per parameter of the largest block while AutoRound tunes it (weights, their fp32
@@ -41,7 +42,6 @@ PARALLEL_DIR = ".parallel"
 # 67-70 GB at iters 200 on an H100 (issue #8) and 85 GB NVML peak at iters 20 on an H200. RTN needs far less.
 TUNE_BYTES_PER_PARAM, RTN_BYTES_PER_PARAM = 20, 4
 PREFIX_STEPS = 25  # tuning steps that cost as much as one untuned block: see prefix_cost()
-_LAYER_IN_PATTERN = re.compile(r"layers\\?\.(\d+)\\?\.")
 
 
 def prefix_cost(iters: int) -> float:
@@ -96,10 +96,7 @@ def block_params(src: Checkpoint) -> int:
     for name, info in src.tensors.items():
         i = layer_index(name)
         if i is not None:
-            n = 1
-            for d in info.shape:
-                n *= d
-            sizes[i] = sizes.get(i, 0) + n
+            sizes[i] = sizes.get(i, 0) + math.prod(info.shape)
     return max(sizes.values(), default=0)
 
 
@@ -162,10 +159,8 @@ def write_view(src: Path, dest: Path, stop: int) -> None:
 def source_fingerprint(src: Checkpoint, recipe: Recipe, part: tuple[int, int]) -> str:
     """What a worker's output depends on: the recipe's model and quantize sections (but not the worker
     count), the source files (names, sizes, mtimes) and the block range."""
-    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.root.iterdir() if p.is_file())
-    quantize = recipe.quantize.model_dump(mode="json", exclude={"parallel"})
-    blob = json.dumps([recipe.model.model_dump(mode="json"), quantize, files, list(part)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest([recipe.model.model_dump(mode="json"), recipe.quantize.model_dump(mode="json", exclude={"parallel"}),
+                   src.file_signature(), list(part)])
 
 
 @dataclass
@@ -221,8 +216,6 @@ def _worker_env(part: Part, workers: int) -> dict[str, str]:
 
 def _worker_alive(pid: int | None) -> bool:
     """Whether `pid` is a reap worker still running (a parent killed with SIGKILL leaves its workers behind)."""
-    import psutil
-
     try:
         return pid is not None and "reap.parallel" in " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
@@ -267,34 +260,25 @@ def run_workers(src: Checkpoint, recipe: Recipe, run: RunDir, parts: list[Part])
                     env=_worker_env(part, len(parts)), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         for index, proc in procs.items():
             proc.wait()
-            part = parts[index]
-            status = (part.result() or {}).get("status")
-            log(f"{part.describe()}: {status or f'died (exit {proc.returncode})'}")
+            log(f"{parts[index].describe()}: {(parts[index].result() or {}).get('status') or f'died (exit {proc.returncode})'}")
     except BaseException:
         for proc in procs.values():
             if proc.poll() is None:
                 stop_group(proc.pid, grace=10, child=proc)
         raise
-    failed = []
-    for part in parts:
-        res = part.result() or {}
-        if res.get("status") != "done":
-            why = res.get("error") or f"exit {procs[part.index].returncode}, no result written"
-            failed.append(f"{part.describe()} failed: {why} (log: {part.log_path}, output: {part.root / 'stdout.log'})")
+    results = [part.result() or {} for part in parts]
+    failed = [f"{part.describe()} failed: {res.get('error') or f'exit {procs[part.index].returncode}, no result written'}"
+              f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"
+              for part, res in zip(parts, results) if res.get("status") != "done"]
     if failed:
         raise StageError("; ".join(failed) + "; finished ranges are kept, re-run the build to redo only the rest")
-    return [dict(part.result(), kept=part.index in kept) for part in parts]
+    return [dict(res, kept=part.index in kept) for part, res in zip(parts, results)]
 
 
 # --- merging -------------------------------------------------------------------------------------------
 
 def _owner(layer: int, parts: list[Part]) -> int:
     return next(p.index for p in parts if p.start <= layer < p.stop)
-
-
-def _entry_layer(text: str) -> int | None:
-    m = _LAYER_IN_PATTERN.search(text)
-    return int(m.group(1)) if m else None
 
 
 def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part]) -> dict[str, Any]:
@@ -304,7 +288,7 @@ def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part])
     for key, value in merged.items():
         if isinstance(value, dict):
             merged[key] = {k: v for cfg, part in zip(configs, parts) for k, v in cfg.get(key, {}).items()
-                           if (layer := _entry_layer(k)) is None or part.start <= layer < part.stop}
+                           if (layer := layer_index(k.replace("\\", ""))) is None or part.start <= layer < part.stop}
         elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
             names = {n for cfg in configs for group in cfg.get(key) or [] for n in group}
             merged[key] = [sorted(names)]
@@ -364,9 +348,11 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
 
 # --- the build stage's entry -----------------------------------------------------------------------------
 
-def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock) -> dict[str, Any]:
+def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock,
+                      sampler: ResourceSampler) -> dict[str, Any]:
     """Run the workers, merge their checkpoints into `work`; returns what `build._quantize` returns, plus
-    the per-worker record."""
+    the per-worker record (each worker's peak GPU memory from the build's `sampler`, which NVML numbers as
+    CUDA does by default)."""
     from reap.build import keep_16bit_layers
 
     gpus, _ = gpus_for(recipe)
@@ -380,6 +366,8 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
         results = run_workers(src, recipe, run, parts)
     with clock.span("merge"):
         merged = merge_parts(parts, work, src.config)
+    sampler.sample()
+    peak_vram = sampler.summary()["peak_vram_gb"] or {}
     blocks, workers = [], []
     for part, res in zip(parts, results):
         own = res["blocks"][part.start:part.stop]
@@ -387,8 +375,8 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
         workers.append({"index": part.index, "device": part.device, "blocks": [part.start, part.stop - 1],
                         "wall_s": res["wall_s"], "prefix_s": round(sum(b["wall_s"] for b in res["blocks"][:part.start]), 3),
                         "block_wall_s": [b["wall_s"] for b in own], "substages": res["substages"],
-                        "peak_rss_gb": res["peak_rss_gb"], "kept_from_earlier_attempt": res["kept"],
-                        "log": str(part.log_path)})
+                        "peak_rss_gb": res["peak_rss_gb"], "peak_vram_gb": peak_vram.get(part.device),
+                        "kept_from_earlier_attempt": res["kept"], "log": str(part.log_path)})
     summaries = [r["autoround_summary"] for r in results if r.get("autoround_summary")]
     kept = keep_16bit_layers(src, recipe)
     return {"blocks": blocks, "fixes_applied": sorted({f for r in results for f in r["fixes_applied"]}),
@@ -396,12 +384,6 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
                                   if len(summaries) == len(results) else None),
             "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(kept),
             "parallel": {"workers": workers, "merged": merged, "prefix_cost": round(prefix_cost(recipe.quantize.iters), 3)}}
-
-
-def attach_gpu_peaks(record: dict[str, Any], peak_vram_gb: dict[str, float] | None) -> None:
-    """Each worker's peak GPU memory, from the build's sampler (NVML numbers GPUs as CUDA does by default)."""
-    for worker in record["workers"]:
-        worker["peak_vram_gb"] = (peak_vram_gb or {}).get(worker["device"])
 
 
 def finish(run: RunDir) -> None:
@@ -412,7 +394,6 @@ def finish(run: RunDir) -> None:
 def worker_main(spec_path: Path) -> int:
     """One worker: quantize blocks [start, stop) of the view with AutoRound, write result.json."""
     from reap.build import _quantize
-    from reap.stats import ResourceSampler
 
     spec = json.loads(spec_path.read_text())
     result: dict[str, Any] = {"status": "running", "fingerprint": spec["fingerprint"], "pid": os.getpid(),

@@ -12,8 +12,6 @@ only after the stage finished, so an interrupted or failed stage is never mistak
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import signal
 import sys
 import time
@@ -22,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reap.checkpoint import Checkpoint
 from reap.errors import InputError
 from reap.recipe import Recipe
-from reap.rundir import RunDir
+from reap.rundir import RunDir, digest
 from reap.stats import ResourceSampler, log
 
 
@@ -52,7 +51,7 @@ def source_signature(path: str) -> list[tuple[str, int, int]]:
     if not root.is_dir():
         raise InputError(f"model.path {path} not found; build the demo source with `reap demo-model {path}` "
                          "or point model.path at a checkpoint folder")
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in root.iterdir() if p.is_file())
+    return Checkpoint(root).file_signature()
 
 
 def _build_inputs(recipe: Recipe) -> dict[str, Any]:
@@ -145,9 +144,8 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def fingerprint(stage: Stage, recipe: Recipe, upstream: dict[str, str]) -> str:
-    blob = json.dumps({"stage": stage.name, "inputs": stage.inputs(recipe),
-                       "after": {u: upstream.get(u) for u in stage.after}}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return digest({"stage": stage.name, "inputs": stage.inputs(recipe),
+                   "after": {u: upstream.get(u) for u in stage.after}})
 
 
 def check_run_folder(run: RunDir, recipe: Recipe) -> None:

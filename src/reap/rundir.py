@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -78,6 +79,11 @@ class RunDir:
         manifest.update(top)
         self.write_manifest(manifest)
         return manifest
+
+
+def digest(obj: Any) -> str:
+    """A short, stable fingerprint of a JSON-able value (recorded inputs of a stage or a worker)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def open_run(path: Path, overwrite: bool = False) -> RunDir:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from reap.checkpoint import Checkpoint, layer_index
+
 from .conftest import DEMO_RECIPE, REAP, demo_model, free_port, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
@@ -48,8 +50,6 @@ def builds(demo8_source, tmp_path_factory) -> dict:
     _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
     os.kill(json.loads((worker1 / "result.json").read_text())["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
-    from reap.checkpoint import Checkpoint, layer_index
-
     part0 = par / ".parallel" / "part-0"
     first = {"rc": proc.returncode, "stderr": err, "manifest": manifest(par),
              "part0": json.loads((part0 / "result.json").read_text()),
@@ -84,8 +84,6 @@ def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(bu
 
 def test_merged_checkpoint_has_the_sequential_layout(builds):
     from safetensors import safe_open
-
-    from reap.checkpoint import Checkpoint, layer_index
 
     seq, par = Checkpoint.open(builds["seq"] / "model"), Checkpoint.open(builds["par"] / "model")
     assert set(seq.weight_map) == set(par.weight_map)
