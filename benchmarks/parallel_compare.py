@@ -52,14 +52,18 @@ def main() -> None:
               "substages": {"sequential": seq["substages"], "parallel": par["substages"]},
               "peak_rss_gb": {"sequential": seq["peak_rss_gb"], "parallel": par["peak_rss_gb"]},
               "peak_vram_gb": {"sequential": seq.get("peak_vram_gb"), "parallel": par.get("peak_vram_gb")},
-              "workers": par["parallel"]["workers"], "blocks": rows,
+              "workers": par["parallel"]["workers"], "input_capture": par["parallel"].get("input_capture"), "blocks": rows,
               "verified": [seq["verification"]["passed"], par["verification"]["passed"]]}
     print(f"wall: sequential {seq['wall_s']:.1f} s, {len(report['workers'])} workers {par['wall_s']:.1f} s "
           f"-> {report['speedup']}x; peak RSS {seq['peak_rss_gb']:.1f} / {par['peak_rss_gb']:.1f} GB; "
           f"both verified: {all(report['verified'])}")
+    if cap := report["input_capture"]:
+        print(f"  input capture ({cap['device']}) through blocks {cap['forward_blocks'][0]}-{cap['forward_blocks'][1]}: "
+              f"{cap['wall_s']:.1f} s, peak RSS {cap['peak_rss_gb']:.1f} GB")
     for w in report["workers"]:
         print(f"  worker {w['index']} ({w['device']}) blocks {w['blocks'][0]}-{w['blocks'][1]}: {w['wall_s']:.1f} s, "
-              f"prefix {w['prefix_s']:.1f} s, blocks {w['block_wall_s']}, peak VRAM {w.get('peak_vram_gb')}")
+              f"started at {w['started_after_s'] or 0:.1f} s, blocks {w['block_wall_s']}, "
+              f"peak RSS {w['peak_rss_gb']:.1f} GB, peak VRAM {w.get('peak_vram_gb')}")
     print("block worker  seq loss0 -> best    par loss0 -> best    seq s   par s  identical")
     for r in rows:
         print(f"{r['block']:>5} {r['worker']!s:>6}  {r['seq_loss0']!s:>9} -> {r['seq_loss']!s:<9} "

@@ -15,7 +15,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -147,21 +147,14 @@ def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str,
     )
 
 
-def _block_names(src: Checkpoint, text_only: bool, block_range: tuple[int, int]) -> list[list[str]]:
-    """AutoRound's `to_quant_block_names` for decoder blocks [start, stop) (one group)."""
-    prefix = "model.language_model.layers" if src.is_vl and not text_only else "model.layers"
-    return [[f"{prefix}.{i}" for i in range(*block_range)]]
-
-
-def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock,
-              block_range: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Run AutoRound into `work` (only blocks [start, stop) tuned when `block_range` is given: a parallel
-    worker); returns what it reported. Raises StageError on its failures."""
-    fixes: list[str] = []
+@contextlib.contextmanager
+def autoround_session(src: Checkpoint, recipe: Recipe, logfile: Path, clock: Clock, fixes: list[str],
+                      block_groups: list[list[int]] | None = None) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
+    """AutoRound set up on `src` with the recipe's settings and its log watched; yields (AutoRound, watcher,
+    layer_config). `block_groups` (decoder block indices) becomes its `to_quant_block_names`. Its failures
+    inside the block become StageError; the compatibility fixes applied are appended to `fixes`."""
     kept = keep_16bit_layers(src, recipe)
     layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
-    raw = work.with_name(work.name + ".autoround")
-    shutil.rmtree(raw, ignore_errors=True)
     with AutoRoundWatcher(logfile) as watch:
         compat.ensure_torchvision_importable()
         from auto_round import AutoRound
@@ -171,17 +164,13 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
                 fixes.append("autoround_text_only")
                 layer_config = compat.text_only_layer_names(layer_config)
             kwargs = _autoround_kwargs(recipe, layer_config)
-            saving = contextlib.nullcontext()
-            if block_range:
-                kwargs["to_quant_block_names"] = _block_names(src, text_only, block_range)
-                saving = compat.autoround_saves_only_blocks(*block_range)
-                fixes.append("save_only_own_blocks")
+            if block_groups:
+                prefix = "model.language_model.layers" if src.is_vl and not text_only else "model.layers"
+                kwargs["to_quant_block_names"] = [[f"{prefix}.{i}" for i in group] for group in block_groups]
             try:
                 with clock.span("weight_loading"):
                     ar = AutoRound(model=str(src.root), **kwargs)
-                t_quant = time.time()
-                with saving:
-                    ar.quantize_and_save(str(raw), format=recipe.quantize.format)
+                yield ar, watch, layer_config
             except (KeyboardInterrupt, ReapError):
                 raise
             except SystemExit as exc:  # AutoRound calls sys.exit() on some failures (e.g. no calibration data)
@@ -189,7 +178,20 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
             except Exception as exc:  # AutoRound raises plain exceptions; keep the cause in one line
                 raise StageError(f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                                  f" (full log: {logfile})") from exc
-            t_end = time.time()
+
+
+def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock,
+              block_inputs: Path | None = None) -> dict[str, Any]:
+    """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures. A
+    block-parallel worker passes `block_inputs`: its first block's inputs, computed by the capture."""
+    fixes: list[str] = []
+    raw = work.with_name(work.name + ".autoround")
+    shutil.rmtree(raw, ignore_errors=True)
+    with autoround_session(src, recipe, logfile, clock, fixes) as (ar, watch, layer_config):
+        t_quant = time.time()
+        with compat.autoround_block_inputs_from(block_inputs) if block_inputs else contextlib.nullcontext():
+            ar.quantize_and_save(str(raw), format=recipe.quantize.format)
+        t_end = time.time()
     cache_done = watch.cache_done or t_quant
     clock.spans["calibration_caching"] = round(cache_done - (watch.cache_start or t_quant), 3)
     clock.spans["quantization"] = round((watch.saved_at or t_end) - cache_done, 3)
@@ -205,7 +207,8 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
         if applied():  # each fix detects whether it is needed and says so
             fixes.append(name)
     return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,
-            "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(layer_config)}
+            "kept_16bit_requested": sorted(set(keep_16bit_layers(src, recipe).values())),
+            "layer_config_16bit": len(layer_config)}
 
 
 def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | None = None) -> dict[str, Any]:

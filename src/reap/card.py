@@ -47,6 +47,10 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     return argv
 
 
+def _where(device: str) -> str:
+    return "CPU" if device == "cpu" else f"GPU {device}"
+
+
 def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] | None:
     if "substages" not in build:
         return None
@@ -64,12 +68,17 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
     vram = build.get("peak_vram_gb")
     peak_vram = ", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else None
     workers = []
-    for w in (build.get("parallel") or {}).get("workers", []):
-        where = "CPU" if w["device"] == "cpu" else f"GPU {w['device']}"
+    par = build.get("parallel") or {}
+    if par.get("input_capture"):
+        c = par["input_capture"]
+        workers.append(("input capture", f"{_where(c['device'])}, full-precision pass through blocks "
+                        f"{c['forward_blocks'][0]}-{c['forward_blocks'][1]}: {fmt_seconds(c['wall_s'])}"))
+    for w in par.get("workers", []):
         times = w["block_wall_s"]
-        line = (f"{where}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
-                f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))} after "
-                f"{fmt_seconds(w['prefix_s'])} of full-precision prefix")
+        line = (f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
+                f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}")
+        if w["blocks"][0] > 0 and w.get("started_after_s"):
+            line += f", started after the input capture, at {fmt_seconds(w['started_after_s'])}"
         if w.get("peak_vram_gb") is not None:
             line += f", peak GPU memory {w['peak_vram_gb']:.1f} GB"
         workers.append((f"worker {w['index']}", line))

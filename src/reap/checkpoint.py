@@ -167,6 +167,17 @@ def layer_index(module: str) -> int | None:
     return int(m.group(1)) if m and not module.startswith(("mtp.", "model.visual.")) else None
 
 
+LAYER_KEY_RE = re.compile(r"(?<![\w])(layers\\?\.)(\d+)(?=\\?\.)")
+
+
+def shift_layer(name: str, offset: int) -> str:
+    """`name` with its decoder block number moved by `offset`, also in the escaped form of AutoRound's
+    per-layer regex keys (`layers\\.3\\.`); names outside the decoder blocks unchanged."""
+    if layer_index(name.replace("\\", "")) is None:
+        return name
+    return LAYER_KEY_RE.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name, count=1)
+
+
 def generalize(module: str) -> str:
     """`model.language_model.layers.12.mlp.experts.7.up_proj` -> `model.language_model.layers.*.mlp.experts.*.up_proj`."""
     return re.sub(r"\.(\d+)(?=\.|$)", ".*", module)

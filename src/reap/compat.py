@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, layer_index
+from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from reap.checkpoint import Checkpoint
@@ -103,37 +103,80 @@ def text_only_layer_names(layer_config: dict[str, Any]) -> dict[str, Any]:
             if not name.startswith("model.visual.")}
 
 
+class _InputsCaptured(Exception):
+    """Stops AutoRound once the block inputs are saved: nothing after its calibration pass is needed."""
+
+
+CALIBRATOR_STATE = ("batch_size", "batch_dim", "seqlen", "is_only_supported_bs1")
+
+
 @contextmanager
-def autoround_saves_only_blocks(start: int, stop: int) -> Iterator[None]:
-    """A block-parallel worker's view holds decoder blocks it does not quantize: those before its range (run
-    untuned, the full-precision prefix) and, in the source shards its links point to, those after it. The
-    merge takes none of them, but AutoRound would write them all: its ShardWriter saves every block of the
-    model in 16-bit, and after saving it copies each source tensor "absent from the saved output" (meant for
-    MTP layers) into `model_extra_tensors.safetensors`. Measured on the 8-block slice of the 212B width: the
-    4 workers filled the host's 235 GB disk. Both go through one function each; tensors of decoder blocks
-    outside [start, stop) are left out there."""
-    from auto_round.compressors.shard_writer import ShardWriter
-    from auto_round.utils import missing_tensors
+def _calibrator_call(call: Any) -> Iterator[None]:
+    """Route AutoRound's calibration entry (`Calibrator.__call__`, the one place that drives the
+    calibration set through the model and returns the cached block inputs) through `call(orig, self, ...)`."""
+    from auto_round.calibration.base import Calibrator
 
-    def own(name: str) -> bool:
-        layer = layer_index(name)
-        return layer is None or start <= layer < stop
-
-    add_tensor, resolve_maps = ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps
-
-    def add_own_tensor(self, name, tensor):
-        if own(name):
-            add_tensor(self, name, tensor)
-
-    def resolve_own_maps(source_dir, target_dir):
-        maps = resolve_maps(source_dir, target_dir)
-        return None if maps is None else ({n: f for n, f in maps[0].items() if own(n)}, maps[1])
-
-    ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps = add_own_tensor, resolve_own_maps
+    orig = Calibrator.__call__
+    Calibrator.__call__ = lambda self, *args, **kwargs: call(orig, self, *args, **kwargs)
     try:
         yield
     finally:
-        ShardWriter._add_tensor, missing_tensors._resolve_tensor_shard_maps = add_tensor, resolve_maps
+        Calibrator.__call__ = orig
+
+
+@contextmanager
+def autoround_captures_block_inputs(starts: list[int], files: list[Path]) -> Iterator[None]:
+    """Block-parallel builds compute the full-precision inputs of every worker's first block once: AutoRound's
+    calibration pass, asked to cache the inputs of blocks `starts` (it would cache only its first block's),
+    runs the materialized model up to the last of them; the inputs of `starts[i]` go to `files[i]` (with the calibration
+    token ids and the calibrator's batch settings, which AutoRound reads back from it) and AutoRound is
+    stopped there. AutoRound has no API to hand cached inputs from one run to another."""
+    import torch
+    from auto_round.modeling.fused_moe.replace_modules import materialize_model_
+    from auto_round.utils import flatten_list, to_device
+
+    def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
+        prefix = flatten_list(block_names)[0].rsplit(".", 1)[0]  # e.g. model.layers
+        names = [f"{prefix}.{s}" for s in starts]
+        # Asked for one block, AutoRound runs the calibration pass on the unmaterialized model (it assumes
+        # that block is the first and only the embedding runs): blocks before it would compute garbage.
+        materialize_model_(self.model)
+        inputs = orig(self, names, nsamples, layer_names=kwargs.get("layer_names"), last_cache_name=names[-1])
+        state = {key: getattr(self, key) for key in CALIBRATOR_STATE}
+        for name, path in zip(names, files):
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"inputs": to_device(inputs[name], "cpu"), "input_ids": to_device(inputs.get("input_ids"), "cpu"),
+                        "state": state}, tmp)
+            tmp.replace(path)
+        raise _InputsCaptured
+
+    with _calibrator_call(call):
+        try:
+            yield
+        except _InputsCaptured:
+            pass
+
+
+@contextmanager
+def autoround_block_inputs_from(path: Path) -> Iterator[None]:
+    """A block-parallel worker's first block takes the inputs saved by `autoround_captures_block_inputs`
+    instead of a forward pass through the blocks before it (which its view does not have)."""
+    import torch
+    from auto_round.utils import flatten_list
+
+    saved = torch.load(path, weights_only=True)
+    used: list[bool] = []
+
+    def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
+        if used or kwargs.get("layer_names"):
+            return orig(self, block_names, nsamples, **kwargs)
+        used.append(True)
+        for key, value in saved["state"].items():
+            setattr(self, key, value)
+        return {flatten_list(block_names)[0]: saved["inputs"], "input_ids": saved["input_ids"]}
+
+    with _calibrator_call(call):
+        yield
 
 
 def flatten_autoround_output(raw: Path, dest: Path) -> bool:

@@ -1,18 +1,18 @@
 """Block-parallel AutoRound: `reap build --gpus N` (recipe `quantize.parallel: N`).
 
 The decoder blocks are split into N contiguous ranges, one worker process each (one GPU each; on a host
-without GPUs, CPU processes sharing the cores). Worker k runs real AutoRound on a *view* of the source cut
-after its last block (a folder of links whose config says `num_hidden_layers = stop`): the blocks before
-its range are run untuned, which is the full-precision forward pass over the calibration set that gives
-its first block's inputs; inside its range the quantized outputs feed the next block, exactly as in a
-sequential build. Each worker saves a checkpoint into `.parallel/part-K/model`; `merge_parts` takes each
-block's tensors from the worker that owns it (everything else from the last worker, whose view is the
-whole model) and joins the workers' quantization configs into one, so the result has the tensor names and
-`quantization_config` of a sequential build. The usual gates then run on it.
+without GPUs, CPU processes sharing the cores). Each worker runs real AutoRound on a *range view*: a
+checkpoint of its own blocks only, renumbered from 0, beside the source's other tensors (embeddings, norm,
+head), so it loads and holds its blocks and nothing else. Inside its range the quantized outputs feed the
+next block, exactly as in a sequential build. Its first block's inputs come from the *input capture*,
+computed once for all workers: one AutoRound calibration pass in full precision over the blocks before the
+last range, which saves the inputs of every range's first block (worker 0 needs none and starts at once).
+`merge_parts` numbers each worker's blocks back and joins the workers' quantization configs into one, so
+the result has the tensor names and `quantization_config` of a sequential build. The usual gates then run.
 
-A worker's finished range is kept (`part-K/result.json` with a fingerprint of its inputs): a re-run after
-a failure or Ctrl-C redoes only the ranges that are missing. `python -m reap.parallel SPEC.json` is the
-worker's entry point.
+A finished range, and the capture, are kept (`result.json` with a fingerprint of their inputs): a re-run
+after a failure or Ctrl-C redoes only what is missing. `python -m reap.parallel SPEC.json` is the entry
+point of the worker and capture processes.
 """
 
 from __future__ import annotations
@@ -28,54 +28,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reap.checkpoint import Checkpoint, layer_index
-from reap.errors import InputError, ReapError, StageError
-from reap.recipe import Recipe
 import psutil
 
+from reap import compat
+from reap.checkpoint import Checkpoint, layer_index, shift_layer
+from reap.errors import InputError, ReapError, StageError
+from reap.recipe import Recipe
 from reap.rundir import RunDir, atomic_write_text, digest
 from reap.stats import GB, Clock, ResourceSampler, gpu_inventory, log, visible_gpu_ids
 
 PARALLEL_DIR = ".parallel"
+CAPTURE = -1  # the Part index of the input capture
 # Bytes of GPU memory per parameter of the largest block while AutoRound tunes it (weights, their fp32
 # rounding parameters and gradients); measured: a 3.5 B-parameter block of the 212B model's width took
 # 67-70 GB at iters 200 on an H100 (issue #8) and 85 GB NVML peak at iters 20 on an H200. RTN needs far less.
 TUNE_BYTES_PER_PARAM, RTN_BYTES_PER_PARAM = 20, 4
-PREFIX_STEPS = 25  # tuning steps that cost as much as one untuned block: see prefix_cost()
 
 
-def prefix_cost(iters: int) -> float:
-    """What running one block untuned (the full-precision prefix) costs, in tuned blocks: a block's fixed
-    part (forward passes over the calibration set, wrapping, packing) against `iters` tuning steps. Measured
-    on the 212B width: ~23 s fixed and ~0.9 s per step (41 s at iters 20 on H200, 206 s at iters 200 on H100),
-    i.e. the fixed part is worth ~25 steps."""
-    return PREFIX_STEPS / (PREFIX_STEPS + iters)
-
-
-def split_blocks(n_blocks: int, workers: int, cost: float = 0.0) -> list[tuple[int, int]]:
-    """Contiguous ranges [start, stop), at least one block each, sized so that the workers finish together:
-    worker k first runs its `start` earlier blocks untuned at `cost` each (in tuned blocks), so the later
-    ranges are shorter. With cost 0 the ranges are equal, the earlier ones taking the remainder."""
-    if cost <= 0:
-        base, extra = divmod(n_blocks, workers)
-        sizes = [base + (1 if k < extra else 0) for k in range(workers)]
-    else:
-        def starts(t: float) -> list[float]:  # worker k's share is t - cost * start_k
-            out = [0.0]
-            for _ in range(workers):
-                out.append(out[-1] + max(t - cost * out[-1], 0.0))
-            return out
-
-        lo, hi = 0.0, float(n_blocks)
-        for _ in range(60):  # the t whose shares add up to n_blocks
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if starts(mid)[-1] < n_blocks else (lo, mid)
-        bounds = [round(b) for b in starts(hi)[:-1]] + [n_blocks]
-        for k in range(1, workers + 1):  # every worker keeps at least one block
-            bounds[k] = min(max(bounds[k], bounds[k - 1] + 1), n_blocks - (workers - k))
-        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+def split_blocks(n_blocks: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous ranges [start, stop) of equal size, the earlier ones taking the remainder (worker 0 starts
+    at once; the others wait for the input capture)."""
+    base, extra = divmod(n_blocks, workers)
     ranges, start = [], 0
-    for size in sizes:
+    for k in range(workers):
+        size = base + (1 if k < extra else 0)
         ranges.append((start, start + size))
         start += size
     return ranges
@@ -138,38 +114,79 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
 VIEW_KEYS = ("num_hidden_layers", "layer_types", "use_cache")
 
 
-def write_view(src: Path, dest: Path, stop: int) -> None:
-    """A folder of links to `src` whose config ends the decoder after block `stop` (the shards keep every
-    tensor; transformers leaves out the blocks the config does not have). `use_cache` is off: transformers'
-    Qwen3.5 cache fails the forward pass of a model whose blocks are all DeltaNet (e.g. blocks 0-1)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    dest.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.name != "config.json":
-            (dest / f.name).symlink_to(f.resolve())
+def _write_view_config(src: Path, dest: Path, start: int, stop: int) -> None:
+    """The source's config for decoder blocks [start, stop) only. `use_cache` is off: transformers' Qwen3.5
+    cache fails the forward pass of a model whose blocks are all DeltaNet (e.g. blocks 0-1)."""
     config = json.loads((src / "config.json").read_text())
     text = config.get("text_config", config)
-    text["num_hidden_layers"] = stop
+    text["num_hidden_layers"] = stop - start
     text["use_cache"] = False
     if isinstance(text.get("layer_types"), list):
-        text["layer_types"] = text["layer_types"][:stop]
+        text["layer_types"] = text["layer_types"][start:stop]
     atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def source_fingerprint(src: Checkpoint, recipe: Recipe, part: tuple[int, int]) -> str:
-    """What a worker's output depends on: the recipe's model and quantize sections (but not the worker
-    count), the source files (names, sizes, mtimes) and the block range."""
+def _link_files(src: Path, dest: Path, weights: bool) -> None:
+    """`dest` anew, with links to the files of `src` but its config (and its weights unless `weights`)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for f in src.iterdir():
+        is_weights = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
+        if f.name != "config.json" and (weights or not is_weights):
+            (dest / f.name).symlink_to(f.resolve())
+
+
+def write_view(src: Path, dest: Path, stop: int) -> None:
+    """The input capture's view: links to `src` with a config that ends the decoder after block `stop`
+    (the shards keep every tensor; transformers leaves out the blocks the config does not have)."""
+    _link_files(src, dest, weights=True)
+    _write_view_config(src, dest, 0, stop)
+
+
+def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None:
+    """A worker's checkpoint: decoder blocks [start, stop) renumbered from 0, and every tensor outside the
+    decoder blocks. Written shard by shard from memory-mapped reads, so no more than one shard's share is
+    in memory at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _link_files(src.root, dest, weights=False)
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in src.weight_map.items():
+        layer = layer_index(name)
+        if layer is None or start <= layer < stop:
+            by_shard.setdefault(shard, []).append(name)
+    weight_map, total = {}, 0
+    for i, (shard, names) in enumerate(sorted(by_shard.items()), 1):
+        out_name = f"model-{i:05d}-of-{len(by_shard):05d}.safetensors"
+        with safe_open(str(src.root / shard), "pt") as f:
+            tensors = {shift_layer(n, -start): f.get_tensor(n) for n in names}
+        save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, out_name))
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    atomic_write_text(dest / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    _write_view_config(src.root, dest, start, stop)
+
+
+def source_fingerprint(src: Checkpoint, recipe: Recipe, blocks: list[int]) -> str:
+    """What a worker's (or the capture's) output depends on: the recipe's model and quantize sections (but
+    not the worker count), the source files (names, sizes, mtimes) and its blocks (range or starts)."""
     return digest([recipe.model.model_dump(mode="json"), recipe.quantize.model_dump(mode="json", exclude={"parallel"}),
-                   src.file_signature(), list(part)])
+                   src.file_signature(), blocks])
 
 
 @dataclass
 class Part:
+    """A worker's share, blocks [start, stop); or, with index CAPTURE, the input capture, which runs the
+    blocks before `stop - 1` and saves the inputs of the first block of every other worker."""
     index: int
     start: int
     stop: int
     device: str  # the CUDA_VISIBLE_DEVICES entry, or "cpu"
     root: Path
+    inputs: Path | None = None  # the first block's inputs, saved by the capture (worker 0: none needed)
 
     @property
     def view(self) -> Path:
@@ -195,13 +212,22 @@ class Part:
 
     def describe(self) -> str:
         where = "CPU" if self.device == "cpu" else f"GPU {self.device}"
+        if self.index == CAPTURE:
+            return f"input capture ({where}, full-precision pass through blocks 0-{self.stop - 2})"
         return f"worker {self.index} ({where}, blocks {self.start}-{self.stop - 1})"
 
 
 def plan_parts(run: RunDir, n_blocks: int, recipe: Recipe, gpus: list[str]) -> list[Part]:
-    ranges = split_blocks(n_blocks, recipe.quantize.parallel, prefix_cost(recipe.quantize.iters))
-    return [Part(k, a, b, gpus[k] if gpus else "cpu", run.root / PARALLEL_DIR / f"part-{k}")
-            for k, (a, b) in enumerate(ranges)]
+    root = run.root / PARALLEL_DIR
+    return [Part(k, a, b, gpus[k] if gpus else "cpu", root / f"part-{k}",
+                 inputs=root / "capture" / f"inputs-{a}.pt" if a else None)
+            for k, (a, b) in enumerate(split_blocks(n_blocks, recipe.quantize.parallel))]
+
+
+def plan_capture(parts: list[Part]) -> Part:
+    """The capture runs on the last worker's device (that worker waits for it anyway), up to its first block."""
+    last = parts[-1]
+    return Part(CAPTURE, 0, last.start + 1, last.device, last.root.parent / "capture")
 
 
 def _worker_env(part: Part, workers: int) -> dict[str, str]:
@@ -229,75 +255,127 @@ def _worker_recipe(recipe: Recipe, part: Part) -> dict[str, Any]:
     return data
 
 
-def run_workers(src: Checkpoint, recipe: Recipe, run: RunDir, parts: list[Part]) -> list[dict[str, Any]]:
-    """Start one process per missing part, wait for all; returns every part's result. A part already done
-    with the same fingerprint is kept. Raises StageError naming each worker that failed."""
-    from reap.serve import stop_group
+class _Launcher:
+    """Starts worker and capture processes (`python -m reap.parallel SPEC`, own session) and stops them all."""
 
-    fingerprints = {part.index: source_fingerprint(src, recipe, (part.start, part.stop)) for part in parts}
-    kept: set[int] = set()
-    for part in parts:  # decide for every part before any worker starts
-        done = part.result() or {}
-        if done.get("status") == "done" and done.get("fingerprint") == fingerprints[part.index] and part.model.is_dir():
-            log(f"{part.describe()}: kept from an earlier attempt")
-            kept.add(part.index)
-        elif done.get("status") == "running" and _worker_alive(done.get("pid")):
-            raise InputError(f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
-                             f"log {part.log_path}); wait for it to end or stop it, then re-run")
-    procs: dict[int, subprocess.Popen] = {}
-    try:
-        for part in (p for p in parts if p.index not in kept):
-            shutil.rmtree(part.root, ignore_errors=True)
-            write_view(src.root, part.view, part.stop)
-            spec = {"recipe": _worker_recipe(recipe, part), "view": str(part.view), "out": str(part.model),
-                    "start": part.start, "stop": part.stop, "index": part.index, "device": part.device,
-                    "fingerprint": fingerprints[part.index], "result": str(part.result_path), "log": str(part.log_path)}
-            atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
-            log(f"{part.describe()}: started (log {part.log_path})")
-            with open(part.root / "stdout.log", "w") as out:
-                procs[part.index] = subprocess.Popen(
-                    [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
-                    env=_worker_env(part, len(parts)), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        for index, proc in procs.items():
-            proc.wait()
-            log(f"{parts[index].describe()}: {(parts[index].result() or {}).get('status') or f'died (exit {proc.returncode})'}")
-    except BaseException:
-        for proc in procs.values():
+    def __init__(self, src: Checkpoint, recipe: Recipe, workers: int):
+        self.src, self.recipe, self.workers = src, recipe, workers
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.started_at: dict[int, float] = {}
+        self.t0 = time.time()
+
+    def start(self, part: Part, fingerprint: str, captures: list[Part]) -> None:
+        shutil.rmtree(part.root, ignore_errors=True)
+        spec: dict[str, Any] = {"recipe": _worker_recipe(self.recipe, part), "view": str(part.view),
+                                "index": part.index, "device": part.device, "fingerprint": fingerprint,
+                                "result": str(part.result_path), "log": str(part.log_path)}
+        if part.index == CAPTURE:
+            write_view(self.src.root, part.view, part.stop)
+            spec.update(starts=[p.start for p in captures], files=[str(p.inputs) for p in captures])
+        else:
+            write_range_view(self.src, part.view, part.start, part.stop)
+            spec.update(out=str(part.model), range=[part.start, part.stop],
+                        inputs=str(part.inputs) if part.inputs else None)
+        atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
+        log(f"{part.describe()}: started (log {part.log_path})")
+        self.started_at[part.index] = time.time()
+        with open(part.root / "stdout.log", "w") as out:
+            self.procs[part.index] = subprocess.Popen(
+                [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
+                env=_worker_env(part, self.workers), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, part: Part) -> dict[str, Any]:
+        proc = self.procs[part.index]
+        proc.wait()
+        res = part.result() or {}
+        log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
+        if res.get("status") == "done":
+            return res
+        return {"status": "failed", "error": f"{part.describe()} failed: "
+                f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
+                f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
+
+    def stop_all(self) -> None:
+        from reap.serve import stop_group
+
+        for proc in self.procs.values():
             if proc.poll() is None:
                 stop_group(proc.pid, grace=10, child=proc)
+
+
+def _reusable(part: Part, fingerprint: str, outputs: list[Path]) -> bool:
+    """A part of an earlier attempt is kept when done with the same inputs and its outputs are there;
+    one still running (left by a parent killed with SIGKILL) is refused."""
+    done = part.result() or {}
+    if done.get("status") == "done" and done.get("fingerprint") == fingerprint and all(o.exists() for o in outputs):
+        log(f"{part.describe()}: kept from an earlier attempt")
+        return True
+    if done.get("status") == "running" and _worker_alive(done.get("pid")):
+        raise InputError(f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
+                         f"log {part.log_path}); wait for it to end or stop it, then re-run")
+    return False
+
+
+def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Run the missing parts: the input capture (when a waiting worker needs it) beside the workers that
+    need no inputs, then the rest. Returns every part's result and the capture's (None when not needed).
+    A part already done with the same fingerprint is kept. Raises StageError naming each part that failed."""
+    fingerprints = {p.index: source_fingerprint(src, recipe, [p.start, p.stop]) for p in parts}
+    kept = {p.index for p in parts if _reusable(p, fingerprints[p.index], [p.model])}
+    todo = [p for p in parts if p.index not in kept]
+    capture, captures = plan_capture(parts), [p for p in parts if p.inputs]
+    capture_fp = source_fingerprint(src, recipe, [p.start for p in captures])
+    need_capture = any(p.inputs for p in todo) and not _reusable(capture, capture_fp, [p.inputs for p in captures])
+    launcher = _Launcher(src, recipe, len(parts))
+    results: dict[int, dict[str, Any]] = {}
+    try:
+        if need_capture:
+            launcher.start(capture, capture_fp, captures)
+        for part in todo:
+            if not (need_capture and part.inputs):
+                launcher.start(part, fingerprints[part.index], captures)
+        if need_capture:
+            results[CAPTURE] = launcher.wait(capture)
+        for part in todo:
+            if part.index not in launcher.procs and results[CAPTURE]["status"] == "done":
+                launcher.start(part, fingerprints[part.index], captures)
+        for part in todo:
+            if part.index in launcher.procs:
+                results[part.index] = launcher.wait(part)
+    except BaseException:
+        launcher.stop_all()
         raise
-    results = [part.result() or {} for part in parts]
-    failed = [f"{part.describe()} failed: {res.get('error') or f'exit {procs[part.index].returncode}, no result written'}"
-              f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"
-              for part, res in zip(parts, results) if res.get("status") != "done"]
+    failed = [res["error"] for res in results.values() if res["status"] != "done"]
     if failed:
         raise StageError("; ".join(failed) + "; finished ranges are kept, re-run the build to redo only the rest")
-    return [dict(res, kept=part.index in kept) for part, res in zip(parts, results)]
+    for index, res in results.items():
+        res.update(started_after_s=round(launcher.started_at[index] - launcher.t0, 3), kept=False)
+    out = [results.get(p.index) or dict(p.result() or {}, kept=True) for p in parts]
+    if captures and CAPTURE not in results:
+        results[CAPTURE] = dict(capture.result() or {}, kept=True)
+    return out, results.get(CAPTURE)
 
 
 # --- merging -------------------------------------------------------------------------------------------
 
-def _owner(layer: int, parts: list[Part]) -> int:
-    return next(p.index for p in parts if p.start <= layer < p.stop)
-
-
 def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part]) -> dict[str, Any]:
-    """One config as a sequential build writes it: per-layer entries (`dynamic`, `extra_config`, ...) of
-    each block from the worker that owns it, lists of module names joined."""
+    """One config as a sequential build writes it: each worker's per-layer entries (`dynamic`,
+    `extra_config`, ...) and module lists, numbered back to the blocks it had, joined."""
     merged = dict(configs[-1])
     for key, value in merged.items():
         if isinstance(value, dict):
-            merged[key] = {k: v for cfg, part in zip(configs, parts) for k, v in cfg.get(key, {}).items()
-                           if (layer := layer_index(k.replace("\\", ""))) is None or part.start <= layer < part.stop}
+            merged[key] = {shift_layer(k, part.start): v for cfg, part in zip(configs, parts)
+                           for k, v in cfg.get(key, {}).items()}
         elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-            names = {n for cfg in configs for group in cfg.get(key) or [] for n in group}
+            names = {shift_layer(n, part.start) for cfg, part in zip(configs, parts) for group in cfg.get(key) or []
+                     for n in group}
             merged[key] = [sorted(names)]
     return merged
 
 
 def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> dict[str, Any]:
-    """Write the merged checkpoint into `dest`: each block from its owner, the rest from the last part, whose
-    config gets back what its view changed (`VIEW_KEYS`, from the source's `src_config`)."""
+    """Write the merged checkpoint into `dest`: each worker's blocks numbered back, the rest from the last
+    worker, whose config gets back what its view changed (`VIEW_KEYS`, from the source's `src_config`)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -305,24 +383,22 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
     dest.mkdir(parents=True)
     last = parts[-1]
     sources = [Checkpoint.open(p.model) for p in parts]
-    jobs: list[tuple[Path, list[str]]] = []  # (source shard, tensor names taken from it)
+    jobs: list[tuple[Path, list[str], int]] = []  # (source shard, tensor names taken from it, block offset)
     for part, ckpt in zip(parts, sources):
         by_shard: dict[str, list[str]] = {}
         for name, shard in ckpt.weight_map.items():
-            layer = layer_index(name)
-            mine = part is last if layer is None else _owner(layer, parts) == part.index
-            if mine:
+            if part is last or layer_index(name) is not None:
                 by_shard.setdefault(shard, []).append(name)
-        jobs += [(part.model / shard, names) for shard, names in sorted(by_shard.items())]
+        jobs += [(part.model / shard, names, part.start) for shard, names in sorted(by_shard.items())]
     weight_map, total = {}, 0
     single = len(jobs) == 1
-    for i, (shard, names) in enumerate(jobs, 1):
+    for i, (shard, names, offset) in enumerate(jobs, 1):
         out_name = "model.safetensors" if single else f"model-{i:05d}-of-{len(jobs):05d}.safetensors"
         with safe_open(str(shard), "pt") as f:
-            tensors = {n: f.get_tensor(n) for n in names}
+            tensors = {shift_layer(n, offset): f.get_tensor(n) for n in names}
         save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
         total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update({n: out_name for n in names})
+        weight_map.update(dict.fromkeys(tensors, out_name))
         del tensors
     if not single:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -359,31 +435,41 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
     n_blocks = int(src.text_config["num_hidden_layers"])
     parts = plan_parts(run, n_blocks, recipe, gpus)
     log(f"{len(parts)} workers: " + ", ".join(p.describe() for p in parts))
-    if recipe.quantize.iters == 0:
-        log("note: with iters 0 (RTN) running the earlier blocks untuned costs about as much as quantizing them: "
-            "workers beyond the first save little time")
     with clock.span("parallel_quantization"):
-        results = run_workers(src, recipe, run, parts)
+        results, captured = run_workers(src, recipe, parts)
     with clock.span("merge"):
         merged = merge_parts(parts, work, src.config)
     sampler.sample()
     peak_vram = sampler.summary()["peak_vram_gb"] or {}
     blocks, workers = [], []
     for part, res in zip(parts, results):
-        own = res["blocks"][part.start:part.stop]
-        blocks += [dict(b, worker=part.index) for b in own]
+        blocks += [dict(b, index=b["index"] + part.start, worker=part.index) for b in res["blocks"]]
         workers.append({"index": part.index, "device": part.device, "blocks": [part.start, part.stop - 1],
-                        "wall_s": res["wall_s"], "prefix_s": round(sum(b["wall_s"] for b in res["blocks"][:part.start]), 3),
-                        "block_wall_s": [b["wall_s"] for b in own], "substages": res["substages"],
+                        "wall_s": res["wall_s"], "started_after_s": res.get("started_after_s"),
+                        "block_wall_s": [b["wall_s"] for b in res["blocks"]], "substages": res["substages"],
                         "peak_rss_gb": res["peak_rss_gb"], "peak_vram_gb": peak_vram.get(part.device),
                         "kept_from_earlier_attempt": res["kept"], "log": str(part.log_path)})
-    summaries = [r["autoround_summary"] for r in results if r.get("autoround_summary")]
+    capture = None
+    if captured:
+        cap = plan_capture(parts)
+        capture = {"device": cap.device, "forward_blocks": [0, cap.stop - 2], "wall_s": captured["wall_s"],
+                   "substages": captured["substages"], "peak_rss_gb": captured["peak_rss_gb"],
+                   "kept_from_earlier_attempt": captured["kept"], "log": str(cap.log_path)}
     kept = keep_16bit_layers(src, recipe)
     return {"blocks": blocks, "fixes_applied": sorted({f for r in results for f in r["fixes_applied"]}),
-            "autoround_summary": ({"quantized": sum(s["quantized"] for s in summaries), "total": summaries[-1]["total"]}
-                                  if len(summaries) == len(results) else None),
+            "autoround_summary": _merged_summary(results, blocks),
             "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(kept),
-            "parallel": {"workers": workers, "merged": merged, "prefix_cost": round(prefix_cost(recipe.quantize.iters), 3)}}
+            "parallel": {"workers": workers, "input_capture": capture, "merged": merged}}
+
+
+def _merged_summary(results: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> dict[str, int] | None:
+    """AutoRound's "quantized N/M layers in the model" for the merged model: every view has the layers
+    outside the blocks (counted once, from the last worker) and its own blocks."""
+    summaries = [r.get("autoround_summary") for r in results]
+    if not all(summaries):
+        return None
+    outside = summaries[-1]["total"] - sum(b["total"] for b in results[-1]["blocks"])
+    return {"quantized": sum(s["quantized"] for s in summaries), "total": sum(b["total"] for b in blocks) + outside}
 
 
 def finish(run: RunDir) -> None:
@@ -391,21 +477,43 @@ def finish(run: RunDir) -> None:
     shutil.rmtree(run.root / PARALLEL_DIR, ignore_errors=True)
 
 
+def capture_inputs(src: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path], logfile: Path,
+                   clock: Clock) -> dict[str, Any]:
+    """The input capture: AutoRound's calibration pass over `src` (a view ending after the last start), in
+    full precision, saving the inputs of each block in `starts` to its file in `files`."""
+    from reap.build import autoround_session
+
+    fixes: list[str] = []
+    unused = files[0].parent / "autoround-output"  # AutoRound is stopped before it writes anything
+    with autoround_session(src, recipe, logfile, clock, fixes, block_groups=[starts]) as (ar, _, _):
+        with clock.span("forward"), compat.autoround_captures_block_inputs(starts, files):
+            ar.quantize_and_save(str(unused), format=recipe.quantize.format)
+    shutil.rmtree(unused, ignore_errors=True)
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise StageError(f"AutoRound's calibration pass ended without the inputs {', '.join(missing)}")
+    return {"fixes_applied": fixes}
+
+
 def worker_main(spec_path: Path) -> int:
-    """One worker: quantize blocks [start, stop) of the view with AutoRound, write result.json."""
+    """One worker (quantize its range view with AutoRound) or the input capture; writes result.json."""
     from reap.build import _quantize
 
     spec = json.loads(spec_path.read_text())
     result: dict[str, Any] = {"status": "running", "fingerprint": spec["fingerprint"], "pid": os.getpid(),
-                              "range": [spec["start"], spec["stop"]], "device": spec["device"]}
+                              "device": spec["device"]}
     result_path = Path(spec["result"])
     atomic_write_text(result_path, json.dumps(result))
     clock, t0 = Clock(), time.perf_counter()
     try:
         recipe = Recipe.model_validate(spec["recipe"])
+        view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
         with ResourceSampler() as sampler:
-            out = _quantize(Checkpoint.open(Path(spec["view"])), recipe, Path(spec["out"]), Path(spec["log"]), clock,
-                            block_range=(spec["start"], spec["stop"]))
+            if spec["index"] == CAPTURE:
+                out = capture_inputs(view, recipe, spec["starts"], [Path(f) for f in spec["files"]], logfile, clock)
+            else:
+                out = _quantize(view, recipe, Path(spec["out"]), logfile, clock,
+                                block_inputs=Path(spec["inputs"]) if spec["inputs"] else None)
         result.update(out, status="done", substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
                       peak_rss_gb=sampler.summary()["peak_rss_gb"])
     except ReapError as exc:

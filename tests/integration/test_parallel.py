@@ -1,6 +1,6 @@
-"""Block-parallel build on the CPU: an 8-block demo model quantized by 2 worker processes (blocks 0-4 and 5-7:
-the second first runs 0-4 untuned), compared with the sequential build of the same recipe; a worker killed
-mid-run is redone alone by the re-run."""
+"""Block-parallel build on the CPU: an 8-block demo model quantized by 2 worker processes (blocks 0-3 and 4-7,
+the second starting from the inputs the input capture computed in full precision), compared with the
+sequential build of the same recipe; a worker killed mid-run is redone alone by the re-run."""
 
 from __future__ import annotations
 
@@ -71,14 +71,15 @@ def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(bu
     assert first["rc"] == 1 and not first["model_exists"]
     errors = [line for line in first["stderr"].splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in first["stderr"], first["stderr"][-3000:]
-    assert "worker 1 (CPU, blocks 5-7) failed" in errors[0] and "part-1/worker.log" in errors[0]
+    assert "worker 1 (CPU, blocks 4-7) failed" in errors[0] and "part-1/worker.log" in errors[0]
     assert "re-run the build to redo only the rest" in errors[0]
     assert first["manifest"]["stages"]["build"]["status"] == "failed"
     assert first["part0"]["status"] == "done"  # worker 0 finished its range although worker 1 died
-    assert first["part0_blocks"] == {0, 1, 2, 3, 4, None}  # it saved its own blocks only, no 16-bit copies of others
+    assert first["part0_blocks"] == {0, 1, 2, 3, None}  # its view held its own blocks only
     log = builds["rerun"].stderr
-    assert "worker 0 (CPU, blocks 0-4): kept from an earlier attempt" in log
-    assert "worker 1 (CPU, blocks 5-7): started" in log and "worker 0 (CPU, blocks 0-4): started" not in log
+    assert "worker 0 (CPU, blocks 0-3): kept from an earlier attempt" in log
+    assert "input capture (CPU, full-precision pass through blocks 0-3): kept from an earlier attempt" in log
+    assert "worker 1 (CPU, blocks 4-7): started" in log and "worker 0 (CPU, blocks 0-3): started" not in log
     assert not (builds["par"] / ".parallel").exists()  # removed once the merged checkpoint is in place
 
 
@@ -94,8 +95,8 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
                 safe_open(str(par.root / par.weight_map[name]), "pt") as b:
             ta, tb = a.get_tensor(name), b.get_tensor(name)
         assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
-        if (layer_index(name) or 0) < 5:  # worker 0's range saw the same inputs as the sequential build
-            assert ta.equal(tb), f"{name} differs although blocks 0-4 are computed alike"
+        if (layer_index(name) or 0) < 4:  # worker 0's range saw the same inputs as the sequential build
+            assert ta.equal(tb), f"{name} differs although blocks 0-3 are computed alike"
     build = manifest(builds["par"])["stages"]["build"]
     assert build["verification"]["passed"] and build["status"] == "done"
 
@@ -103,16 +104,51 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
 def test_manifest_and_card_record_each_worker(builds):
     build = manifest(builds["par"])["stages"]["build"]
     workers = build["parallel"]["workers"]
-    # worker 1 first runs blocks 0-4 untuned (the full-precision prefix), so it gets fewer blocks
-    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 4]), (1, "cpu", [5, 7])]
+    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 3]), (1, "cpu", [4, 7])]
     assert [w["kept_from_earlier_attempt"] for w in workers] == [True, False]
-    for w, n in zip(workers, (5, 3)):
-        assert len(w["block_wall_s"]) == n and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
-    assert workers[1]["prefix_s"] > 0 == workers[0]["prefix_s"]
-    assert [b["worker"] for b in build["blocks"]] == [0] * 5 + [1] * 3
+    for w in workers:
+        assert len(w["block_wall_s"]) == 4 and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
+    capture = build["parallel"]["input_capture"]
+    assert capture["forward_blocks"] == [0, 3] and capture["kept_from_earlier_attempt"] and capture["wall_s"] > 0
+    assert [(b["index"], b["worker"]) for b in build["blocks"]] == [(i, 0 if i < 4 else 1) for i in range(8)]
     assert all("loss_best" in b for b in build["blocks"])
+    assert build["autoround_summary"] == manifest(builds["seq"])["stages"]["build"]["autoround_summary"]
     card = (builds["par"] / "model" / "README.md").read_text()
-    assert "| worker 0 | CPU, blocks 0-4:" in card and "| worker 1 | CPU, blocks 5-7:" in card
+    assert "| worker 0 | CPU, blocks 0-3:" in card and "| worker 1 | CPU, blocks 4-7:" in card
+    assert "| input capture | CPU, full-precision pass through blocks 0-3:" in card
+
+
+def test_the_capture_saves_the_full_precision_inputs(demo8_source, tmp_path):
+    """The inputs the capture saves for block 4 (the one start of a 2-worker build) are what blocks 0-3 of the
+    source compute from block 0's inputs. (AutoRound, asked for one block, runs its calibration pass with
+    the MoE weights not loaded, assuming that block is the first: measured NaN inputs.)"""
+    import torch
+
+    from reap import compat
+    from reap.parallel import capture_inputs, write_view
+    from reap.recipe import load_recipe
+    from reap.stats import Clock
+
+    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo8_source), "quantize.nsamples": 4})
+    files = [tmp_path / "in-0.pt", tmp_path / "in-4.pt"]
+    for start, f in zip((0, 4), files):
+        write_view(demo8_source, tmp_path / f"view-{start}", start + 1)
+        capture_inputs(Checkpoint.open(tmp_path / f"view-{start}"), recipe, [start], [f], tmp_path / "log", Clock())
+    first, fourth = (torch.load(f, weights_only=True)["inputs"] for f in files)
+    assert len(first["hidden_states"]) == len(fourth["hidden_states"]) == 4
+    compat.ensure_torchvision_importable()
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(demo8_source), dtype=torch.bfloat16).eval()
+    for i in range(4):
+        h = first["hidden_states"][i]
+        kwargs = {"position_embeddings": first["position_embeddings"][i], "position_ids": first["position_ids"][i],
+                  "attention_mask": None}
+        with torch.no_grad():
+            for layer in model.model.language_model.layers[:4]:
+                out = layer(h, **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+        assert torch.isfinite(h).all() and h.equal(fourth["hidden_states"][i]), f"sample {i}"
 
 
 def test_demo_suite_score_matches_the_sequential_build(builds):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from reap.checkpoint import Checkpoint, layer_index
+from reap.checkpoint import Checkpoint, layer_index, shift_layer
 from reap.errors import InputError
-from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, prefix_cost, split_blocks,
+from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, split_blocks, write_range_view,
                            write_view)
 from reap.recipe import load_recipe
 from reap.resources import data_dir
@@ -19,29 +19,19 @@ from .ckpt_factory import make_checkpoint
 from .test_cli import DEMO_RECIPE, one_error_line, run
 
 
-@pytest.mark.parametrize("blocks,workers", [(8, 2), (60, 8), (9, 4), (4, 4), (61, 3)])
-@pytest.mark.parametrize("iters", [0, 20, 50, 200])
-def test_split_covers_every_block_once_in_order(blocks, workers, iters):
-    ranges = split_blocks(blocks, workers, prefix_cost(iters))
+@pytest.mark.parametrize("blocks,workers", [(8, 2), (60, 8), (9, 4), (4, 4), (61, 3), (8, 1)])
+def test_split_covers_every_block_once_in_order(blocks, workers):
+    ranges = split_blocks(blocks, workers)
     assert len(ranges) == workers
     assert ranges[0][0] == 0 and ranges[-1][1] == blocks
     assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
     sizes = [b - a for a, b in ranges]
-    assert min(sizes) >= 1 and sizes == sorted(sizes, reverse=True)  # later workers have a longer prefix
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)  # even, worker 0 (no wait) first
 
 
-def test_without_prefix_cost_the_split_is_even():
+def test_split_gives_the_remainder_to_the_first_workers():
     assert split_blocks(9, 4) == [(0, 3), (3, 5), (5, 7), (7, 9)]
-
-
-@pytest.mark.parametrize("workers", [2, 4, 8])
-def test_split_lets_the_workers_finish_together(workers):
-    """Worker k runs its `start` earlier blocks untuned first: the time of its range plus that prefix is
-    about the same for every worker, and better than an even split's slowest worker."""
-    cost = prefix_cost(200)
-    finish = [cost * a + (b - a) for a, b in split_blocks(60, workers, cost)]
-    even = [cost * a + (b - a) for a, b in split_blocks(60, workers)]
-    assert max(finish) - min(finish) <= 1 + cost and max(finish) < max(even)
+    assert split_blocks(8, 2) == [(0, 4), (4, 8)]
 
 
 def test_view_links_the_source_and_cuts_the_config(tmp_path):
@@ -55,55 +45,63 @@ def test_view_links_the_source_and_cuts_the_config(tmp_path):
     assert (src / "config.json").read_text() == before  # the source is never written
 
 
-def _part_outputs(tmp_path: Path) -> list[Part]:
-    """Two workers' outputs of a 2-block model: each holds both blocks, but only its own block is 'its' work:
-    the other block's tensors are zeroed to show which copy the merge took."""
-    from safetensors.torch import load_file, save_file
+def test_range_view_holds_its_blocks_renumbered_and_everything_else(tmp_path):
+    from safetensors import safe_open
 
+    src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
+    write_range_view(src, tmp_path / "view", 1, 2)
+    view = Checkpoint.open(tmp_path / "view")
+    cfg = view.text_config
+    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == src.text_config["layer_types"][1:2]
+    assert cfg["use_cache"] is False
+    expected = {shift_layer(n, -1) for n in src.weight_map if layer_index(n) in (1, None)}
+    assert set(view.weight_map) == expected and {layer_index(n) for n in view.weight_map} == {0, None}
+    for name in src.weight_map:
+        if layer_index(name) in (1, None):
+            with safe_open(str(src.root / src.weight_map[name]), "pt") as a, \
+                    safe_open(str(view.root / view.weight_map[shift_layer(name, -1)]), "pt") as b:
+                assert a.get_tensor(name).equal(b.get_tensor(shift_layer(name, -1))), name
+    assert not any(f.is_symlink() for f in view.root.glob("*.safetensors"))  # renamed copies, the source untouched
+    assert not (view.root / "model-00001-of-00002.safetensors").samefile(src.root / "model-00001-of-00002.safetensors")
+
+
+def _part_outputs(tmp_path: Path) -> tuple[Checkpoint, list[Part]]:
+    """Two workers' outputs of a 2-block model as workers leave them: block k numbered 0, the tensors outside
+    the blocks, a config of one block, and per-layer quantization entries of their block marked as theirs."""
+    src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
     parts = []
     for k in range(2):
         part = Part(k, k, k + 1, "cpu", tmp_path / f"part-{k}")
-        make_checkpoint(part.model)
-        ckpt = Checkpoint.open(part.model)
-        for shard in set(ckpt.weight_map.values()):
-            tensors = load_file(str(part.model / shard))
-            for name, t in tensors.items():
-                i = layer_index(name)
-                if (i is not None and i != k) or (i is None and k == 0):
-                    tensors[name] = t * 0
-            save_file(tensors, str(part.model / shard))
+        write_range_view(src, part.model, k, k + 1)
         cfg = json.loads((part.model / "config.json").read_text())
         extra = cfg["quantization_config"]["extra_config"]
-        for key in list(extra):
-            if layer_index(key.replace("\\", "")) != k:
-                extra[key] = {"bits": 16, "data_type": "worker-other"}
+        cfg["quantization_config"]["extra_config"] = {
+            shift_layer(key, -k): dict(value, data_type=f"worker-{k}") for key, value in extra.items()
+            if layer_index(key.replace("\\", "")) in (k, None)}
         (part.model / "config.json").write_text(json.dumps(cfg))
         parts.append(part)
-    return parts
+    return src, parts
 
 
-def test_merge_takes_each_block_from_its_worker_and_passes_the_gates(tmp_path):
+def test_merge_numbers_each_workers_blocks_back_and_passes_the_gates(tmp_path):
     from safetensors import safe_open
 
     from reap.verify import verify_checkpoint
 
-    parts = _part_outputs(tmp_path)
-    reference = Checkpoint.open(parts[0].model)
-    for part in parts:  # as a worker's view left them
-        cfg = json.loads((part.model / "config.json").read_text())
-        cfg["text_config"].update(num_hidden_layers=part.stop, layer_types=reference.text_config["layer_types"][:part.stop],
-                                  use_cache=False)
-        (part.model / "config.json").write_text(json.dumps(cfg))
-    info = merge_parts(parts, tmp_path / "merged", reference.config)
+    src, parts = _part_outputs(tmp_path)
+    info = merge_parts(parts, tmp_path / "merged", src.config)
     merged = Checkpoint.open(tmp_path / "merged")
     assert {k: merged.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")} == \
-        {k: reference.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")}
-    assert set(merged.weight_map) == set(reference.weight_map) and info["tensors"] == len(reference.weight_map)
+        {k: src.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")}
+    assert set(merged.weight_map) == set(src.weight_map) and info["tensors"] == len(src.weight_map)
     for name, shard in merged.weight_map.items():
-        with safe_open(str(merged.root / shard), "pt") as f:
-            assert f.get_tensor(name).abs().sum() > 0, f"{name} was taken from a worker that does not own it"
+        with safe_open(str(merged.root / shard), "pt") as a, safe_open(str(src.root / src.weight_map[name]), "pt") as b:
+            assert a.get_tensor(name).equal(b.get_tensor(name)), name
     extra = merged.quantization_config["extra_config"]
-    assert "worker-other" not in json.dumps(extra) and len(extra) == len(reference.quantization_config["extra_config"])
+    assert set(extra) == set(src.quantization_config["extra_config"])
+    for key, value in extra.items():
+        layer = layer_index(key.replace("\\", ""))
+        assert value["data_type"] == f"worker-{1 if layer is None else layer}", key
     assert verify_checkpoint(merged.root, tp=1)["passed"]
 
 
@@ -114,12 +112,10 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
     seq = {"bits": 4, "quant_method": "gptq", "dynamic": {entry(i, m): {} for i in range(12) for m in ("mlp\\.gate", "x")},
            "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]]}
     parts = [Part(0, 0, 6, "0", Path("p0")), Part(1, 6, 12, "1", Path("p1"))]
-    # what a worker says of blocks outside its range (here: as if untuned, 16-bit) is left out
-    def worker(own: range) -> dict:
-        return {entry(i, m): ({} if i in own else {"bits": 16}) for i in range(12) for m in ("mlp\\.gate", "x")}
-
-    w0 = dict(seq, dynamic=worker(range(0, 6)), modules_in_block_to_quantize=[["a", "b"]])
-    w1 = dict(seq, dynamic=worker(range(6, 12)), modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
+    # each worker numbers its blocks from 0
+    w0 = dict(seq, dynamic={entry(i, m): {} for i in range(6) for m in ("mlp\\.gate", "x")},
+              modules_in_block_to_quantize=[["a", "b"]])
+    w1 = dict(w0, modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
     assert merge_quantization_configs([w0, w1], parts) == seq
 
 
@@ -175,7 +171,7 @@ def test_a_worker_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
         (parts[1].root / "keep").write_text("the running worker's")
         with pytest.raises(InputError, match=rf"worker 1 \(CPU, blocks 1-1\) of an earlier attempt is still running "
                                              rf"\(pid {orphan.pid}"):
-            run_workers(src, recipe, run, parts)
+            run_workers(src, recipe, parts)
         assert (parts[1].root / "keep").is_file()
     finally:
         orphan.kill()
