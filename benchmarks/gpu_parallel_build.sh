@@ -31,12 +31,11 @@ if [ "$PHASE" = seq ] || [ "$PHASE" = all ]; then
   "$PY" benchmarks/make_slice.py "$WORK/slice" --layers "$LAYERS" --experts "$EXPERTS" --device "$DEVICE"
   du -sh "$WORK/slice"
   build "$WORK/run-1"
+  if [ -n "${OUT:-}" ]; then cp "$WORK/run-1/manifest.json" "$OUT/manifest-1.json"; fi
 fi
 if [ "$PHASE" = par ] || [ "$PHASE" = all ]; then
   # shellcheck disable=SC2086
   build "$WORK/run-$GPUS" $PAR_ARGS
   "$PY" benchmarks/parallel_compare.py "$WORK/run-1" "$WORK/run-$GPUS" ${OUT:+--json "$OUT/compare.json"}
-  if [ -n "${OUT:-}" ]; then
-    cp "$WORK/run-1/manifest.json" "$OUT/manifest-1.json"; cp "$WORK/run-$GPUS/manifest.json" "$OUT/manifest-$GPUS.json"
-  fi
+  if [ -n "${OUT:-}" ]; then cp "$WORK/run-$GPUS/manifest.json" "$OUT/manifest-$GPUS.json"; fi
 fi

@@ -171,9 +171,10 @@ LAYER_KEY_RE = re.compile(r"(?<![\w])(layers\\?\.)(\d+)(?=\\?\.)")
 
 
 def shift_layer(name: str, offset: int) -> str:
-    """`name` with its decoder block number moved by `offset`, also in the escaped form of AutoRound's
-    per-layer regex keys (`layers\\.3\\.`); names outside the decoder blocks unchanged."""
-    if layer_index(name.replace("\\", "")) is None:
+    """`name` with its decoder block number moved by `offset`, also in the escaped forms of the per-layer
+    regex keys of quantization configs (`.*layers\\.3\\.mlp\\.experts$`); names outside the decoder
+    blocks (no `layers.N.`, MTP, vision tower) unchanged."""
+    if name.replace("\\", "").lstrip("-+:.*^").startswith(("mtp.", "model.visual.")):
         return name
     return LAYER_KEY_RE.sub(lambda m: f"{m.group(1)}{int(m.group(2)) + offset}", name, count=1)
 

@@ -125,29 +125,22 @@ def _calibrator_call(call: Any) -> Iterator[None]:
 
 
 @contextmanager
-def autoround_captures_block_inputs(starts: list[int], files: list[Path]) -> Iterator[None]:
-    """Block-parallel builds compute the full-precision inputs of every worker's first block once: AutoRound's
-    calibration pass, asked to cache the inputs of blocks `starts` (it would cache only its first block's),
-    runs the materialized model up to the last of them; the inputs of `starts[i]` go to `files[i]` (with the calibration
-    token ids and the calibrator's batch settings, which AutoRound reads back from it) and AutoRound is
-    stopped there. AutoRound has no API to hand cached inputs from one run to another."""
+def autoround_captures_block_inputs(file: Path) -> Iterator[None]:
+    """Block-parallel builds start each worker from inputs computed once: AutoRound's calibration pass caches
+    the inputs of the first block it quantizes (calibration samples, batch layout, keyword arguments such as
+    the position embeddings); here they go to `file` (with the calibration token ids and the calibrator's
+    batch settings, which AutoRound reads back from it) and AutoRound is stopped there. AutoRound has no API
+    to hand cached inputs from one run to another."""
     import torch
-    from auto_round.modeling.fused_moe.replace_modules import materialize_model_
     from auto_round.utils import flatten_list, to_device
 
     def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
-        prefix = flatten_list(block_names)[0].rsplit(".", 1)[0]  # e.g. model.layers
-        names = [f"{prefix}.{s}" for s in starts]
-        # Asked for one block, AutoRound runs the calibration pass on the unmaterialized model (it assumes
-        # that block is the first and only the embedding runs): blocks before it would compute garbage.
-        materialize_model_(self.model)
-        inputs = orig(self, names, nsamples, layer_names=kwargs.get("layer_names"), last_cache_name=names[-1])
-        state = {key: getattr(self, key) for key in CALIBRATOR_STATE}
-        for name, path in zip(names, files):
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save({"inputs": to_device(inputs[name], "cpu"), "input_ids": to_device(inputs.get("input_ids"), "cpu"),
-                        "state": state}, tmp)
-            tmp.replace(path)
+        inputs = orig(self, block_names, nsamples, **kwargs)
+        tmp = file.with_name(file.name + ".tmp")
+        torch.save({"inputs": to_device(inputs[flatten_list(block_names)[0]], "cpu"),
+                    "input_ids": to_device(inputs.get("input_ids"), "cpu"),
+                    "state": {key: getattr(self, key) for key in CALIBRATOR_STATE}}, tmp)
+        tmp.replace(file)
         raise _InputsCaptured
 
     with _calibrator_call(call):

@@ -231,13 +231,12 @@ def plan_capture(parts: list[Part]) -> Part:
 
 
 def _worker_env(part: Part, workers: int) -> dict[str, str]:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if part.device == "cpu":  # share the cores: oversubscribed OpenMP threads make every worker crawl
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    else:
-        env["CUDA_VISIBLE_DEVICES"] = part.device
-    return env
+    """Each process sees its one GPU (or none) and a share of the cores: OpenMP threads oversubscribed by
+    every worker make CPU workers crawl (measured), and likely slowed the GPU workers' loading too (4 H200
+    workers on 64 cores took 57 s to load 2 blocks each, where a sequential build loads 8 in 26 s)."""
+    threads = str(max(1, (os.cpu_count() or 1) // workers))
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
+                CUDA_VISIBLE_DEVICES="" if part.device == "cpu" else part.device)
 
 
 def _worker_alive(pid: int | None) -> bool:
@@ -264,19 +263,23 @@ class _Launcher:
         self.started_at: dict[int, float] = {}
         self.t0 = time.time()
 
-    def start(self, part: Part, fingerprint: str, captures: list[Part]) -> None:
+    def prepare(self, part: Part, fingerprint: str, captures: list[Part]) -> None:
+        """Write the part's view and spec (the range views of waiting workers are written while the capture runs)."""
         shutil.rmtree(part.root, ignore_errors=True)
         spec: dict[str, Any] = {"recipe": _worker_recipe(self.recipe, part), "view": str(part.view),
                                 "index": part.index, "device": part.device, "fingerprint": fingerprint,
                                 "result": str(part.result_path), "log": str(part.log_path)}
-        if part.index == CAPTURE:
-            write_view(self.src.root, part.view, part.stop)
-            spec.update(starts=[p.start for p in captures], files=[str(p.inputs) for p in captures])
+        if part.index == CAPTURE:  # AutoRound gives block 0's inputs: its view ends after block 0
+            write_view(self.src.root, part.view, 1)
+            spec.update(source=str(self.src.root), starts=[p.start for p in captures],
+                        files=[str(p.inputs) for p in captures])
         else:
             write_range_view(self.src, part.view, part.start, part.stop)
             spec.update(out=str(part.model), range=[part.start, part.stop],
                         inputs=str(part.inputs) if part.inputs else None)
         atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
+
+    def launch(self, part: Part) -> None:
         log(f"{part.describe()}: started (log {part.log_path})")
         self.started_at[part.index] = time.time()
         with open(part.root / "stdout.log", "w") as out:
@@ -284,16 +287,18 @@ class _Launcher:
                 [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
                 env=_worker_env(part, self.workers), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait(self, part: Part) -> dict[str, Any]:
+    def wait(self, part: Part, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
+        """Wait for the part's process; its result (a failure as one line naming it) goes into `results`."""
         proc = self.procs[part.index]
         proc.wait()
         res = part.result() or {}
         log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
-        if res.get("status") == "done":
-            return res
-        return {"status": "failed", "error": f"{part.describe()} failed: "
-                f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
-                f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
+        if res.get("status") != "done":
+            res = {"status": "failed", "error": f"{part.describe()} failed: "
+                   f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
+                   f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
+        results[part.index] = res
+        return res
 
     def stop_all(self) -> None:
         from reap.serve import stop_group
@@ -330,18 +335,19 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
     results: dict[int, dict[str, Any]] = {}
     try:
         if need_capture:
-            launcher.start(capture, capture_fp, captures)
-        for part in todo:
-            if not (need_capture and part.inputs):
-                launcher.start(part, fingerprints[part.index], captures)
-        if need_capture:
-            results[CAPTURE] = launcher.wait(capture)
-        for part in todo:
-            if part.index not in launcher.procs and results[CAPTURE]["status"] == "done":
-                launcher.start(part, fingerprints[part.index], captures)
+            launcher.prepare(capture, capture_fp, captures)
+            launcher.launch(capture)
+        waiting = [p for p in todo if need_capture and p.inputs]
+        for part in [p for p in todo if p not in waiting] + waiting:
+            launcher.prepare(part, fingerprints[part.index], captures)
+            if part not in waiting:
+                launcher.launch(part)
+        if need_capture and launcher.wait(capture, results)["status"] == "done":
+            for part in waiting:
+                launcher.launch(part)
         for part in todo:
             if part.index in launcher.procs:
-                results[part.index] = launcher.wait(part)
+                launcher.wait(part, results)
     except BaseException:
         launcher.stop_all()
         raise
@@ -477,22 +483,48 @@ def finish(run: RunDir) -> None:
     shutil.rmtree(run.root / PARALLEL_DIR, ignore_errors=True)
 
 
-def capture_inputs(src: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path], logfile: Path,
-                   clock: Clock) -> dict[str, Any]:
-    """The input capture: AutoRound's calibration pass over `src` (a view ending after the last start), in
-    full precision, saving the inputs of each block in `starts` to its file in `files`."""
+def capture_inputs(src: Checkpoint, view: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path],
+                   logfile: Path, clock: Clock) -> dict[str, Any]:
+    """The input capture. Block 0's inputs come from AutoRound's calibration pass over `view` (the source cut
+    after block 0: its embedding and first block), so they are exactly what a sequential build tunes on;
+    then the blocks before the last start run in full precision one at a time, each streamed from the
+    source's shards (`reap prune`'s loader) and dropped after, on the GPU when there is one; the inputs of
+    each block in `starts` go to its file in `files`. Host RAM: one block and the activations."""
+    import torch
+
     from reap.build import autoround_session
+    from reap.prune import decoder_layer, moe_layout, text_config
 
     fixes: list[str] = []
+    first = files[0].with_name("inputs-0.pt")
     unused = files[0].parent / "autoround-output"  # AutoRound is stopped before it writes anything
-    with autoround_session(src, recipe, logfile, clock, fixes, block_groups=[starts]) as (ar, _, _):
-        with clock.span("forward"), compat.autoround_captures_block_inputs(starts, files):
+    with autoround_session(view, recipe, logfile, clock, fixes) as (ar, _, _):
+        with clock.span("calibration_caching"), compat.autoround_captures_block_inputs(first):
             ar.quantize_and_save(str(unused), format=recipe.quantize.format)
     shutil.rmtree(unused, ignore_errors=True)
-    missing = [str(f) for f in files if not f.is_file()]
-    if missing:
-        raise StageError(f"AutoRound's calibration pass ended without the inputs {', '.join(missing)}")
-    return {"fixes_applied": fixes}
+    from auto_round.utils import to_device  # importable once autoround_session made torchvision so
+
+    if not first.is_file():
+        raise StageError(f"AutoRound's calibration pass ended without caching block 0's inputs (log: {logfile})")
+    saved = torch.load(first, weights_only=True)
+    hidden = list(saved["inputs"]["hidden_states"])
+    others = {k: v for k, v in saved["inputs"].items() if k not in ("hidden_states", "positional_inputs")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout, config = moe_layout(src), text_config(src)
+    with clock.span("forward"), torch.inference_mode():
+        for i in range(max(starts)):
+            layer = decoder_layer(src, layout, config, i, device)
+            for j, h in enumerate(hidden):  # one sample at a time, with its own keyword arguments, as AutoRound
+                kwargs = {k: to_device(v[j] if isinstance(v, list) else v, device) for k, v in others.items()}
+                out = layer(h.to(device), **kwargs)
+                hidden[j] = (out[0] if isinstance(out, tuple) else out).to("cpu")
+            del layer
+            if i + 1 in starts:
+                file = files[starts.index(i + 1)]
+                tmp = file.with_name(file.name + ".tmp")
+                torch.save(dict(saved, inputs=dict(saved["inputs"], hidden_states=hidden)), tmp)
+                tmp.replace(file)
+    return {"fixes_applied": fixes, "device": device}
 
 
 def worker_main(spec_path: Path) -> int:
@@ -510,7 +542,8 @@ def worker_main(spec_path: Path) -> int:
         view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
         with ResourceSampler() as sampler:
             if spec["index"] == CAPTURE:
-                out = capture_inputs(view, recipe, spec["starts"], [Path(f) for f in spec["files"]], logfile, clock)
+                out = capture_inputs(Checkpoint.open(Path(spec["source"])), view, recipe, spec["starts"],
+                                     [Path(f) for f in spec["files"]], logfile, clock)
             else:
                 out = _quantize(view, recipe, Path(spec["out"]), logfile, clock,
                                 block_inputs=Path(spec["inputs"]) if spec["inputs"] else None)

@@ -249,7 +249,7 @@ def layer_state(ckpt: Checkpoint, layout: MoeLayout, i: int) -> dict[str, Any]:
     return state
 
 
-def _text_config(ckpt: Checkpoint):
+def text_config(ckpt: Checkpoint) -> Any:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(ckpt.root)).get_text_config()
@@ -298,6 +298,19 @@ def _load_layer(layer, state: dict[str, Any], where: str) -> None:
                          f"unexpected {result.unexpected_keys}")
 
 
+def decoder_layer(ckpt: Checkpoint, layout: MoeLayout, config: Any, i: int, device: str) -> Any:
+    """Decoder layer i of `ckpt` on `device`, its weights streamed from the shards (held once)."""
+    import importlib
+
+    import torch
+
+    module_name, layer_cls, _ = ARCHS[layout.model_type]
+    with torch.device("meta"):
+        layer = getattr(importlib.import_module(module_name), layer_cls)(config, i)
+    _load_layer(layer, layer_state(ckpt, layout, i), f"{ckpt.root}: layer {i}")
+    return layer.to(device).eval()
+
+
 def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], device: str,
             on_layer: Callable[[int, float], None] | None = None) -> dict[int, ExpertStats]:
     """Run the calibration samples through the model block by block, weights streamed from the shards, with
@@ -310,9 +323,9 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
     from reap.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()  # transformers' Qwen3.5 module imports torchvision
-    module_name, layer_cls, rotary_cls = ARCHS[layout.model_type]
+    module_name, _, rotary_cls = ARCHS[layout.model_type]
     modeling = importlib.import_module(module_name)
-    config = _text_config(ckpt)
+    config = text_config(ckpt)
     embed: dict[str, Any] = {}
     read_tensors(ckpt, [layout.embed_key], embed.__setitem__)
     hidden = [F.embedding(torch.tensor(samples[b:b + BATCH]), embed[layout.embed_key])
@@ -323,10 +336,7 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
     with torch.inference_mode():
         for i in range(config.num_hidden_layers):
             t0 = time.perf_counter()
-            with torch.device("meta"):
-                layer = getattr(modeling, layer_cls)(config, i)
-            _load_layer(layer, layer_state(ckpt, layout, i), f"{ckpt.root}: layer {i}")
-            layer.to(device).eval()
+            layer = decoder_layer(ckpt, layout, config, i, device)
             handle = observe_block(layer.mlp, stats[i]) if i in stats else None
             for b, h in enumerate(hidden):
                 h = h.to(device)

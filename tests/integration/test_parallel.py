@@ -118,10 +118,9 @@ def test_manifest_and_card_record_each_worker(builds):
     assert "| input capture | CPU, full-precision pass through blocks 0-3:" in card
 
 
-def test_the_capture_saves_the_full_precision_inputs(demo8_source, tmp_path):
-    """The inputs the capture saves for block 4 (the one start of a 2-worker build) are what blocks 0-3 of the
-    source compute from block 0's inputs. (AutoRound, asked for one block, runs its calibration pass with
-    the MoE weights not loaded, assuming that block is the first: measured NaN inputs.)"""
+def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path):
+    """The inputs the capture saves for blocks 2 and 4 (block 0's from AutoRound, then blocks streamed from
+    the shards one at a time) are the hidden states transformers' whole model computes for the same tokens."""
     import torch
 
     from reap import compat
@@ -130,25 +129,25 @@ def test_the_capture_saves_the_full_precision_inputs(demo8_source, tmp_path):
     from reap.stats import Clock
 
     recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo8_source), "quantize.nsamples": 4})
-    files = [tmp_path / "in-0.pt", tmp_path / "in-4.pt"]
-    for start, f in zip((0, 4), files):
-        write_view(demo8_source, tmp_path / f"view-{start}", start + 1)
-        capture_inputs(Checkpoint.open(tmp_path / f"view-{start}"), recipe, [start], [f], tmp_path / "log", Clock())
-    first, fourth = (torch.load(f, weights_only=True)["inputs"] for f in files)
-    assert len(first["hidden_states"]) == len(fourth["hidden_states"]) == 4
+    write_view(demo8_source, tmp_path / "view", 1)
+    files = [tmp_path / "inputs-2.pt", tmp_path / "inputs-4.pt"]
+    capture_inputs(Checkpoint.open(demo8_source), Checkpoint.open(tmp_path / "view"), recipe, [2, 4], files,
+                   tmp_path / "log", Clock())
+    first = torch.load(tmp_path / "inputs-0.pt", weights_only=True)["inputs"]["hidden_states"]
+    captured = [torch.load(f, weights_only=True)["inputs"]["hidden_states"] for f in files]
+    assert len(first) == 4 and all(len(c) == 4 for c in captured)
     compat.ensure_torchvision_importable()
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(str(demo8_source), dtype=torch.bfloat16).eval()
-    for i in range(4):
-        h = first["hidden_states"][i]
-        kwargs = {"position_embeddings": first["position_embeddings"][i], "position_ids": first["position_ids"][i],
-                  "attention_mask": None}
+    embed = model.get_input_embeddings().weight
+    for j, h0 in enumerate(first):
+        tokens = (h0[0][:, None, :] == embed[None]).all(-1).int().argmax(-1)  # the embedding rows h0 is made of
+        assert embed[tokens].equal(h0[0])
         with torch.no_grad():
-            for layer in model.model.language_model.layers[:4]:
-                out = layer(h, **kwargs)
-                h = out[0] if isinstance(out, tuple) else out
-        assert torch.isfinite(h).all() and h.equal(fourth["hidden_states"][i]), f"sample {i}"
+            states = model(input_ids=tokens[None], output_hidden_states=True, use_cache=False).hidden_states
+        for c, start in zip(captured, (2, 4)):
+            assert torch.isfinite(c[j]).all() and c[j].equal(states[start]), f"sample {j}, block {start}"
 
 
 def test_demo_suite_score_matches_the_sequential_build(builds):

@@ -109,12 +109,15 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
     def entry(layer: int, module: str) -> str:
         return rf"-:.*model\.language_model\.layers\.{layer}\.{module}.*"
 
-    seq = {"bits": 4, "quant_method": "gptq", "dynamic": {entry(i, m): {} for i in range(12) for m in ("mlp\\.gate", "x")},
+    def dynamic(blocks: range) -> dict:  # as AutoRound and compat.gptq_skip_16bit_moe write them
+        return {**{entry(i, m): {} for i in blocks for m in ("mlp\\.gate", "x")},
+                **{rf"-:.*layers\.{i}\.mlp\.experts$": {} for i in blocks}}
+
+    seq = {"bits": 4, "quant_method": "gptq", "dynamic": dynamic(range(12)),
            "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]]}
     parts = [Part(0, 0, 6, "0", Path("p0")), Part(1, 6, 12, "1", Path("p1"))]
     # each worker numbers its blocks from 0
-    w0 = dict(seq, dynamic={entry(i, m): {} for i in range(6) for m in ("mlp\\.gate", "x")},
-              modules_in_block_to_quantize=[["a", "b"]])
+    w0 = dict(seq, dynamic=dynamic(range(6)), modules_in_block_to_quantize=[["a", "b"]])
     w1 = dict(w0, modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
     assert merge_quantization_configs([w0, w1], parts) == seq
 
