@@ -86,8 +86,9 @@ def block_memory_estimate(src: Checkpoint, recipe: Recipe) -> int:
 
 
 def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_gb: list[float]) -> None:
-    """Refuse, before any weight is read, what cannot run: more workers than blocks, more GPUs asked for than
-    visible, a GPU too small for one block."""
+    """Refuse, before any weight is read, what cannot run: more workers than blocks, a GPU too small for one
+    block. (More GPUs asked for than visible is refused by the CLI's --gpus; a recipe's `parallel` above the
+    visible GPUs queues its workers.)"""
     n = recipe.quantize.parallel
     blocks = int(src.text_config.get("num_hidden_layers", 0))
     if n > blocks:
@@ -95,9 +96,6 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
                          f"use at most {blocks} workers")
     if recipe.quantize.device_map == "cpu":
         return
-    if gpus and n > len(gpus):
-        raise InputError(f"{n} workers (--gpus / quantize.parallel) but {len(gpus)} GPUs are visible; "
-                         f"use at most {len(gpus)}")
     if gpus:
         need = block_memory_estimate(src, recipe)
         smallest = min(gpu_memory_gb[:n])
@@ -218,8 +216,9 @@ class Part:
 
 
 def plan_parts(run: RunDir, n_blocks: int, recipe: Recipe, gpus: list[str]) -> list[Part]:
+    """The workers' ranges and devices: worker k on GPU k modulo the GPUs (so more workers than GPUs queue)."""
     root = run.root / PARALLEL_DIR
-    return [Part(k, a, b, gpus[k] if gpus else "cpu", root / f"part-{k}",
+    return [Part(k, a, b, gpus[k % len(gpus)] if gpus else "cpu", root / f"part-{k}",
                  inputs=root / "capture" / f"inputs-{a}.pt" if a else None)
             for k, (a, b) in enumerate(split_blocks(n_blocks, recipe.quantize.parallel))]
 
@@ -254,20 +253,52 @@ def _worker_recipe(recipe: Recipe, part: Part) -> dict[str, Any]:
     return data
 
 
-class _Launcher:
-    """Starts worker and capture processes (`python -m reap.parallel SPEC`, own session) and stops them all."""
+def _workers_at_once(recipe: Recipe, parts: list[Part]) -> int:
+    """How many workers run at the same time: `quantize.workers_at_once`, else one per GPU (all on the CPU)."""
+    devices = {p.device for p in parts}
+    default = len(parts) if devices == {"cpu"} else len(devices)
+    return min(recipe.quantize.workers_at_once or default, default)
 
-    def __init__(self, src: Checkpoint, recipe: Recipe, workers: int):
-        self.src, self.recipe, self.workers = src, recipe, workers
+
+class _Launcher:
+    """Starts worker and capture processes (`python -m reap.parallel SPEC`, own session), at most one per
+    GPU and `at_once` in all, and stops them all."""
+
+    def __init__(self, src: Checkpoint, recipe: Recipe, at_once: int, fingerprints: dict[int, str],
+                 captures: list[Part]):
+        self.src, self.recipe, self.workers = src, recipe, at_once
+        self.fingerprints, self.captures = fingerprints, captures
         self.procs: dict[int, subprocess.Popen] = {}
+        self.parts: dict[int, Part] = {}
         self.started_at: dict[int, float] = {}
         self.t0 = time.time()
 
-    def prepare(self, part: Part, fingerprint: str, captures: list[Part]) -> None:
-        """Write the part's view and spec (the range views of waiting workers are written while the capture runs)."""
+    def running(self) -> list[Part]:
+        return [self.parts[i] for i, proc in self.procs.items() if proc.returncode is None]
+
+    def free(self, part: Part, at_once: int) -> bool:
+        """Whether `part` may start now: its GPU is free and fewer than `at_once` workers run (the capture,
+        one block in RAM, runs beside them)."""
+        running = self.running()
+        return len(running) < at_once + (CAPTURE in {p.index for p in running}) and (
+            part.device == "cpu" or part.device not in {p.device for p in running})
+
+    def wait_any(self, results: dict[int, dict[str, Any]]) -> Part:
+        """Wait until a running process ends; its result goes into `results`."""
+        while True:
+            for part in self.running():
+                if self.procs[part.index].poll() is not None:
+                    self.wait(part, results)
+                    return part
+            time.sleep(0.5)
+
+    def prepare(self, part: Part) -> None:
+        """Write the part's view and spec: just before it starts, or while the capture runs. A worker's view
+        (its blocks, copied) is removed once it is done."""
+        captures = self.captures
         shutil.rmtree(part.root, ignore_errors=True)
         spec: dict[str, Any] = {"recipe": _worker_recipe(self.recipe, part), "view": str(part.view),
-                                "index": part.index, "device": part.device, "fingerprint": fingerprint,
+                                "index": part.index, "device": part.device, "fingerprint": self.fingerprints[part.index],
                                 "result": str(part.result_path), "log": str(part.log_path)}
         if part.index == CAPTURE:  # AutoRound gives block 0's inputs: its view ends after block 0
             write_view(self.src.root, part.view, 1)
@@ -280,7 +311,10 @@ class _Launcher:
         atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
 
     def launch(self, part: Part) -> None:
+        if not (part.root / "spec.json").is_file():
+            self.prepare(part)
         log(f"{part.describe()}: started (log {part.log_path})")
+        self.parts[part.index] = part
         self.started_at[part.index] = time.time()
         with open(part.root / "stdout.log", "w") as out:
             self.procs[part.index] = subprocess.Popen(
@@ -293,7 +327,9 @@ class _Launcher:
         proc.wait()
         res = part.result() or {}
         log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
-        if res.get("status") != "done":
+        if res.get("status") == "done":
+            shutil.rmtree(part.view, ignore_errors=True)
+        else:
             res = {"status": "failed", "error": f"{part.describe()} failed: "
                    f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
                    f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
@@ -331,23 +367,28 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
     capture, captures = plan_capture(parts), [p for p in parts if p.inputs]
     capture_fp = source_fingerprint(src, recipe, [p.start for p in captures])
     need_capture = any(p.inputs for p in todo) and not _reusable(capture, capture_fp, [p.inputs for p in captures])
-    launcher = _Launcher(src, recipe, len(parts))
+    at_once = _workers_at_once(recipe, parts)
+    launcher = _Launcher(src, recipe, at_once, {**fingerprints, CAPTURE: capture_fp}, captures)
     results: dict[int, dict[str, Any]] = {}
     try:
         if need_capture:
-            launcher.prepare(capture, capture_fp, captures)
             launcher.launch(capture)
         waiting = [p for p in todo if need_capture and p.inputs]
-        for part in [p for p in todo if p not in waiting] + waiting:
-            launcher.prepare(part, fingerprints[part.index], captures)
-            if part not in waiting:
+        queue = [p for p in todo if p not in waiting] + waiting
+        for part in queue:  # the views of the first waiting workers are written while the capture runs
+            if part not in waiting and launcher.free(part, at_once):
                 launcher.launch(part)
-        if need_capture and launcher.wait(capture, results)["status"] == "done":
-            for part in waiting:
-                launcher.launch(part)
-        for part in todo:
-            if part.index in launcher.procs:
-                launcher.wait(part, results)
+            elif part in waiting[:at_once]:
+                launcher.prepare(part)
+        queue = [p for p in queue if p.index not in launcher.procs]
+        while launcher.running():
+            done = launcher.wait_any(results)
+            if done.index == CAPTURE and results[CAPTURE]["status"] != "done":
+                queue = [p for p in queue if p not in waiting]  # they cannot start: the capture's error says why
+            for part in list(queue):
+                if (part not in waiting or CAPTURE in results) and launcher.free(part, at_once):
+                    launcher.launch(part)
+                    queue.remove(part)
     except BaseException:
         launcher.stop_all()
         raise

@@ -57,8 +57,12 @@ class QuantizeSection(_Section):
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
     enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")
-    parallel: int = Field(1, ge=1, description="worker processes quantizing contiguous block ranges at once, one "
-                          "per GPU (`reap build --gpus N`); CPU processes sharing the cores where no GPU is used")
+    parallel: int = Field(1, ge=1, description="worker processes quantizing contiguous block ranges, one per GPU "
+                          "(`reap build --gpus N`); more workers than GPUs queue, one at a time per GPU; CPU "
+                          "processes sharing the cores where no GPU is used")
+    workers_at_once: int | None = Field(None, ge=1, description="at most this many workers run at the same time "
+                                        "(default: one per GPU; on the CPU all): each running worker holds its "
+                                        "range in host RAM, so fewer at once bound the build's peak RAM")
     routed_experts: Literal["quantize", "keep_16bit", "auto"] = Field(
         "quantize", description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
         "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor")

@@ -129,8 +129,7 @@ def test_refusals_before_anything_runs(tmp_path):
     with pytest.raises(InputError, match="model has 2 decoder blocks; use at most 2 workers"):
         check_parallel(src, recipe, ["0", "1", "2"], [80.0] * 3)
     recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"parallel": 2})})
-    with pytest.raises(InputError, match="2 workers .* but 1 GPUs are visible"):
-        check_parallel(src, recipe, ["0"], [80.0])
+    check_parallel(src, recipe, ["0"], [80.0])  # more workers than GPUs queue
     with pytest.raises(InputError, match=r"one block needs about .* GB of GPU memory .* smallest GPU has 0.0 GB"):
         check_parallel(src, recipe, ["0", "1"], [80.0, 1e-6])
     check_parallel(src, recipe, ["0", "1"], [80.0, 80.0])  # fits
@@ -192,3 +191,41 @@ def test_gpu_workers_run_on_their_one_visible_gpu():
     env = _worker_env(cpu, 2)
     assert _worker_recipe(recipe, cpu)["quantize"]["device_map"] == "cpu"
     assert env["CUDA_VISIBLE_DEVICES"] == "" and int(env["OMP_NUM_THREADS"]) >= 1
+
+
+class _Proc:
+    def __init__(self, returncode=None):
+        self.returncode = returncode
+
+
+def test_workers_beyond_the_gpus_queue_one_per_gpu(tmp_path):
+    from reap.parallel import _Launcher, _workers_at_once, plan_parts
+    from reap.rundir import RunDir
+
+    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 5, "quantize.device_map": "auto"})
+    parts = plan_parts(RunDir(tmp_path), 10, recipe, ["0", "1"])
+    assert [p.device for p in parts] == ["0", "1", "0", "1", "0"]
+    at_once = _workers_at_once(recipe, parts)
+    assert at_once == 2
+    launcher = _Launcher(None, recipe, at_once, {}, [])
+    launcher.parts, launcher.procs = {0: parts[0]}, {0: _Proc()}
+    assert not launcher.free(parts[2], at_once) and launcher.free(parts[1], at_once)  # GPU 0 is busy
+    launcher.procs[0].returncode = 0
+    assert launcher.free(parts[2], at_once)
+
+
+def test_workers_at_once_bounds_cpu_workers(tmp_path):
+    from reap.parallel import CAPTURE, Part, _Launcher, _workers_at_once, plan_parts
+    from reap.rundir import RunDir
+
+    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 4})
+    parts = plan_parts(RunDir(tmp_path), 8, recipe, [])
+    assert _workers_at_once(recipe, parts) == 4  # CPU workers all at once by default
+    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 4, "quantize.workers_at_once": 1})
+    at_once = _workers_at_once(recipe, parts)
+    launcher = _Launcher(None, recipe, at_once, {}, [])
+    capture = Part(CAPTURE, 0, 7, "cpu", tmp_path / "capture")
+    launcher.parts, launcher.procs = {CAPTURE: capture}, {CAPTURE: _Proc()}
+    assert launcher.free(parts[0], at_once)  # the capture runs beside one worker
+    launcher.parts[0], launcher.procs[0] = parts[0], _Proc()
+    assert not launcher.free(parts[1], at_once)
