@@ -148,11 +148,11 @@ def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str,
 
 
 @contextlib.contextmanager
-def autoround_session(src: Checkpoint, recipe: Recipe, logfile: Path, clock: Clock, fixes: list[str],
-                      block_groups: list[list[int]] | None = None) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
+def autoround_session(src: Checkpoint, recipe: Recipe, logfile: Path, clock: Clock,
+                      fixes: list[str]) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
     """AutoRound set up on `src` with the recipe's settings and its log watched; yields (AutoRound, watcher,
-    layer_config). `block_groups` (decoder block indices) becomes its `to_quant_block_names`. Its failures
-    inside the block become StageError; the compatibility fixes applied are appended to `fixes`."""
+    layer_config). Its failures inside the block become StageError; the compatibility fixes applied are
+    appended to `fixes`."""
     kept = keep_16bit_layers(src, recipe)
     layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
     with AutoRoundWatcher(logfile) as watch:
@@ -164,9 +164,6 @@ def autoround_session(src: Checkpoint, recipe: Recipe, logfile: Path, clock: Clo
                 fixes.append("autoround_text_only")
                 layer_config = compat.text_only_layer_names(layer_config)
             kwargs = _autoround_kwargs(recipe, layer_config)
-            if block_groups:
-                prefix = "model.language_model.layers" if src.is_vl and not text_only else "model.layers"
-                kwargs["to_quant_block_names"] = [[f"{prefix}.{i}" for i in group] for group in block_groups]
             try:
                 with clock.span("weight_loading"):
                     ar = AutoRound(model=str(src.root), **kwargs)

@@ -78,7 +78,7 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
         line = (f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
                 f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}")
         if w["blocks"][0] > 0 and w.get("started_after_s"):
-            line += f", started after the input capture, at {fmt_seconds(w['started_after_s'])}"
+            line += f", started at {fmt_seconds(w['started_after_s'])} (its inputs from the capture)"
         if w.get("peak_vram_gb") is not None:
             line += f", peak GPU memory {w['peak_vram_gb']:.1f} GB"
         workers.append((f"worker {w['index']}", line))

@@ -5,8 +5,10 @@ without GPUs, CPU processes sharing the cores). Each worker runs real AutoRound 
 checkpoint of its own blocks only, renumbered from 0, beside the source's other tensors (embeddings, norm,
 head), so it loads and holds its blocks and nothing else. Inside its range the quantized outputs feed the
 next block, exactly as in a sequential build. Its first block's inputs come from the *input capture*,
-computed once for all workers: one AutoRound calibration pass in full precision over the blocks before the
-last range, which saves the inputs of every range's first block (worker 0 needs none and starts at once).
+computed once for all workers: AutoRound's calibration pass gives block 0's inputs, then the blocks before the
+last range run in full precision one at a time, streamed from the shards, and the inputs of every range's
+first block are saved as the pass reaches it; each worker starts as soon as its inputs are there (worker 0
+needs none). More workers than GPUs queue, one per GPU; `quantize.workers_at_once` bounds how many run.
 `merge_parts` numbers each worker's blocks back and joins the workers' quantization configs into one, so
 the result has the tensor names and `quantization_config` of a sequential build. The usual gates then run.
 
@@ -269,7 +271,7 @@ class _Launcher:
         self.src, self.recipe, self.workers = src, recipe, at_once
         self.fingerprints, self.captures = fingerprints, captures
         self.procs: dict[int, subprocess.Popen] = {}
-        self.parts: dict[int, Part] = {}
+        self.parts: dict[int, Part] = {}  # prepared: folder written anew (what an earlier attempt left is gone)
         self.started_at: dict[int, float] = {}
         self.t0 = time.time()
 
@@ -277,25 +279,24 @@ class _Launcher:
         return [self.parts[i] for i, proc in self.procs.items() if proc.returncode is None]
 
     def free(self, part: Part, at_once: int) -> bool:
-        """Whether `part` may start now: its GPU is free and fewer than `at_once` workers run (the capture,
-        one block in RAM, runs beside them)."""
+        """Whether `part` may start now: its GPU is free and fewer than `at_once` processes run (the capture
+        counts as one)."""
         running = self.running()
-        return len(running) < at_once + (CAPTURE in {p.index for p in running}) and (
-            part.device == "cpu" or part.device not in {p.device for p in running})
+        return len(running) < at_once and (part.device == "cpu" or part.device not in {p.device for p in running})
 
-    def wait_any(self, results: dict[int, dict[str, Any]]) -> Part:
-        """Wait until a running process ends; its result goes into `results`."""
-        while True:
-            for part in self.running():
-                if self.procs[part.index].poll() is not None:
-                    self.wait(part, results)
-                    return part
-            time.sleep(0.5)
+    def poll(self, results: dict[int, dict[str, Any]]) -> Part | None:
+        """A process that has ended (its result put into `results`), or None."""
+        for part in self.running():
+            if self.procs[part.index].poll() is not None:
+                self.wait(part, results)
+                return part
+        return None
 
     def prepare(self, part: Part) -> None:
         """Write the part's view and spec: just before it starts, or while the capture runs. A worker's view
         (its blocks, copied) is removed once it is done."""
         captures = self.captures
+        self.parts[part.index] = part
         shutil.rmtree(part.root, ignore_errors=True)
         spec: dict[str, Any] = {"recipe": _worker_recipe(self.recipe, part), "view": str(part.view),
                                 "index": part.index, "device": part.device, "fingerprint": self.fingerprints[part.index],
@@ -311,10 +312,9 @@ class _Launcher:
         atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
 
     def launch(self, part: Part) -> None:
-        if not (part.root / "spec.json").is_file():
+        if part.index not in self.parts:
             self.prepare(part)
         log(f"{part.describe()}: started (log {part.log_path})")
-        self.parts[part.index] = part
         self.started_at[part.index] = time.time()
         with open(part.root / "stdout.log", "w") as out:
             self.procs[part.index] = subprocess.Popen(
@@ -359,7 +359,8 @@ def _reusable(part: Part, fingerprint: str, outputs: list[Path]) -> bool:
 
 def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run the missing parts: the input capture (when a waiting worker needs it) beside the workers that
-    need no inputs, then the rest. Returns every part's result and the capture's (None when not needed).
+    need no inputs; each waiting worker starts once the capture has saved its inputs, as far as GPUs and
+    `workers_at_once` allow. Returns every part's result and the capture's (None when not needed).
     A part already done with the same fingerprint is kept. Raises StageError naming each part that failed."""
     fingerprints = {p.index: source_fingerprint(src, recipe, [p.start, p.stop]) for p in parts}
     kept = {p.index for p in parts if _reusable(p, fingerprints[p.index], [p.model])}
@@ -382,13 +383,15 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
                 launcher.prepare(part)
         queue = [p for p in queue if p.index not in launcher.procs]
         while launcher.running():
-            done = launcher.wait_any(results)
-            if done.index == CAPTURE and results[CAPTURE]["status"] != "done":
+            done = launcher.poll(results)
+            if done and done.index == CAPTURE and results[CAPTURE]["status"] != "done":
                 queue = [p for p in queue if p not in waiting]  # they cannot start: the capture's error says why
-            for part in list(queue):
-                if (part not in waiting or CAPTURE in results) and launcher.free(part, at_once):
+            for part in list(queue):  # a waiting worker starts as soon as the capture has saved its inputs
+                if (part not in waiting or part.inputs.is_file()) and launcher.free(part, at_once):
                     launcher.launch(part)
                     queue.remove(part)
+            if not done:
+                time.sleep(0.5)
     except BaseException:
         launcher.stop_all()
         raise

@@ -226,6 +226,8 @@ def test_workers_at_once_bounds_cpu_workers(tmp_path):
     launcher = _Launcher(None, recipe, at_once, {}, [])
     capture = Part(CAPTURE, 0, 7, "cpu", tmp_path / "capture")
     launcher.parts, launcher.procs = {CAPTURE: capture}, {CAPTURE: _Proc()}
-    assert launcher.free(parts[0], at_once)  # the capture runs beside one worker
+    assert not launcher.free(parts[0], at_once)  # the capture counts
+    launcher.procs[CAPTURE].returncode = 0
+    assert launcher.free(parts[0], at_once)
     launcher.parts[0], launcher.procs[0] = parts[0], _Proc()
     assert not launcher.free(parts[1], at_once)
