@@ -148,12 +148,11 @@ def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str,
 
 
 @contextlib.contextmanager
-def autoround_session(src: Checkpoint, recipe: Recipe, logfile: Path, clock: Clock,
+def autoround_session(src: Checkpoint, recipe: Recipe, kept: dict[str, str], logfile: Path, clock: Clock,
                       fixes: list[str]) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
-    """AutoRound set up on `src` with the recipe's settings and its log watched; yields (AutoRound, watcher,
-    layer_config). Its failures inside the block become StageError; the compatibility fixes applied are
-    appended to `fixes`."""
-    kept = keep_16bit_layers(src, recipe)
+    """AutoRound set up on `src` with the recipe's settings, the modules in `kept` (keep_16bit_layers) in
+    16-bit, and its log watched; yields (AutoRound, watcher, layer_config). Its failures inside the block
+    become StageError; the compatibility fixes applied are appended to `fixes`."""
     layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
     with AutoRoundWatcher(logfile) as watch:
         compat.ensure_torchvision_importable()
@@ -182,9 +181,10 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
     """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures. A
     block-parallel worker passes `block_inputs`: its first block's inputs, computed by the capture."""
     fixes: list[str] = []
+    kept = keep_16bit_layers(src, recipe)
     raw = work.with_name(work.name + ".autoround")
     shutil.rmtree(raw, ignore_errors=True)
-    with autoround_session(src, recipe, logfile, clock, fixes) as (ar, watch, layer_config):
+    with autoround_session(src, recipe, kept, logfile, clock, fixes) as (ar, watch, layer_config):
         t_quant = time.time()
         with compat.autoround_block_inputs_from(block_inputs) if block_inputs else contextlib.nullcontext():
             ar.quantize_and_save(str(raw), format=recipe.quantize.format)
@@ -204,8 +204,7 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
         if applied():  # each fix detects whether it is needed and says so
             fixes.append(name)
     return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,
-            "kept_16bit_requested": sorted(set(keep_16bit_layers(src, recipe).values())),
-            "layer_config_16bit": len(layer_config)}
+            "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(layer_config)}
 
 
 def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -143,11 +143,8 @@ def autoround_captures_block_inputs(file: Path) -> Iterator[None]:
         tmp.replace(file)
         raise _InputsCaptured
 
-    with _calibrator_call(call):
-        try:
-            yield
-        except _InputsCaptured:
-            pass
+    with _calibrator_call(call), suppress(_InputsCaptured):
+        yield
 
 
 @contextmanager
@@ -158,12 +155,13 @@ def autoround_block_inputs_from(path: Path) -> Iterator[None]:
     from auto_round.utils import flatten_list
 
     saved = torch.load(path, weights_only=True)
-    used: list[bool] = []
+    injected = False
 
     def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
-        if used or kwargs.get("layer_names"):
+        nonlocal injected
+        if injected or kwargs.get("layer_names"):
             return orig(self, block_names, nsamples, **kwargs)
-        used.append(True)
+        injected = True
         for key, value in saved["state"].items():
             setattr(self, key, value)
         return {flatten_list(block_names)[0]: saved["inputs"], "input_ids": saved["input_ids"]}

@@ -143,37 +143,48 @@ def write_view(src: Path, dest: Path, stop: int) -> None:
     _write_view_config(src, dest, 0, stop)
 
 
-def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None:
-    """A worker's checkpoint: decoder blocks [start, stop) renumbered from 0, and every tensor outside the
-    decoder blocks. Written shard by shard from memory-mapped reads, so no more than one shard's share is
-    in memory at a time."""
+def _write_shards(jobs: list[tuple[Path, list[str], int]], dest: Path) -> int:
+    """Copy tensors into `dest`, one output file per (source file, tensor names, block offset) job, the block
+    numbers moved by the offset: `model.safetensors`, or numbered shards and their index. Reads are
+    memory-mapped and one job is in memory at a time. Returns the number of tensors written."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    weight_map, total = {}, 0
+    single = len(jobs) == 1
+    for i, (shard, names, offset) in enumerate(jobs, 1):
+        out_name = "model.safetensors" if single else f"model-{i:05d}-of-{len(jobs):05d}.safetensors"
+        with safe_open(str(shard), "pt") as f:
+            tensors = {shift_layer(n, offset): f.get_tensor(n) for n in names}
+        save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update(dict.fromkeys(tensors, out_name))
+        del tensors
+    if not single:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(dest / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    return len(weight_map)
+
+
+def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None:
+    """A worker's checkpoint: decoder blocks [start, stop) renumbered from 0, and every tensor outside the
+    decoder blocks, so that a worker loads nothing else."""
     _link_files(src.root, dest, weights=False)
     by_shard: dict[str, list[str]] = {}
     for name, shard in src.weight_map.items():
         layer = layer_index(name)
         if layer is None or start <= layer < stop:
             by_shard.setdefault(shard, []).append(name)
-    weight_map, total = {}, 0
-    for i, (shard, names) in enumerate(sorted(by_shard.items()), 1):
-        out_name = f"model-{i:05d}-of-{len(by_shard):05d}.safetensors"
-        with safe_open(str(src.root / shard), "pt") as f:
-            tensors = {shift_layer(n, -start): f.get_tensor(n) for n in names}
-        save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, out_name))
-        del tensors
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write_text(dest / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    _write_shards([(src.root / shard, names, -start) for shard, names in sorted(by_shard.items())], dest)
     _write_view_config(src.root, dest, start, stop)
 
 
 def source_fingerprint(src: Checkpoint, recipe: Recipe, blocks: list[int]) -> str:
     """What a worker's (or the capture's) output depends on: the recipe's model and quantize sections (but
-    not the worker count), the source files (names, sizes, mtimes) and its blocks (range or starts)."""
-    return digest([recipe.model.model_dump(mode="json"), recipe.quantize.model_dump(mode="json", exclude={"parallel"}),
+    not how many workers there are or run at once), the source files (names, sizes, mtimes) and its blocks
+    (range or starts)."""
+    return digest([recipe.model.model_dump(mode="json"),
+                   recipe.quantize.model_dump(mode="json", exclude={"parallel", "workers_at_once"}),
                    src.file_signature(), blocks])
 
 
@@ -268,7 +279,7 @@ class _Launcher:
 
     def __init__(self, src: Checkpoint, recipe: Recipe, at_once: int, fingerprints: dict[int, str],
                  captures: list[Part]):
-        self.src, self.recipe, self.workers = src, recipe, at_once
+        self.src, self.recipe, self.at_once = src, recipe, at_once
         self.fingerprints, self.captures = fingerprints, captures
         self.procs: dict[int, subprocess.Popen] = {}
         self.parts: dict[int, Part] = {}  # prepared: folder written anew (what an earlier attempt left is gone)
@@ -278,17 +289,17 @@ class _Launcher:
     def running(self) -> list[Part]:
         return [self.parts[i] for i, proc in self.procs.items() if proc.returncode is None]
 
-    def free(self, part: Part, at_once: int) -> bool:
+    def free(self, part: Part) -> bool:
         """Whether `part` may start now: its GPU is free and fewer than `at_once` processes run (the capture
         counts as one)."""
         running = self.running()
-        return len(running) < at_once and (part.device == "cpu" or part.device not in {p.device for p in running})
+        return len(running) < self.at_once and (part.device == "cpu" or part.device not in {p.device for p in running})
 
     def poll(self, results: dict[int, dict[str, Any]]) -> Part | None:
         """A process that has ended (its result put into `results`), or None."""
         for part in self.running():
             if self.procs[part.index].poll() is not None:
-                self.wait(part, results)
+                self._collect(part, results)
                 return part
         return None
 
@@ -319,12 +330,11 @@ class _Launcher:
         with open(part.root / "stdout.log", "w") as out:
             self.procs[part.index] = subprocess.Popen(
                 [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
-                env=_worker_env(part, self.workers), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env=_worker_env(part, self.at_once), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait(self, part: Part, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
-        """Wait for the part's process; its result (a failure as one line naming it) goes into `results`."""
+    def _collect(self, part: Part, results: dict[int, dict[str, Any]]) -> None:
+        """The ended process's result (a failure as one line naming it) goes into `results`."""
         proc = self.procs[part.index]
-        proc.wait()
         res = part.result() or {}
         log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
         if res.get("status") == "done":
@@ -334,7 +344,6 @@ class _Launcher:
                    f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
                    f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
         results[part.index] = res
-        return res
 
     def stop_all(self) -> None:
         from reap.serve import stop_group
@@ -377,7 +386,7 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
         waiting = [p for p in todo if need_capture and p.inputs]
         queue = [p for p in todo if p not in waiting] + waiting
         for part in queue:  # the views of the first waiting workers are written while the capture runs
-            if part not in waiting and launcher.free(part, at_once):
+            if part not in waiting and launcher.free(part):
                 launcher.launch(part)
             elif part in waiting[:at_once]:
                 launcher.prepare(part)
@@ -387,7 +396,7 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
             if done and done.index == CAPTURE and results[CAPTURE]["status"] != "done":
                 queue = [p for p in queue if p not in waiting]  # they cannot start: the capture's error says why
             for part in list(queue):  # a waiting worker starts as soon as the capture has saved its inputs
-                if (part not in waiting or part.inputs.is_file()) and launcher.free(part, at_once):
+                if (part not in waiting or part.inputs.is_file()) and launcher.free(part):
                     launcher.launch(part)
                     queue.remove(part)
             if not done:
@@ -426,9 +435,6 @@ def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part])
 def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> dict[str, Any]:
     """Write the merged checkpoint into `dest`: each worker's blocks numbered back, the rest from the last
     worker, whose config gets back what its view changed (`VIEW_KEYS`, from the source's `src_config`)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     last = parts[-1]
@@ -440,19 +446,7 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
             if part is last or layer_index(name) is not None:
                 by_shard.setdefault(shard, []).append(name)
         jobs += [(part.model / shard, names, part.start) for shard, names in sorted(by_shard.items())]
-    weight_map, total = {}, 0
-    single = len(jobs) == 1
-    for i, (shard, names, offset) in enumerate(jobs, 1):
-        out_name = "model.safetensors" if single else f"model-{i:05d}-of-{len(jobs):05d}.safetensors"
-        with safe_open(str(shard), "pt") as f:
-            tensors = {shift_layer(n, offset): f.get_tensor(n) for n in names}
-        save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, out_name))
-        del tensors
-    if not single:
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(dest / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
+    tensors = _write_shards(jobs, dest)
     for f in last.model.iterdir():
         if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy2(f, dest / f.name)
@@ -469,7 +463,7 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
     atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
     if (dest / "quantization_config.json").is_file():
         atomic_write_text(dest / "quantization_config.json", json.dumps(merged, indent=2) + "\n")
-    return {"tensors": len(weight_map), "shards": len(jobs)}
+    return {"tensors": tensors, "shards": len(jobs)}
 
 
 # --- the build stage's entry -----------------------------------------------------------------------------
@@ -536,13 +530,13 @@ def capture_inputs(src: Checkpoint, view: Checkpoint, recipe: Recipe, starts: li
     each block in `starts` go to its file in `files`. Host RAM: one block and the activations."""
     import torch
 
-    from reap.build import autoround_session
+    from reap.build import autoround_session, keep_16bit_layers
     from reap.prune import decoder_layer, moe_layout, text_config
 
     fixes: list[str] = []
     first = files[0].with_name("inputs-0.pt")
     unused = files[0].parent / "autoround-output"  # AutoRound is stopped before it writes anything
-    with autoround_session(view, recipe, logfile, clock, fixes) as (ar, _, _):
+    with autoround_session(view, recipe, keep_16bit_layers(view, recipe), logfile, clock, fixes) as (ar, _, _):
         with clock.span("calibration_caching"), compat.autoround_captures_block_inputs(first):
             ar.quantize_and_save(str(unused), format=recipe.quantize.format)
     shutil.rmtree(unused, ignore_errors=True)

@@ -209,9 +209,9 @@ def test_workers_beyond_the_gpus_queue_one_per_gpu(tmp_path):
     assert at_once == 2
     launcher = _Launcher(None, recipe, at_once, {}, [])
     launcher.parts, launcher.procs = {0: parts[0]}, {0: _Proc()}
-    assert not launcher.free(parts[2], at_once) and launcher.free(parts[1], at_once)  # GPU 0 is busy
+    assert not launcher.free(parts[2]) and launcher.free(parts[1])  # GPU 0 is busy
     launcher.procs[0].returncode = 0
-    assert launcher.free(parts[2], at_once)
+    assert launcher.free(parts[2])
 
 
 def test_workers_at_once_bounds_cpu_workers(tmp_path):
@@ -226,8 +226,8 @@ def test_workers_at_once_bounds_cpu_workers(tmp_path):
     launcher = _Launcher(None, recipe, at_once, {}, [])
     capture = Part(CAPTURE, 0, 7, "cpu", tmp_path / "capture")
     launcher.parts, launcher.procs = {CAPTURE: capture}, {CAPTURE: _Proc()}
-    assert not launcher.free(parts[0], at_once)  # the capture counts
+    assert not launcher.free(parts[0])  # the capture counts
     launcher.procs[CAPTURE].returncode = 0
-    assert launcher.free(parts[0], at_once)
+    assert launcher.free(parts[0])
     launcher.parts[0], launcher.procs[0] = parts[0], _Proc()
-    assert not launcher.free(parts[1], at_once)
+    assert not launcher.free(parts[1])
