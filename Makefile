@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.reap-setup
 PYTEST  := $(BIN)/python -m pytest
 
-.PHONY: setup demo test test-unit test-integration bench clean
+.PHONY: setup demo test lint format test-unit test-integration bench clean
 
 setup: $(STAMP)
 
@@ -27,9 +27,18 @@ runs/demo-source: | $(STAMP)
 demo: setup runs/demo-source
 	$(BIN)/reap run recipes/demo.yaml
 
-test: setup
+test: setup lint
 	$(PYTEST) tests -m "not integration" -q
 	$(PYTEST) tests -m integration -q
+
+# ruff's settings are in pyproject.toml; `make format` applies what `make lint` checks.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 test-unit: setup
 	$(PYTEST) tests -m "not integration" -q

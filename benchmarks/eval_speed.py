@@ -35,22 +35,37 @@ def main() -> None:
     manager, max_length = preflight(suite, base, served, None, run.root / "eval" / "bench")
     tasks = [t.name for t in suite.tasks]
     settings = {
-        "lm-eval defaults": {"model": served, "base_url": base + "/completions", "tokenizer": str(run.model_dir),
-                             "tokenizer_backend": "huggingface", "tokenized_requests": False},
+        "lm-eval defaults": {
+            "model": served,
+            "base_url": base + "/completions",
+            "tokenizer": str(run.model_dir),
+            "tokenizer_backend": "huggingface",
+            "tokenized_requests": False,
+        },
         "reap eval": model_args("local-completions", base, served, run.model_dir, max_length, args.concurrency),
     }
     times, scores = {}, {}
     for label, margs in settings.items():
         t0 = time.perf_counter()
-        res = lm_eval.simple_evaluate(model="local-completions", model_args=margs, tasks=tasks, limit=args.limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0)
+        res = lm_eval.simple_evaluate(
+            model="local-completions",
+            model_args=margs,
+            tasks=tasks,
+            limit=args.limit,
+            task_manager=manager,
+            log_samples=False,
+            bootstrap_iters=0,
+        )
         times[label] = time.perf_counter() - t0
-        scores[label] = {t: {k: v for k, v in res["results"][t].items() if "stderr" not in k and k != "alias"}
-                         for t in tasks}
+        scores[label] = {
+            t: {k: v for k, v in res["results"][t].items() if "stderr" not in k and k != "alias"} for t in tasks
+        }
         print(f"{label:<17} {times[label]:8.1f} s  {scores[label]}", flush=True)
     a, b = times["lm-eval defaults"], times["reap eval"]
-    print(f"speed-up: {a / b:.2f}x ({a:.1f} s -> {b:.1f} s); identical scores: "
-          f"{scores['lm-eval defaults'] == scores['reap eval']}")
+    print(
+        f"speed-up: {a / b:.2f}x ({a:.1f} s -> {b:.1f} s); identical scores: "
+        f"{scores['lm-eval defaults'] == scores['reap eval']}"
+    )
 
 
 if __name__ == "__main__":

@@ -32,22 +32,46 @@ def main() -> None:
     import torch
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
-    from reap.demo import CHAT_TEMPLATE, TASKS, answer_of, calibration_texts, prompt_of, read_task_rows
-    from reap.demo import demo_config, save_processor, train_tokenizer
+    from reap.demo import (
+        CHAT_TEMPLATE,
+        TASKS,
+        answer_of,
+        calibration_texts,
+        demo_config,
+        prompt_of,
+        read_task_rows,
+        save_processor,
+        train_tokenizer,
+    )
 
     t0 = time.perf_counter()
     texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
     tok = train_tokenizer(texts)
     small = demo_config(tok).to_dict()
     text = dict(small["text_config"])
-    text.update(hidden_size=4096, num_hidden_layers=args.layers,
-                layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(args.layers)],
-                num_attention_heads=32, num_key_value_heads=2, head_dim=256,
-                linear_num_key_heads=16, linear_num_value_heads=64, linear_key_head_dim=128,
-                linear_value_head_dim=128, num_experts=args.experts, num_experts_per_tok=min(10, args.experts),
-                moe_intermediate_size=1024, shared_expert_intermediate_size=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
-                                 "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    text.update(
+        hidden_size=4096,
+        num_hidden_layers=args.layers,
+        layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(args.layers)],
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_num_key_heads=16,
+        linear_num_value_heads=64,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        num_experts=args.experts,
+        num_experts_per_tok=min(10, args.experts),
+        moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [11, 11, 10],
+            "mrope_interleaved": True,
+        },
+    )
     # the real vision widths (16 heads): vLLM shards the tower by TP even with --language-model-only
     vision = dict(small["vision_config"], hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
     top = {k: v for k, v in small.items() if k not in ("text_config", "vision_config")}
@@ -62,9 +86,13 @@ def main() -> None:
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(args.out))
     save_processor(tok, args.out)
-    (args.out / "README.md").write_text("---\nlicense: apache-2.0\n---\n# random-init Qwen3.5-MoE slice (212B layer shapes)\n")
-    long_rows = ["".join(calibration_texts(rows=args.calibration_rows * 4, per_row=12)[i * 4:(i + 1) * 4])
-                 for i in range(args.calibration_rows)]
+    (args.out / "README.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# random-init Qwen3.5-MoE slice (212B layer shapes)\n"
+    )
+    long_rows = [
+        "".join(calibration_texts(rows=args.calibration_rows * 4, per_row=12)[i * 4 : (i + 1) * 4])
+        for i in range(args.calibration_rows)
+    ]
     (args.out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_rows))
     params = sum(p.numel() for p in model.parameters())
     print(json.dumps({"params_b": round(params / 1e9, 2), "seconds": round(time.perf_counter() - t0, 1)}))

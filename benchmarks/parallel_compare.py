@@ -28,7 +28,10 @@ def block_identity(seq: Path, par: Path) -> dict[int, bool]:
         i = layer_index(name)
         if i is None:
             continue
-        with safe_open(str(a.root / a.weight_map[name]), "pt") as fa, safe_open(str(b.root / b.weight_map[name]), "pt") as fb:
+        with (
+            safe_open(str(a.root / a.weight_map[name]), "pt") as fa,
+            safe_open(str(b.root / b.weight_map[name]), "pt") as fb,
+        ):
             same[i] = same.get(i, True) and fa.get_tensor(name).equal(fb.get_tensor(name))
     return same
 
@@ -38,38 +41,63 @@ def main() -> None:
     ap.add_argument("seq", type=Path)
     ap.add_argument("par", type=Path)
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--skip-identity", action="store_true",
-                    help="do not compare the tensors (reads both checkpoints whole: minutes at the 212B width)")
+    ap.add_argument(
+        "--skip-identity",
+        action="store_true",
+        help="do not compare the tensors (reads both checkpoints whole: minutes at the 212B width)",
+    )
     args = ap.parse_args()
     builds = [json.loads((p / "manifest.json").read_text())["stages"]["build"] for p in (args.seq, args.par)]
     seq, par = builds
     same = {} if args.skip_identity else block_identity(args.seq / "model", args.par / "model")
     rows = []
-    for s, p in zip(seq["blocks"], par["blocks"]):
-        rows.append({"block": s["index"], "worker": p.get("worker"), "seq_loss0": s.get("loss_iter0"),
-                     "seq_loss": s.get("loss_best"), "par_loss0": p.get("loss_iter0"), "par_loss": p.get("loss_best"),
-                     "seq_s": s["wall_s"], "par_s": p["wall_s"], "identical": same.get(s["index"])})
-    report = {"wall_s": {"sequential": seq["wall_s"], "parallel": par["wall_s"]},
-              "speedup": round(seq["wall_s"] / par["wall_s"], 2),
-              "substages": {"sequential": seq["substages"], "parallel": par["substages"]},
-              "peak_rss_gb": {"sequential": seq["peak_rss_gb"], "parallel": par["peak_rss_gb"]},
-              "peak_vram_gb": {"sequential": seq.get("peak_vram_gb"), "parallel": par.get("peak_vram_gb")},
-              "workers": par["parallel"]["workers"], "input_capture": par["parallel"].get("input_capture"), "blocks": rows,
-              "verified": [seq["verification"]["passed"], par["verification"]["passed"]]}
-    print(f"wall: sequential {seq['wall_s']:.1f} s, {len(report['workers'])} workers {par['wall_s']:.1f} s "
-          f"-> {report['speedup']}x; peak RSS {seq['peak_rss_gb']:.1f} / {par['peak_rss_gb']:.1f} GB; "
-          f"both verified: {all(report['verified'])}")
+    for s, p in zip(seq["blocks"], par["blocks"], strict=False):
+        rows.append(
+            {
+                "block": s["index"],
+                "worker": p.get("worker"),
+                "seq_loss0": s.get("loss_iter0"),
+                "seq_loss": s.get("loss_best"),
+                "par_loss0": p.get("loss_iter0"),
+                "par_loss": p.get("loss_best"),
+                "seq_s": s["wall_s"],
+                "par_s": p["wall_s"],
+                "identical": same.get(s["index"]),
+            }
+        )
+    report = {
+        "wall_s": {"sequential": seq["wall_s"], "parallel": par["wall_s"]},
+        "speedup": round(seq["wall_s"] / par["wall_s"], 2),
+        "substages": {"sequential": seq["substages"], "parallel": par["substages"]},
+        "peak_rss_gb": {"sequential": seq["peak_rss_gb"], "parallel": par["peak_rss_gb"]},
+        "peak_vram_gb": {"sequential": seq.get("peak_vram_gb"), "parallel": par.get("peak_vram_gb")},
+        "workers": par["parallel"]["workers"],
+        "input_capture": par["parallel"].get("input_capture"),
+        "blocks": rows,
+        "verified": [seq["verification"]["passed"], par["verification"]["passed"]],
+    }
+    print(
+        f"wall: sequential {seq['wall_s']:.1f} s, {len(report['workers'])} workers {par['wall_s']:.1f} s "
+        f"-> {report['speedup']}x; peak RSS {seq['peak_rss_gb']:.1f} / {par['peak_rss_gb']:.1f} GB; "
+        f"both verified: {all(report['verified'])}"
+    )
     if cap := report["input_capture"]:
-        print(f"  input capture ({cap['device']}) through blocks {cap['forward_blocks'][0]}-{cap['forward_blocks'][1]}: "
-              f"{cap['wall_s']:.1f} s, peak RSS {cap['peak_rss_gb']:.1f} GB")
+        print(
+            f"  input capture ({cap['device']}) through blocks {cap['forward_blocks'][0]}-{cap['forward_blocks'][1]}: "
+            f"{cap['wall_s']:.1f} s, peak RSS {cap['peak_rss_gb']:.1f} GB"
+        )
     for w in report["workers"]:
-        print(f"  worker {w['index']} ({w['device']}) blocks {w['blocks'][0]}-{w['blocks'][1]}: {w['wall_s']:.1f} s, "
-              f"started at {w['started_after_s'] or 0:.1f} s, blocks {w['block_wall_s']}, "
-              f"peak RSS {w['peak_rss_gb']:.1f} GB, peak VRAM {w.get('peak_vram_gb')}")
+        print(
+            f"  worker {w['index']} ({w['device']}) blocks {w['blocks'][0]}-{w['blocks'][1]}: {w['wall_s']:.1f} s, "
+            f"started at {w['started_after_s'] or 0:.1f} s, blocks {w['block_wall_s']}, "
+            f"peak RSS {w['peak_rss_gb']:.1f} GB, peak VRAM {w.get('peak_vram_gb')}"
+        )
     print("block worker  seq loss0 -> best    par loss0 -> best    seq s   par s  identical")
     for r in rows:
-        print(f"{r['block']:>5} {r['worker']!s:>6}  {r['seq_loss0']!s:>9} -> {r['seq_loss']!s:<9} "
-              f"{r['par_loss0']!s:>9} -> {r['par_loss']!s:<9} {r['seq_s']:>6.1f} {r['par_s']:>6.1f}  {r['identical']}")
+        print(
+            f"{r['block']:>5} {r['worker']!s:>6}  {r['seq_loss0']!s:>9} -> {r['seq_loss']!s:<9} "
+            f"{r['par_loss0']!s:>9} -> {r['par_loss']!s:<9} {r['seq_s']:>6.1f} {r['par_s']:>6.1f}  {r['identical']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

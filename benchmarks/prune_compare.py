@@ -38,8 +38,12 @@ def main() -> None:
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--limit", type=int, help="held-out rows per task (default: all 300)")
     ap.add_argument("--json", type=Path, help="write every number here")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1: on a busy 2-core machine, 2 threads made scoring ~40x slower)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1: on a busy 2-core machine, 2 threads made scoring ~40x slower)",
+    )
     args = ap.parse_args()
 
     from reap.compat import ensure_torchvision_importable
@@ -57,31 +61,55 @@ def main() -> None:
         runs = [(m, 0) for m in args.methods] + [("random", s) for s in range(args.random_seeds)]
         for method, seed in runs:
             out = args.out / (f"{method}-{ratio}" + (f"-seed{seed}" if method == "random" else ""))
-            record = prune(args.source, out, ratio=ratio, method=method, calibration=calibration, seed=seed,
-                           overwrite=True)
+            record = prune(
+                args.source, out, ratio=ratio, method=method, calibration=calibration, seed=seed, overwrite=True
+            )
             acc = score(out / "model", args.limit)
-            rows.append({"ratio": ratio, "method": method, "seed": seed, **acc, "kept": acc["suite"] / source["suite"],
-                         "experts_after": record["experts_after"],
-                         "dropped": {r["layer"]: r["dropped"] for r in record["layers"]}})
+            rows.append(
+                {
+                    "ratio": ratio,
+                    "method": method,
+                    "seed": seed,
+                    **acc,
+                    "kept": acc["suite"] / source["suite"],
+                    "experts_after": record["experts_after"],
+                    "dropped": {r["layer"]: r["dropped"] for r in record["layers"]},
+                }
+            )
             print(f"ratio {ratio} {method:<9} seed {seed}: {acc}", flush=True)
-    summary = {str(ratio): {m: mean(r["suite"] for r in rows if r["ratio"] == ratio and r["method"] == m)
-                            for m in [*args.methods, "random"]} for ratio in args.ratios}
+    summary = {
+        str(ratio): {
+            m: mean(r["suite"] for r in rows if r["ratio"] == ratio and r["method"] == m)
+            for m in [*args.methods, "random"]
+        }
+        for ratio in args.ratios
+    }
 
-    lines = [f"unpruned source: larger {source['larger']:.3f}, reverse {source['reverse']:.3f}, "
-             f"suite {source['suite']:.3f}", "",
-             "| dropped | method | larger | reverse | suite score | kept of source |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"unpruned source: larger {source['larger']:.3f}, reverse {source['reverse']:.3f}, suite {source['suite']:.3f}",
+        "",
+        "| dropped | method | larger | reverse | suite score | kept of source |",
+        "|---|---|---|---|---|---|",
+    ]
     for ratio in args.ratios:
         for method in [*args.methods, "random"]:
             sel = [r for r in rows if r["ratio"] == ratio and r["method"] == method]
-            label = method if method != "random" else f"random (mean of {len(sel)} seeds, min-max suite " \
+            label = (
+                method
+                if method != "random"
+                else f"random (mean of {len(sel)} seeds, min-max suite "
                 f"{min(r['suite'] for r in sel):.3f}-{max(r['suite'] for r in sel):.3f})"
-            lines.append(f"| {ratio:.0%} | {label} | {mean(r['larger'] for r in sel):.3f} | "
-                         f"{mean(r['reverse'] for r in sel):.3f} | {mean(r['suite'] for r in sel):.3f} | "
-                         f"{mean(r['kept'] for r in sel):.1%} |")
+            )
+            lines.append(
+                f"| {ratio:.0%} | {label} | {mean(r['larger'] for r in sel):.3f} | "
+                f"{mean(r['reverse'] for r in sel):.3f} | {mean(r['suite'] for r in sel):.3f} | "
+                f"{mean(r['kept'] for r in sel):.1%} |"
+            )
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"source": source, "rows": rows, "summary": summary,
-                                         "limit": args.limit}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"source": source, "rows": rows, "summary": summary, "limit": args.limit}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

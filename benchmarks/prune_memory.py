@@ -38,11 +38,19 @@ def make_model(out: Path, layers: int) -> None:
 
     tok = train_tokenizer([prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")])
     small = demo_config(tok).to_dict()
-    text = dict(small["text_config"], hidden_size=1024, num_hidden_layers=layers, num_experts=64,
-                moe_intermediate_size=512, shared_expert_intermediate_size=512,
-                layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(layers)])
+    text = dict(
+        small["text_config"],
+        hidden_size=1024,
+        num_hidden_layers=layers,
+        num_experts=64,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(layers)],
+    )
     top = {k: v for k, v in small.items() if k not in ("text_config", "vision_config")}
-    cfg = Qwen3_5MoeConfig(**dict(top, text_config=text, vision_config=dict(small["vision_config"], out_hidden_size=1024)))
+    cfg = Qwen3_5MoeConfig(
+        **dict(top, text_config=text, vision_config=dict(small["vision_config"], out_hidden_size=1024))
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     model = Qwen3_5MoeForConditionalGeneration(cfg)
@@ -69,20 +77,49 @@ def main() -> None:
         make_model(src, args.layers)
     ckpt = Checkpoint.open(src)
     size = ckpt.bytes_on_disk()
-    layer = sum(math.prod(t.shape) * 2 for k, t in ckpt.tensors.items() if k.startswith("model.language_model.layers.0."))
+    layer = sum(
+        math.prod(t.shape) * 2 for k, t in ckpt.tensors.items() if k.startswith("model.language_model.layers.0.")
+    )
     calibration = data_dir("evals") / "demo" / "data" / "calibration.jsonl"
-    subprocess.run([sys.executable, "-m", "reap", "prune", str(src), "--out", str(args.work / "pruned"), "--ratio", "0.5",
-                    "--calibration", str(calibration), "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-                    "--overwrite"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "reap",
+            "prune",
+            str(src),
+            "--out",
+            str(args.work / "pruned"),
+            "--ratio",
+            "0.5",
+            "--calibration",
+            str(calibration),
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--overwrite",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     record = json.loads((args.work / "pruned" / "manifest.json").read_text())["stages"]["prune"]
-    full = int(subprocess.run([sys.executable, "-c", LOAD, str(src)], check=True, capture_output=True,
-                              text=True).stdout.split()[-1])
+    full = int(
+        subprocess.run(
+            [sys.executable, "-c", LOAD, str(src)], check=True, capture_output=True, text=True
+        ).stdout.split()[-1]
+    )
     gb = 1024**3
-    rows = {"checkpoint on disk": size / gb, "one decoder layer (bf16)": layer / gb,
-            "reap prune: peak RSS (process tree)": record["peak_rss_gb"],
-            "transformers from_pretrained of the whole model: peak RSS": full / gb}
-    print(f"{args.layers} layers, 64 experts of 512, hidden 1024; calibration {record['calibration']['tokens']} tokens; "
-          f"prune {record['wall_s']:.1f} s (observation {record['substages']['observation']:.1f} s)")
+    rows = {
+        "checkpoint on disk": size / gb,
+        "one decoder layer (bf16)": layer / gb,
+        "reap prune: peak RSS (process tree)": record["peak_rss_gb"],
+        "transformers from_pretrained of the whole model: peak RSS": full / gb,
+    }
+    print(
+        f"{args.layers} layers, 64 experts of 512, hidden 1024; calibration {record['calibration']['tokens']} tokens; "
+        f"prune {record['wall_s']:.1f} s (observation {record['substages']['observation']:.1f} s)"
+    )
     print("\n".join(f"| {k} | {v:.2f} GB |" for k, v in rows.items()))
 
 

@@ -32,10 +32,42 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 # The patterns of the .gitattributes the Hub writes into every new repo (the part that matters here).
-LFS_PATTERNS = ("*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-                "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb",
-                "*.pickle", "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "*.tar.*", "*.tar", "*.tflite",
-                "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*")
+LFS_PATTERNS = (
+    "*.7z",
+    "*.arrow",
+    "*.bin",
+    "*.bz2",
+    "*.ckpt",
+    "*.ftz",
+    "*.gz",
+    "*.h5",
+    "*.joblib",
+    "*.lfs.*",
+    "*.mlmodel",
+    "*.model",
+    "*.msgpack",
+    "*.npy",
+    "*.npz",
+    "*.onnx",
+    "*.ot",
+    "*.parquet",
+    "*.pb",
+    "*.pickle",
+    "*.pkl",
+    "*.pt",
+    "*.pth",
+    "*.rar",
+    "*.safetensors",
+    "*.tar.*",
+    "*.tar",
+    "*.tflite",
+    "*.tgz",
+    "*.wasm",
+    "*.xz",
+    "*.zip",
+    "*.zst",
+    "*tfevents*",
+)
 GITATTRIBUTES = "".join(f"{p} filter=lfs diff=lfs merge=lfs -text\n" for p in LFS_PATTERNS).encode()
 LFS_SIZE = 10 * 1024 * 1024
 
@@ -43,9 +75,9 @@ LFS_SIZE = 10 * 1024 * 1024
 @dataclass(frozen=True)
 class User:
     name: str
-    orgs: tuple[str, ...] = ()       # organizations the user may write to
+    orgs: tuple[str, ...] = ()  # organizations the user may write to
     read_orgs: tuple[str, ...] = ()  # organizations the user is a member of with the "read" role
-    role: str = "write"              # the token's role: "write" or "read"
+    role: str = "write"  # the token's role: "write" or "read"
 
     def can_read(self, namespace: str) -> bool:
         return namespace in (self.name, *self.orgs, *self.read_orgs)
@@ -74,8 +106,8 @@ class HubState:
     def reset_counters(self) -> None:
         with self.lock:
             self.put_attempts: collections.Counter[str] = collections.Counter()  # PUT requests per oid
-            self.put_done: collections.Counter[str] = collections.Counter()      # PUTs stored per oid
-            self.put_bytes = 0                                                   # body bytes read by PUTs
+            self.put_done: collections.Counter[str] = collections.Counter()  # PUTs stored per oid
+            self.put_bytes = 0  # body bytes read by PUTs
             self.requests: list[tuple[str, str]] = []
 
     # --- faults --------------------------------------------------------------------------------------
@@ -153,7 +185,7 @@ class HubState:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server: "HubServer"
+    server: HubServer
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
         """Quiet: tests read the server's counters and storage, not an access log."""
@@ -163,8 +195,14 @@ class Handler(BaseHTTPRequestHandler):
     def state(self) -> HubState:
         return self.server.state
 
-    def _send(self, code: int, body: Any = None, headers: dict[str, str] | None = None, raw: bytes | None = None,
-              head: bool = False) -> None:
+    def _send(
+        self,
+        code: int,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        head: bool = False,
+    ) -> None:
         data = raw if raw is not None else (b"" if body is None else json.dumps(body).encode())
         self.send_response(code)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -306,10 +344,16 @@ class Handler(BaseHTTPRequestHandler):
             return
         if user is None:
             return self._error(401, "Invalid credentials in Authorization header")
-        self._send(200, {"type": "user", "name": user.name,
-                         "orgs": [{"name": o, "roleInOrg": "write"} for o in user.orgs]
-                         + [{"name": o, "roleInOrg": "read"} for o in user.read_orgs],
-                         "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user.role}}})
+        self._send(
+            200,
+            {
+                "type": "user",
+                "name": user.name,
+                "orgs": [{"name": o, "roleInOrg": "write"} for o in user.orgs]
+                + [{"name": o, "roleInOrg": "read"} for o in user.read_orgs],
+                "auth": {"type": "access_token", "accessToken": {"displayName": "test", "role": user.role}},
+            },
+        )
 
     def create_repo(self) -> None:
         user = self._auth()
@@ -324,12 +368,23 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(403, f'You don\'t have the rights to create a model under the namespace "{ns}"')
         with self.state.lock:
             if self.state.repo(repo) is not None:  # the Hub answers with the repo's URL too
-                return self._send(409, {"error": "You already created this model repo", "url": f"{self._base()}/{repo}"},
-                                  {"X-Error-Message": "You already created this model repo"})
-            data = {"private": body.get("visibility", "public") != "public" or bool(body.get("private")),
-                    "branches": {}, "commits": {}}
-            tree = {".gitattributes": {"lfs": False, "oid": self.state.store_blob(GITATTRIBUTES),
-                                       "size": len(GITATTRIBUTES)}}
+                return self._send(
+                    409,
+                    {"error": "You already created this model repo", "url": f"{self._base()}/{repo}"},
+                    {"X-Error-Message": "You already created this model repo"},
+                )
+            data = {
+                "private": body.get("visibility", "public") != "public" or bool(body.get("private")),
+                "branches": {},
+                "commits": {},
+            }
+            tree = {
+                ".gitattributes": {
+                    "lfs": False,
+                    "oid": self.state.store_blob(GITATTRIBUTES),
+                    "size": len(GITATTRIBUTES),
+                }
+            }
             self.state.new_commit(repo, data, "main", tree, "initial commit")
         self._send(200, {"url": f"{self._base()}/{repo}", "name": repo, "id": repo})
 
@@ -360,10 +415,25 @@ class Handler(BaseHTTPRequestHandler):
                 if e["lfs"]:
                     s["lfs"] = {"sha256": e["oid"], "size": e["size"], "pointerSize": 134}
             siblings.append(s)
-        self._send(200, {"_id": repo, "id": repo, "modelId": repo, "author": repo.split("/")[0], "sha": sha,
-                         "private": data["private"], "disabled": False, "gated": False, "downloads": 0, "likes": 0,
-                         "tags": [], "siblings": siblings, "lastModified": "2026-01-01T00:00:00.000Z",
-                         "createdAt": "2026-01-01T00:00:00.000Z"})
+        self._send(
+            200,
+            {
+                "_id": repo,
+                "id": repo,
+                "modelId": repo,
+                "author": repo.split("/")[0],
+                "sha": sha,
+                "private": data["private"],
+                "disabled": False,
+                "gated": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": [],
+                "siblings": siblings,
+                "lastModified": "2026-01-01T00:00:00.000Z",
+                "createdAt": "2026-01-01T00:00:00.000Z",
+            },
+        )
 
     def tree(self, repo: str, rev: str, folder: str) -> None:
         if (found := self._readable_at(repo, rev)) is None:
@@ -375,7 +445,7 @@ class Handler(BaseHTTPRequestHandler):
         for path, e in sorted(data["commits"][sha]["tree"].items()):
             if not path.startswith(prefix):
                 continue
-            rest = path[len(prefix):]
+            rest = path[len(prefix) :]
             if "/" in rest and not recursive:
                 dirs.add(prefix + rest.split("/")[0])
                 continue
@@ -385,8 +455,8 @@ class Handler(BaseHTTPRequestHandler):
             out.append(item)
         if recursive:
             for path in data["commits"][sha]["tree"]:
-                parts = path[len(prefix):].split("/")[:-1] if path.startswith(prefix) else []
-                dirs.update(prefix + "/".join(parts[:i + 1]) for i in range(len(parts)))
+                parts = path[len(prefix) :].split("/")[:-1] if path.startswith(prefix) else []
+                dirs.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
         out += [{"type": "directory", "oid": git_sha1(d.encode()), "size": 0, "path": d} for d in sorted(dirs)]
         self._send(200, out)
 
@@ -399,11 +469,20 @@ class Handler(BaseHTTPRequestHandler):
         files = []
         for f in body["files"]:
             sample = base64.b64decode(f["sample"])
-            lfs = (any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
-                   or f["size"] >= LFS_SIZE or b"\0" in sample)
+            lfs = (
+                any(fnmatch.fnmatch(f["path"].rsplit("/", 1)[-1], p) for p in LFS_PATTERNS)
+                or f["size"] >= LFS_SIZE
+                or b"\0" in sample
+            )
             remote = tree.get(f["path"])
-            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False,
-                          "oid": remote["oid"] if remote else None})
+            files.append(
+                {
+                    "path": f["path"],
+                    "uploadMode": "lfs" if lfs else "regular",
+                    "shouldIgnore": False,
+                    "oid": remote["oid"] if remote else None,
+                }
+            )
         self._send(200, {"files": files, "commitOid": sha})
 
     def lfs_batch(self, repo: str) -> None:
@@ -415,8 +494,10 @@ class Handler(BaseHTTPRequestHandler):
             item = {"oid": o["oid"], "size": o["size"], "authenticated": True}
             if not self.state.lfs_path(repo, o["oid"]).is_file():
                 href = f"{self._base()}/_lfs/{repo}/{o['oid']}"
-                item["actions"] = {"upload": {"href": href, "header": {}},
-                                   "verify": {"href": f"{href}/verify", "header": {}}}
+                item["actions"] = {
+                    "upload": {"href": href, "header": {}},
+                    "verify": {"href": f"{href}/verify", "header": {}},
+                }
             objects.append(item)
         self._send(200, {"transfer": "basic", "objects": objects})
 
@@ -484,8 +565,11 @@ class Handler(BaseHTTPRequestHandler):
                     tree[v["path"]] = {"lfs": False, "oid": self.state.store_blob(content), "size": len(content)}
                 elif key == "lfsFile":
                     if not self.state.lfs_path(repo, v["oid"]).is_file():
-                        return self._error(422, f"Your push was rejected because an LFS pointer pointed to a file that "
-                                                f"does not exist: {v['path']}")
+                        return self._error(
+                            422,
+                            f"Your push was rejected because an LFS pointer pointed to a file that "
+                            f"does not exist: {v['path']}",
+                        )
                     tree[v["path"]] = {"lfs": True, "oid": v["oid"], "size": v["size"]}
                 elif key == "deletedFile":
                     if tree.pop(v["path"], None) is None:
@@ -493,8 +577,15 @@ class Handler(BaseHTTPRequestHandler):
                 elif key == "deletedFolder":
                     tree = {p: e for p, e in tree.items() if not p.startswith(v["path"].rstrip("/") + "/")}
             sha = self.state.new_commit(repo, data, rev, tree, header.get("summary", ""))
-        self._send(200, {"success": True, "commitOid": sha, "commitUrl": f"{self._base()}/{repo}/commit/{sha}",
-                         "pullRequestUrl": None})
+        self._send(
+            200,
+            {
+                "success": True,
+                "commitOid": sha,
+                "commitUrl": f"{self._base()}/{repo}/commit/{sha}",
+                "pullRequestUrl": None,
+            },
+        )
 
     def create_branch(self, repo: str, branch: str) -> None:
         body = self._json()
@@ -538,7 +629,7 @@ class HubServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         threading.Thread(target=self.serve_forever, name="hub", daemon=True).start()
         return self
 

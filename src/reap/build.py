@@ -13,9 +13,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -29,7 +30,9 @@ from reap.rundir import atomic_write_text, check_free_disk, open_run, swap_into_
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
-BLOCK_RE = re.compile(r"quantized (\d+)/(\d+) layers in the block(?:, loss iter 0: ([\d.e+-]+) -> iter \d+: ([\d.e+-]+))?")
+BLOCK_RE = re.compile(
+    r"quantized (\d+)/(\d+) layers in the block(?:, loss iter 0: ([\d.e+-]+) -> iter \d+: ([\d.e+-]+))?"
+)
 SUMMARY_RE = re.compile(r"Summary: quantized (\d+)/(\d+) in the model")
 
 
@@ -49,16 +52,21 @@ class AutoRoundWatcher(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         msg, t = record.getMessage(), record.created
-        self._file.write(f"{datetime.fromtimestamp(t, timezone.utc).isoformat(timespec='seconds')} "
-                         f"{record.levelname} {msg}\n")
+        self._file.write(
+            f"{datetime.fromtimestamp(t, timezone.utc).isoformat(timespec='seconds')} {record.levelname} {msg}\n"
+        )
         self._file.flush()
         if msg.startswith("start to cache block inputs") and self.cache_start is None:
             self.cache_start = t
         elif msg.startswith("caching done") and self.cache_done is None:
             self.cache_done = self._last = t
         elif m := BLOCK_RE.search(msg):
-            block = {"index": len(self.blocks), "quantized": int(m.group(1)), "total": int(m.group(2)),
-                     "wall_s": round(t - self._last, 3)}
+            block = {
+                "index": len(self.blocks),
+                "quantized": int(m.group(1)),
+                "total": int(m.group(2)),
+                "wall_s": round(t - self._last, 3),
+            }
             if m.group(3):
                 block["loss_iter0"], block["loss_best"] = float(m.group(3)), float(m.group(4))
             self.blocks.append(block)
@@ -69,7 +77,7 @@ class AutoRoundWatcher(logging.Handler):
         elif msg.startswith("model has been saved"):
             self.saved_at = t
 
-    def __enter__(self) -> "AutoRoundWatcher":
+    def __enter__(self) -> AutoRoundWatcher:
         logging.getLogger("autoround").addHandler(self)
         return self
 
@@ -88,8 +96,11 @@ def keep_patterns(recipe: Recipe) -> dict[str, str]:
         from reap.serve import cpu_int4_moe_kernel, visible_gpus
 
         if visible_gpus() == 0 and cpu_int4_moe_kernel() is None:
-            keep.setdefault("mlp.experts", "routed_experts: auto, and no GPU here while vLLM's CPU build has no int4 "
-                                           "MoE kernel on this processor (it needs Intel AMX, or AMD with zentorch)")
+            keep.setdefault(
+                "mlp.experts",
+                "routed_experts: auto, and no GPU here while vLLM's CPU build has no int4 "
+                "MoE kernel on this processor (it needs Intel AMX, or AMD with zentorch)",
+            )
     return keep
 
 
@@ -101,12 +112,20 @@ def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
     rows = 2 * src.text_config.get("linear_num_value_heads", 0)
     if rows and (rows % tp or (rows // tp) % 64):
         for p in ("linear_attn.in_proj_a", "linear_attn.in_proj_b"):
-            keep.setdefault(p, f"forced: vLLM fuses in_proj_a/b into in_proj_ba with {rows // tp} rows per shard "
-                               f"at TP={tp}, below Marlin's 64")
+            keep.setdefault(
+                p,
+                f"forced: vLLM fuses in_proj_a/b into in_proj_ba with {rows // tp} rows per shard "
+                f"at TP={tp}, below Marlin's 64",
+            )
     out = {}
     for mod, tensors in src.modules.items():
         w = tensors.get("weight")
-        if w is None or len(w.shape) != 2 or segment_match("mlp.gate", mod) or mod.endswith(("embed_tokens", "pos_embed")):
+        if (
+            w is None
+            or len(w.shape) != 2
+            or segment_match("mlp.gate", mod)
+            or mod.endswith(("embed_tokens", "pos_embed"))
+        ):
             continue  # routers are not nn.Linear: AutoRound keeps them 16-bit itself, verify checks it
         pattern = next((p for p in keep if segment_match(p, mod)), None)
         if pattern:
@@ -139,17 +158,29 @@ def estimated_output_bytes(src: Checkpoint, bits: int) -> int:
 def _autoround_kwargs(recipe: Recipe, layer_config: dict[str, Any]) -> dict[str, Any]:
     q = recipe.quantize
     return dict(
-        scheme=f"W{q.bits}A16", bits=q.bits, group_size=q.group_size, sym=q.sym, iters=q.iters,
-        nsamples=q.nsamples, seqlen=q.seqlen, batch_size=q.batch_size, dataset=q.dataset, seed=q.seed,
-        device_map=q.device_map, low_gpu_mem_usage=q.low_gpu_mem_usage, low_cpu_mem_usage=q.low_cpu_mem_usage,
-        enable_torch_compile=q.enable_torch_compile, layer_config=layer_config,
+        scheme=f"W{q.bits}A16",
+        bits=q.bits,
+        group_size=q.group_size,
+        sym=q.sym,
+        iters=q.iters,
+        nsamples=q.nsamples,
+        seqlen=q.seqlen,
+        batch_size=q.batch_size,
+        dataset=q.dataset,
+        seed=q.seed,
+        device_map=q.device_map,
+        low_gpu_mem_usage=q.low_gpu_mem_usage,
+        low_cpu_mem_usage=q.low_cpu_mem_usage,
+        enable_torch_compile=q.enable_torch_compile,
+        layer_config=layer_config,
         trust_remote_code=recipe.model.trust_remote_code,
     )
 
 
 @contextlib.contextmanager
-def autoround_session(src: Checkpoint, recipe: Recipe, kept: dict[str, str], logfile: Path, clock: Clock,
-                      fixes: list[str]) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
+def autoround_session(
+    src: Checkpoint, recipe: Recipe, kept: dict[str, str], logfile: Path, clock: Clock, fixes: list[str]
+) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
     """AutoRound set up on `src` with the recipe's settings, the modules in `kept` (keep_16bit_layers) in
     16-bit, and its log watched; yields (AutoRound, watcher, layer_config). Its failures inside the block
     become StageError; the compatibility fixes applied are appended to `fixes`."""
@@ -172,12 +203,15 @@ def autoround_session(src: Checkpoint, recipe: Recipe, kept: dict[str, str], log
             except SystemExit as exc:  # AutoRound calls sys.exit() on some failures (e.g. no calibration data)
                 raise StageError(f"AutoRound stopped (exit {exc.code}); its last error is in {logfile}") from None
             except Exception as exc:  # AutoRound raises plain exceptions; keep the cause in one line
-                raise StageError(f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                 f" (full log: {logfile})") from exc
+                raise StageError(
+                    f"AutoRound failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    f" (full log: {logfile})"
+                ) from exc
 
 
-def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock,
-              block_inputs: Path | None = None) -> dict[str, Any]:
+def _quantize(
+    src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock, block_inputs: Path | None = None
+) -> dict[str, Any]:
     """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures. A
     block-parallel worker passes `block_inputs`: its first block's inputs, computed by the capture."""
     fixes: list[str] = []
@@ -196,15 +230,21 @@ def _quantize(src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock:
     if compat.flatten_autoround_output(raw, work):
         fixes.append("flatten_output_subfolder")
     shutil.rmtree(raw, ignore_errors=True)
-    for name, applied in (("restore_vl_config", lambda: compat.restore_vl_config(src.root, work)),
-                          ("gptq_skip_16bit_moe", lambda: compat.gptq_skip_16bit_moe(work)),
-                          ("restore_bf16_dtype", lambda: compat.restore_bf16_dtype(src.root, work)),
-                          ("carry_tokenizer_and_processor_files",
-                           lambda: compat.carry_tokenizer_and_processor(src.root, work))):
+    for name, applied in (
+        ("restore_vl_config", lambda: compat.restore_vl_config(src.root, work)),
+        ("gptq_skip_16bit_moe", lambda: compat.gptq_skip_16bit_moe(work)),
+        ("restore_bf16_dtype", lambda: compat.restore_bf16_dtype(src.root, work)),
+        ("carry_tokenizer_and_processor_files", lambda: compat.carry_tokenizer_and_processor(src.root, work)),
+    ):
         if applied():  # each fix detects whether it is needed and says so
             fixes.append(name)
-    return {"blocks": watch.blocks, "autoround_summary": watch.summary, "fixes_applied": fixes,
-            "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(layer_config)}
+    return {
+        "blocks": watch.blocks,
+        "autoround_summary": watch.summary,
+        "fixes_applied": fixes,
+        "kept_16bit_requested": sorted(set(kept.values())),
+        "layer_config_16bit": len(layer_config),
+    }
 
 
 def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
@@ -223,18 +263,26 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
     atomic_write_text(run.recipe_path, dump_recipe(recipe))
     work = run.root / "model.partial"
     shutil.rmtree(work, ignore_errors=True)
-    record: dict[str, Any] = {"status": "running", "started": now(), "argv": argv or sys.argv,
-                              "source": str(src.root.resolve()), "versions": package_versions(),
-                              "lineage": {"base": recipe.model.base_model or src.root.name,
-                                          "pruned_from": recipe.model.pruned_from},
-                              "license": license_}
+    record: dict[str, Any] = {
+        "status": "running",
+        "started": now(),
+        "argv": argv or sys.argv,
+        "source": str(src.root.resolve()),
+        "versions": package_versions(),
+        "lineage": {"base": recipe.model.base_model or src.root.name, "pruned_from": recipe.model.pruned_from},
+        "license": license_,
+    }
     pruning = read_pruning(src.root)
     if pruning:  # the source was made by `reap prune`: its settings go into the lineage and the card
         record["pruning"] = pruning_summary(pruning)
-    run.update_stage("build", record, hardware=hardware_inventory(), name=recipe.name,
-                     recipe=recipe.model_dump(mode="json"))
-    log(f"build {recipe.name}: {src.root} -> {run.model_dir} (W{recipe.quantize.bits}A16 g{recipe.quantize.group_size}, "
-        f"{recipe.quantize.format}, iters={recipe.quantize.iters}, nsamples={recipe.quantize.nsamples})")
+    run.update_stage(
+        "build", record, hardware=hardware_inventory(), name=recipe.name, recipe=recipe.model_dump(mode="json")
+    )
+    log(
+        f"build {recipe.name}: {src.root} -> {run.model_dir} "
+        f"(W{recipe.quantize.bits}A16 g{recipe.quantize.group_size}, "
+        f"{recipe.quantize.format}, iters={recipe.quantize.iters}, nsamples={recipe.quantize.nsamples})"
+    )
     clock = Clock()
     t0 = time.perf_counter()
     try:
@@ -246,12 +294,23 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
             log("verifying the checkpoint")
             with clock.span("verification"):
                 report = verify_checkpoint(
-                    work, tp=recipe.serve.tensor_parallel_size,
-                    expect={"bits": recipe.quantize.bits, "group_size": recipe.quantize.group_size,
-                            "sym": recipe.quantize.sym},
-                    reported_blocks=result["blocks"] or None, reasons=keep_patterns(recipe))
-        record.update(result, substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
-                      verification=report, **sampler.summary())
+                    work,
+                    tp=recipe.serve.tensor_parallel_size,
+                    expect={
+                        "bits": recipe.quantize.bits,
+                        "group_size": recipe.quantize.group_size,
+                        "sym": recipe.quantize.sym,
+                    },
+                    reported_blocks=result["blocks"] or None,
+                    reasons=keep_patterns(recipe),
+                )
+        record.update(
+            result,
+            substages=clock.spans,
+            wall_s=round(time.perf_counter() - t0, 3),
+            verification=report,
+            **sampler.summary(),
+        )
         if not report["passed"]:
             rejected = run.root / "model.rejected"
             shutil.rmtree(rejected, ignore_errors=True)

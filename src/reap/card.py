@@ -4,8 +4,9 @@ error, never an empty cell) into a huggingface_hub `ModelCard`. A pure function 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -38,10 +39,18 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
     if recorded and "serve" in recorded[:4]:  # `vllm serve MODEL ...` or `python -m vllm... serve MODEL ...`
         i = recorded.index("serve")
-        return ["vllm", "serve", target, *recorded[i + 2:]]
+        return ["vllm", "serve", target, *recorded[i + 2 :]]
     recipe = manifest["recipe"]
-    argv = ["vllm", "serve", target, "--tensor-parallel-size", str(recipe["serve"]["tensor_parallel_size"]),
-            "--dtype", "bfloat16", "--language-model-only"]
+    argv = [
+        "vllm",
+        "serve",
+        target,
+        "--tensor-parallel-size",
+        str(recipe["serve"]["tensor_parallel_size"]),
+        "--dtype",
+        "bfloat16",
+        "--language-model-only",
+    ]
     if recipe["serve"].get("max_model_len"):
         argv += ["--max-model-len", str(recipe["serve"]["max_model_len"])]
     return argv
@@ -54,29 +63,43 @@ def _where(device: str) -> str:
 def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] | None:
     if "substages" not in build:
         return None
-    labels = {"weight_loading": "weight loading", "calibration_caching": "calibration caching",
-              "quantization": "quantization", "saving": "saving",
-              "parallel_quantization": "quantization by the workers (wall)", "merge": "merging the workers' outputs",
-              "verification": "verification"}
+    labels = {
+        "weight_loading": "weight loading",
+        "calibration_caching": "calibration caching",
+        "quantization": "quantization",
+        "saving": "saving",
+        "parallel_quantization": "quantization by the workers (wall)",
+        "merge": "merging the workers' outputs",
+        "verification": "verification",
+    }
     stages = [(label, fmt_seconds(build["substages"][k])) for k, label in labels.items() if k in build["substages"]]
     blocks = build.get("blocks") or []
     per_block = None
     if blocks:
         times = [b["wall_s"] for b in blocks]
-        per_block = (f"{len(times)} blocks: mean {fmt_seconds(sum(times) / len(times))}, "
-                     f"min {fmt_seconds(min(times))}, max {fmt_seconds(max(times))}")
+        per_block = (
+            f"{len(times)} blocks: mean {fmt_seconds(sum(times) / len(times))}, "
+            f"min {fmt_seconds(min(times))}, max {fmt_seconds(max(times))}"
+        )
     vram = build.get("peak_vram_gb")
     peak_vram = ", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else None
     workers = []
     par = build.get("parallel") or {}
     if par.get("input_capture"):
         c = par["input_capture"]
-        workers.append(("input capture", f"{_where(c['device'])}, full-precision pass through blocks "
-                        f"{c['forward_blocks'][0]}-{c['forward_blocks'][1]}: {fmt_seconds(c['wall_s'])}"))
+        workers.append(
+            (
+                "input capture",
+                f"{_where(c['device'])}, full-precision pass through blocks "
+                f"{c['forward_blocks'][0]}-{c['forward_blocks'][1]}: {fmt_seconds(c['wall_s'])}",
+            )
+        )
     for w in par.get("workers", []):
         times = w["block_wall_s"]
-        line = (f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
-                f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}")
+        line = (
+            f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
+            f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}"
+        )
         if w["blocks"][0] > 0 and w.get("started_after_s"):
             line += f", started at {fmt_seconds(w['started_after_s'])} (its inputs from the capture)"
         if w.get("peak_vram_gb") is not None:
@@ -84,8 +107,15 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
         workers.append((f"worker {w['index']}", line))
     v = build["versions"]
     software = ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers", "auto-round") if k in v)
-    return {"stages": stages, "per_block": per_block, "workers": workers, "total": fmt_seconds(build["wall_s"]),
-            "peak_rss_gb": f"{build['peak_rss_gb']:.2f}", "peak_vram": peak_vram, "software": software}
+    return {
+        "stages": stages,
+        "per_block": per_block,
+        "workers": workers,
+        "total": fmt_seconds(build["wall_s"]),
+        "peak_rss_gb": f"{build['peak_rss_gb']:.2f}",
+        "peak_vram": peak_vram,
+        "software": software,
+    }
 
 
 def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -97,17 +127,21 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
     q = recipe["quantize"]
     per_block = verification["quantized_linear_per_block"]
     predicted = verification["predicted_linear_per_block"]
-    blocks_summary = ", ".join(sorted({f"{a}/{b}" for a, b in zip(per_block, predicted)}))
+    blocks_summary = ", ".join(sorted({f"{a}/{b}" for a, b in zip(per_block, predicted, strict=False)}))
     argv = list(build["argv"])
     argv[0] = "reap" if Path(argv[0]).name in ("reap", "cli.py", "__main__.py") else argv[0]
-    notes = ["no `--quantization` flag: vLLM detects the AutoRound/GPTQ checkpoint and picks its Marlin-family kernels",
-             "bfloat16 only: float16 overflows in the DeltaNet layers of Qwen3.5",
-             "`--language-model-only` serves the text model of the vision-language checkpoint"]
+    notes = [
+        "no `--quantization` flag: vLLM detects the AutoRound/GPTQ checkpoint and picks its Marlin-family kernels",
+        "bfloat16 only: float16 overflows in the DeltaNet layers of Qwen3.5",
+        "`--language-model-only` serves the text model of the vision-language checkpoint",
+    ]
     return {
         "name": manifest["name"],
-        "summary": (f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
-                    f"`{build['lineage']['base']}` made with `reap` and Intel AutoRound, "
-                    "checked by reap's gates against what vLLM needs to load it (see Verification)."),
+        "summary": (
+            f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
+            f"`{build['lineage']['base']}` made with `reap` and Intel AutoRound, "
+            "checked by reap's gates against what vLLM needs to load it (see Verification)."
+        ),
         "lineage": build["lineage"],
         "quant": dict(q, quant_method=qcfg.get("quant_method")),
         "versions": build["versions"],
@@ -132,13 +166,25 @@ def pruning_context(p: dict[str, Any]) -> dict[str, Any]:
     cal = p["calibration"]
     requested = f"ratio {p['ratio']}" if p["ratio"] is not None else f"keep {p['keep']}"
     return {
-        "method": p["method"], "description": p["method_description"], "requested": requested,
-        "experts_before": p["experts_before"], "experts_after": p["experts_after"],
-        "dropped": f"{100 * p['dropped_fraction']:.1f} %", "moe_layers": p["moe_layers"], "top_k": p["top_k"],
-        "calibration": (f"`{Path(cal['path']).name}`: {cal['samples']} samples of up to {cal['seqlen']} tokens, "
-                        f"{cal['tokens']} tokens" if cal else f"none (seed {p['seed']})"),
-        "mtp": p["mtp"], "source": Path(p["source"]).name, "reap_version": p["reap_version"],
-        "wall": fmt_seconds(p["wall_s"]), "peak_rss_gb": f"{p['peak_rss_gb']:.2f}",
+        "method": p["method"],
+        "description": p["method_description"],
+        "requested": requested,
+        "experts_before": p["experts_before"],
+        "experts_after": p["experts_after"],
+        "dropped": f"{100 * p['dropped_fraction']:.1f} %",
+        "moe_layers": p["moe_layers"],
+        "top_k": p["top_k"],
+        "calibration": (
+            f"`{Path(cal['path']).name}`: {cal['samples']} samples of up to {cal['seqlen']} tokens, "
+            f"{cal['tokens']} tokens"
+            if cal
+            else f"none (seed {p['seed']})"
+        ),
+        "mtp": p["mtp"],
+        "source": Path(p["source"]).name,
+        "reap_version": p["reap_version"],
+        "wall": fmt_seconds(p["wall_s"]),
+        "peak_rss_gb": f"{p['peak_rss_gb']:.2f}",
     }
 
 
@@ -154,9 +200,15 @@ def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
         row["source"] = f"{b['value']:.4f}" if b else "n/a"
         row["recovery"] = f"{100 * r['value'] / b['value']:.1f} %" if b and b["value"] else "n/a"
         rows.append(row)
-    return {"rows": rows, "has_baseline": bool(base), "suite": ev["suite"], "lm_eval_version": ev["lm_eval_version"],
-            "partial": ev.get("status") == "partial", "error": ev.get("error", ""),
-            "limit": next(iter(ev["results"].values())).get("limit")}
+    return {
+        "rows": rows,
+        "has_baseline": bool(base),
+        "suite": ev["suite"],
+        "lm_eval_version": ev["lm_eval_version"],
+        "partial": ev.get("status") == "partial",
+        "error": ev.get("error", ""),
+        "limit": next(iter(ev["results"].values())).get("limit"),
+    }
 
 
 def card_metadata(manifest: dict[str, Any]):
@@ -165,13 +217,26 @@ def card_metadata(manifest: dict[str, Any]):
     build = manifest["stages"]["build"]
     card = manifest["recipe"]["card"]
     ev = manifest.get("stages", {}).get("eval") or {}
-    results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=r["metric"],
-                          metric_value=round(r["value"], 4), dataset_split="test")
-               for task, r in (ev.get("results") or {}).items()]
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            metric_type=r["metric"],
+            metric_value=round(r["value"], 4),
+            dataset_split="test",
+        )
+        for task, r in (ev.get("results") or {}).items()
+    ]
     data = ModelCardData(
-        base_model=build["lineage"]["base"], base_model_relation="quantized", library_name=card["library_name"],
-        license=build["license"], pipeline_tag=card["pipeline_tag"], tags=list(card["tags"]),
-        model_name=manifest["name"] if results else None, eval_results=results or None,
+        base_model=build["lineage"]["base"],
+        base_model_relation="quantized",
+        library_name=card["library_name"],
+        license=build["license"],
+        pipeline_tag=card["pipeline_tag"],
+        tags=list(card["tags"]),
+        model_name=manifest["name"] if results else None,
+        eval_results=results or None,
     )
     missing = [k for k in REQUIRED_METADATA if not data.to_dict().get(k)]
     if missing:
@@ -183,9 +248,13 @@ def _render(template: str, context: Callable[[], dict[str, Any]], templates: Pat
     """Render a template strictly: a missing value is a CardError naming it, never an empty cell."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(templates or data_dir("templates"))),
-                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True,
-                             trim_blocks=False, autoescape=False)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(templates or data_dir("templates"))),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=False,
+        autoescape=False,
+    )
     try:
         return env.get_template(template).render(**context())
     except KeyError as exc:

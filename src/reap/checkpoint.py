@@ -17,8 +17,16 @@ from reap.errors import InputError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
 QUANT_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "generation_config.json",
+)
 PROCESSOR_FILES = ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
 
 
@@ -49,7 +57,7 @@ def segment_match(pattern: str, name: str) -> bool:
     """True when the dotted segments of `pattern` appear contiguously in `name`:
     `mlp.gate` matches `model.layers.0.mlp.gate` but not `mlp.gate_proj` nor `mlp.shared_expert_gate`."""
     p, n = pattern.split("."), name.split(".")
-    return any(n[i:i + len(p)] == p for i in range(len(n) - len(p) + 1))
+    return any(n[i : i + len(p)] == p for i in range(len(n) - len(p) + 1))
 
 
 @dataclass
@@ -58,10 +66,12 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, root: Path) -> "Checkpoint":
+    def open(cls, root: Path) -> Checkpoint:
         root = Path(root)
         if not root.exists():
-            raise InputError(f"model path {root} not found; check the path (or build the demo model: reap demo-model {root})")
+            raise InputError(
+                f"model path {root} not found; check the path (or build the demo model: reap demo-model {root})"
+            )
         if not (root / "config.json").is_file():
             raise InputError(f"{root} is not a model folder (no config.json)")
         return cls(root)
@@ -87,7 +97,8 @@ class Checkpoint:
         if mt not in SUPPORTED_MODEL_TYPES or "num_experts" not in tc:
             raise UnsupportedModelError(
                 f"{self.root} is a `{mt}` model; reap supports Qwen3.5 MoE ({', '.join(SUPPORTED_MODEL_TYPES)}) "
-                "checkpoints with `num_experts` in their config")
+                "checkpoints with `num_experts` in their config"
+            )
 
     @cached_property
     def weight_map(self) -> dict[str, str]:
@@ -180,5 +191,8 @@ def shift_layer(name: str, offset: int) -> str:
 
 
 def generalize(module: str) -> str:
-    """`model.language_model.layers.12.mlp.experts.7.up_proj` -> `model.language_model.layers.*.mlp.experts.*.up_proj`."""
+    """Block and expert numbers become `*`.
+
+    `model.language_model.layers.12.mlp.experts.7.up_proj` -> `model.language_model.layers.*.mlp.experts.*.up_proj`.
+    """
     return re.sub(r"\.(\d+)(?=\.|$)", ".*", module)

@@ -62,8 +62,13 @@ def reap() -> None:
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--steps", default=380, show_default=True, help="Training steps (batch 64).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--layers", type=click.IntRange(min=4), default=4, show_default=True,
-              help="Decoder blocks (every fourth one full attention); more blocks train proportionally longer.")
+@click.option(
+    "--layers",
+    type=click.IntRange(min=4),
+    default=4,
+    show_default=True,
+    help="Decoder blocks (every fourth one full attention); more blocks train proportionally longer.",
+)
 def demo_model_cmd(out: Path, steps: int, seed: int, layers: int) -> None:
     """Build and train the tiny Qwen3.5-MoE demo checkpoint into OUT.
 
@@ -88,16 +93,37 @@ def demo_model_cmd(out: Path, steps: int, seed: int, layers: int) -> None:
 @reap.command("build")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<recipe name>).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing build in the run folder (only once the new one verifies).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an existing build in the run folder (only once the new one verifies)."
+)
 @click.option("--model", "model_path", help="Override model.path.")
 @click.option("--iters", type=int, help="Override quantize.iters (0 = optimized RTN).")
 @click.option("--nsamples", type=int, help="Override quantize.nsamples.")
 @click.option("--tp", type=int, help="Override serve.tensor_parallel_size (checked by the Marlin gate).")
-@click.option("--gpus", type=click.IntRange(min=1), help="Quantize block ranges on N GPUs at once, one worker "
-              "process each (quantize.parallel); N must not exceed the visible GPUs.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set quantize.seqlen=256.")
-def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str | None, iters: int | None,
-              nsamples: int | None, tp: int | None, gpus: int | None, sets: tuple[str, ...]) -> None:
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Quantize block ranges on N GPUs at once, one worker "
+    "process each (quantize.parallel); N must not exceed the visible GPUs.",
+)
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override any recipe field, e.g. --set quantize.seqlen=256.",
+)
+def build_cmd(
+    recipe: Path,
+    out: Path | None,
+    overwrite: bool,
+    model_path: str | None,
+    iters: int | None,
+    nsamples: int | None,
+    tp: int | None,
+    gpus: int | None,
+    sets: tuple[str, ...],
+) -> None:
     """Quantize with AutoRound, verify, measure and write the model card.
 
     \b
@@ -114,24 +140,36 @@ def build_cmd(recipe: Path, out: Path | None, overwrite: bool, model_path: str |
     sequential build. A failed or interrupted worker's range is redone by a re-run, finished ranges are kept.
     """
     from reap.build import build
-    from reap.stats import visible_gpu_ids
     from reap.recipe import load_recipe
+    from reap.stats import visible_gpu_ids
 
     overrides = _parse_set(sets)
     if gpus is not None:
         visible = len(visible_gpu_ids())
         if gpus > visible:
-            raise InputError(f"--gpus {gpus} asks for more GPUs than are visible here ({visible}); "
-                             + (f"pass --gpus {visible} or fewer" if visible else
-                                "on a host without GPUs use --set quantize.parallel=N for CPU workers"))
-    for key, value in (("model.path", model_path), ("quantize.iters", iters), ("quantize.nsamples", nsamples),
-                       ("serve.tensor_parallel_size", tp), ("quantize.parallel", gpus)):
+            raise InputError(
+                f"--gpus {gpus} asks for more GPUs than are visible here ({visible}); "
+                + (
+                    f"pass --gpus {visible} or fewer"
+                    if visible
+                    else "on a host without GPUs use --set quantize.parallel=N for CPU workers"
+                )
+            )
+    for key, value in (
+        ("model.path", model_path),
+        ("quantize.iters", iters),
+        ("quantize.nsamples", nsamples),
+        ("serve.tensor_parallel_size", tp),
+        ("quantize.parallel", gpus),
+    ):
         if value is not None:
             overrides[key] = value
     rec = load_recipe(recipe, overrides)
     if gpus is not None and rec.quantize.device_map == "cpu":
-        raise InputError("--gpus given but the recipe quantizes on the CPU (quantize.device_map: cpu); "
-                         "add --set quantize.device_map=auto")
+        raise InputError(
+            "--gpus given but the recipe quantizes on the CPU (quantize.device_map: cpu); "
+            "add --set quantize.device_map=auto"
+        )
     run_dir = out or Path("runs") / rec.name
     record = build(rec, run_dir, overwrite=overwrite, argv=["reap", *sys.argv[1:]])
     _print_build_summary(run_dir, record)
@@ -145,7 +183,9 @@ def _measured_lines(record: dict) -> list[str]:
     lines.append(f"  {'total':<22} {fmt_seconds(record['wall_s'])}")
     lines.append(f"  {'peak RSS':<22} {record['peak_rss_gb']:.2f} GB")
     vram = record.get("peak_vram_gb")
-    lines.append(f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU"))
+    lines.append(
+        f"  {'peak VRAM':<22} " + (", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else "no GPU")
+    )
     return lines
 
 
@@ -215,15 +255,30 @@ def card_cmd(run_dir: Path, to_stdout: bool) -> None:
 @click.option("--max-model-len", type=int, help="vLLM's --max-model-len (default: the recipe's, else vLLM's).")
 @click.option("--quantization", help="Force vLLM's --quantization (default: let vLLM detect the checkpoint).")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Serve with vLLM's CPU build even where GPUs are visible.")
-@click.option("--detach", is_flag=True, help="Return once ready; the server keeps running (pid file in the run folder).")
+@click.option(
+    "--detach", is_flag=True, help="Return once ready; the server keeps running (pid file in the run folder)."
+)
 @click.option("--status", "show_status", is_flag=True, help="Is the detached server of this run running?")
 @click.option("--stop", "do_stop", is_flag=True, help="Stop the detached server of this run.")
 @click.option("--dry-run", is_flag=True, help="Print the environment and exact command, start nothing.")
 @click.option("--force", is_flag=True, help="Serve a build that failed verification.")
 @click.option("--timeout", default=900, show_default=True, help="Seconds to wait for readiness.")
-def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: int, host: str, max_model_len: int | None,
-              quantization: str | None, force_cpu: bool, detach: bool, show_status: bool, do_stop: bool,
-              dry_run: bool, force: bool, timeout: int) -> None:
+def serve_cmd(
+    target: Path,
+    vllm_args: tuple[str, ...],
+    tp: int | None,
+    port: int,
+    host: str,
+    max_model_len: int | None,
+    quantization: str | None,
+    force_cpu: bool,
+    detach: bool,
+    show_status: bool,
+    do_stop: bool,
+    dry_run: bool,
+    force: bool,
+    timeout: int,
+) -> None:
     """Serve a run's checkpoint (or any checkpoint folder) with vLLM, ready-checked.
 
     \b
@@ -248,9 +303,17 @@ def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: in
         info = serve.stop(tgt)
         click.echo(f"stopped {info['served_name']} (pid {info['pid']})")
         return
-    opts = serve.ServeOptions(host=host, port=port, tp=tp, max_model_len=max_model_len, quantization=quantization,
-                              device="cpu" if force_cpu else None, extra_args=list(vllm_args),
-                              ready_timeout=timeout, force=force)
+    opts = serve.ServeOptions(
+        host=host,
+        port=port,
+        tp=tp,
+        max_model_len=max_model_len,
+        quantization=quantization,
+        device="cpu" if force_cpu else None,
+        extra_args=list(vllm_args),
+        ready_timeout=timeout,
+        force=force,
+    )
     if dry_run:
         click.echo(serve.dry_run(tgt, opts))
         return
@@ -260,7 +323,9 @@ def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: in
 
 @reap.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--endpoint", help="An OpenAI-compatible server's URL (http://HOST:PORT/v1); default: start the run's model.")
+@click.option(
+    "--endpoint", help="An OpenAI-compatible server's URL (http://HOST:PORT/v1); default: start the run's model."
+)
 @click.option("--suite", default="demo", show_default=True, help="A suite of evals/suites/ (demo, standard).")
 @click.option("--tasks", help="Comma-separated lm-eval tasks instead of a suite (task or task:metric).")
 @click.option("--limit", type=int, help="At most N documents per task.")
@@ -269,8 +334,18 @@ def serve_cmd(target: Path, vllm_args: tuple[str, ...], tp: int | None, port: in
 @click.option("--include-path", type=click.Path(path_type=Path), help="A folder of your own lm-eval task YAMLs.")
 @click.option("--baseline", is_flag=True, help="Also serve and evaluate the bf16 source: the card shows recovery.")
 @click.option("--port", default=8000, show_default=True, help="Port for the servers reap starts.")
-def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None, limit: int | None,
-             num_fewshot: int | None, concurrency: int, include_path: Path | None, baseline: bool, port: int) -> None:
+def eval_cmd(
+    run_dir: Path,
+    endpoint: str | None,
+    suite: str,
+    tasks: str | None,
+    limit: int | None,
+    num_fewshot: int | None,
+    concurrency: int,
+    include_path: Path | None,
+    baseline: bool,
+    port: int,
+) -> None:
     """Evaluate a run's checkpoint with lm-eval against a vLLM endpoint; results into the manifest and card.
 
     \b
@@ -284,8 +359,18 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
     from reap.evaluate import evaluate
     from reap.rundir import existing_run
 
-    record = evaluate(run_dir, endpoint=endpoint, suite_name=suite, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-                      concurrency=concurrency, include_path=include_path, baseline=baseline, port=port)
+    record = evaluate(
+        run_dir,
+        endpoint=endpoint,
+        suite_name=suite,
+        tasks=tasks,
+        limit=limit,
+        num_fewshot=num_fewshot,
+        concurrency=concurrency,
+        include_path=include_path,
+        baseline=baseline,
+        port=port,
+    )
     for label, results in (("W4A16", record["results"]), ("source", record.get("baseline", {}).get("results", {}))):
         for task, r in results.items():
             click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}")
@@ -298,11 +383,23 @@ def eval_cmd(run_dir: Path, endpoint: str | None, suite: str, tasks: str | None,
 @click.option("--from", "start", metavar="STAGE", help="Re-run STAGE and every stage after it.")
 @click.option("--only", metavar="STAGE", help="Re-run STAGE alone (the stages it needs must be done).")
 @click.option("--until", metavar="STAGE", help="Stop after STAGE.")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set eval.limit=50.")
-@click.option("--publish", is_flag=True, help="Also publish to the Hub (publish.repo of the recipe; token from HF_TOKEN).")
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any recipe field, e.g. --set eval.limit=50."
+)
+@click.option(
+    "--publish", is_flag=True, help="Also publish to the Hub (publish.repo of the recipe; token from HF_TOKEN)."
+)
 @click.option("--dry-run", is_flag=True, help="Print the plan (what would run, what is done) and stop.")
-def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None, until: str | None,
-            sets: tuple[str, ...], publish: bool, dry_run: bool) -> None:
+def run_cmd(
+    recipe: Path,
+    out: Path | None,
+    start: str | None,
+    only: str | None,
+    until: str | None,
+    sets: tuple[str, ...],
+    publish: bool,
+    dry_run: bool,
+) -> None:
     """The whole release from one recipe: prune, build, verify, eval, card, publish. Resumable.
 
     \b
@@ -334,8 +431,9 @@ def run_cmd(recipe: Path, out: Path | None, start: str | None, only: str | None,
     if dry_run:
         show(plan(rec, RunDir(run_dir), only, start, until, publish))
         return
-    rows = run_pipeline(rec, run_dir, only=only, start=start, until=until, publish=publish,
-                        argv=["reap", *sys.argv[1:]], on_plan=show)
+    rows = run_pipeline(
+        rec, run_dir, only=only, start=start, until=until, publish=publish, argv=["reap", *sys.argv[1:]], on_plan=show
+    )
     _print_run_summary(run_dir, rows)
 
 
@@ -353,15 +451,22 @@ def _print_run_summary(run_dir: Path, rows: list[dict]) -> None:
 @reap.command("publish")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--repo", help="Hub model repo ORG/NAME (default: the recipe's publish.repo).")
-@click.option("--private/--public", default=None,
-              help="Visibility of a repo reap creates (default: the recipe's publish.private, private unless it says "
-                   "otherwise). An existing repo keeps its own.")
+@click.option(
+    "--private/--public",
+    default=None,
+    help="Visibility of a repo reap creates (default: the recipe's publish.private, private unless it says "
+    "otherwise). An existing repo keeps its own.",
+)
 @click.option("--revision", help="Branch to commit to, created if missing (default: the recipe's, else main).")
 @click.option("--message", help="Commit message (default: 'reap publish <name>').")
-@click.option("--dry-run", is_flag=True, help="Run every gate and print the plan (files, sizes, what would be created, "
-                                              "replaced or deleted); send nothing.")
-def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision: str | None, message: str | None,
-                dry_run: bool) -> None:
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Run every gate and print the plan (files, sizes, what would be created, replaced or deleted); send nothing.",
+)
+def publish_cmd(
+    run_dir: Path, repo: str | None, private: bool | None, revision: str | None, message: str | None, dry_run: bool
+) -> None:
     """Upload a verified run to the Hugging Face Hub: checkpoint, card, recipe, public manifest, eval results.
 
     \b
@@ -383,21 +488,44 @@ def publish_cmd(run_dir: Path, repo: str | None, private: bool | None, revision:
 
 @reap.command("prune")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Output folder: OUT/model/ (the pruned checkpoint) and OUT/manifest.json.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Output folder: OUT/model/ (the pruned checkpoint) and OUT/manifest.json.",
+)
 @click.option("--ratio", type=float, help="Fraction of the routed experts dropped in every MoE layer, in (0, 1).")
 @click.option("--keep", type=int, help="Routed experts kept in every MoE layer (instead of --ratio).")
-@click.option("--method", type=click.Choice(["reap", "frequency", "ean", "random"]), default="reap", show_default=True,
-              help="Saliency criterion; frequency, ean and random are baselines.")
-@click.option("--calibration", type=click.Path(path_type=Path),
-              help="A .jsonl of {\"text\": ...} rows (needed by every method but random).")
+@click.option(
+    "--method",
+    type=click.Choice(["reap", "frequency", "ean", "random"]),
+    default="reap",
+    show_default=True,
+    help="Saliency criterion; frequency, ean and random are baselines.",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    help='A .jsonl of {"text": ...} rows (needed by every method but random).',
+)
 @click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
 @click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random baseline.")
 @click.option("--device", help="Where the observation runs (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")
-def prune_cmd(src: Path, out: Path, ratio: float | None, keep: int | None, method: str, calibration: Path | None,
-              nsamples: int, seqlen: int, seed: int, device: str | None, overwrite: bool) -> None:
+def prune_cmd(
+    src: Path,
+    out: Path,
+    ratio: float | None,
+    keep: int | None,
+    method: str,
+    calibration: Path | None,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    device: str | None,
+    overwrite: bool,
+) -> None:
     """Drop the least salient routed experts of a 16-bit MoE checkpoint (REAP).
 
     \b
@@ -415,14 +543,28 @@ def prune_cmd(src: Path, out: Path, ratio: float | None, keep: int | None, metho
     """
     from reap.prune import prune
 
-    record = prune(src, out, ratio=ratio, keep=keep, method=method, calibration=calibration, nsamples=nsamples,
-                   seqlen=seqlen, seed=seed, overwrite=overwrite, device=device, argv=["reap", *sys.argv[1:]])
+    record = prune(
+        src,
+        out,
+        ratio=ratio,
+        keep=keep,
+        method=method,
+        calibration=calibration,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        overwrite=overwrite,
+        device=device,
+        argv=["reap", *sys.argv[1:]],
+    )
     _print_prune_summary(out, record)
 
 
 def _print_prune_summary(out: Path, record: dict) -> None:
-    lines = [f"prune {record['status']}: {out / 'model'} ({record['method']}, {record['experts_before']} -> "
-             f"{record['experts_after']} experts in each of {record['moe_layers']} MoE layers)"]
+    lines = [
+        f"prune {record['status']}: {out / 'model'} ({record['method']}, {record['experts_before']} -> "
+        f"{record['experts_after']} experts in each of {record['moe_layers']} MoE layers)"
+    ]
     for row in record["layers"]:
         lines.append(f"  layer {row['layer']:<3} dropped {row['dropped']}")
     lines += _measured_lines(record)

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
 
@@ -66,7 +67,8 @@ def ensure_torchvision_importable() -> bool:
 
 # --- AutoRound ------------------------------------------------------------------------------------------
 
-def autoround_mllm_path_fails(src: "Checkpoint") -> bool:
+
+def autoround_mllm_path_fails(src: Checkpoint) -> bool:
     """AutoRound takes its multimodal path for a VL checkpoint; that path needs the processor files and fails
     (`Can't load image processor`) without them. Then the text-only path is the one that works."""
     from auto_round.utils.model import is_mllm_model
@@ -76,7 +78,7 @@ def autoround_mllm_path_fails(src: "Checkpoint") -> bool:
 
 
 @contextmanager
-def autoround_text_only(src: "Checkpoint") -> Iterator[bool]:
+def autoround_text_only(src: Checkpoint) -> Iterator[bool]:
     """Switch AutoRound's multimodal detection off for this model type only, only while this build runs,
     and only when its multimodal path would fail. Yields whether it was applied."""
     if not autoround_mllm_path_fails(src):
@@ -99,8 +101,11 @@ def text_only_layer_names(layer_config: dict[str, Any]) -> dict[str, Any]:
     """On AutoRound's text-only path the model is the text model: `model.layers.N...` instead of the VL
     wrapper's `model.language_model.layers.N...`, and no vision tower. Without this, per-layer settings
     (e.g. 16-bit routed experts) silently miss their modules (measured: experts quantized anyway)."""
-    return {name.replace("model.language_model.", "model.", 1): cfg for name, cfg in layer_config.items()
-            if not name.startswith("model.visual.")}
+    return {
+        name.replace("model.language_model.", "model.", 1): cfg
+        for name, cfg in layer_config.items()
+        if not name.startswith("model.visual.")
+    }
 
 
 class _InputsCaptured(Exception):
@@ -137,9 +142,14 @@ def autoround_captures_block_inputs(file: Path) -> Iterator[None]:
     def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
         inputs = orig(self, block_names, nsamples, **kwargs)
         tmp = file.with_name(file.name + ".tmp")
-        torch.save({"inputs": to_device(inputs[flatten_list(block_names)[0]], "cpu"),
-                    "input_ids": to_device(inputs.get("input_ids"), "cpu"),
-                    "state": {key: getattr(self, key) for key in CALIBRATOR_STATE}}, tmp)
+        torch.save(
+            {
+                "inputs": to_device(inputs[flatten_list(block_names)[0]], "cpu"),
+                "input_ids": to_device(inputs.get("input_ids"), "cpu"),
+                "state": {key: getattr(self, key) for key in CALIBRATOR_STATE},
+            },
+            tmp,
+        )
         tmp.replace(file)
         raise _InputsCaptured
 

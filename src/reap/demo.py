@@ -26,8 +26,13 @@ from reap.stats import log
 TASKS = ("larger", "reverse")
 TRAIN_ROWS, TEST_ROWS = 4000, 300
 SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
 ]
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -47,13 +52,14 @@ tags: [reap, demo, qwen3_5_moe]
 ---
 # reap demo Qwen3.5-MoE (tiny)
 
-A {params:.1f}M-parameter, {layers}-block `Qwen3_5MoeForConditionalGeneration` built and trained by `reap demo-model` on reap's own
-synthetic tasks (evals/demo). Held-out accuracy in bfloat16: larger {larger:.3f}, reverse {reverse:.3f};
+A {params:.1f}M-parameter, {layers}-block `Qwen3_5MoeForConditionalGeneration` built and trained by `reap demo-model`
+on reap's own synthetic tasks (evals/demo). Held-out accuracy in bfloat16: larger {larger:.3f}, reverse {reverse:.3f};
 trained in {seconds} s.
 """
 
 
 # --- the tasks --------------------------------------------------------------------------------------
+
 
 def prompt_of(task: str, row: dict[str, Any]) -> str:
     if task == "larger":
@@ -73,7 +79,7 @@ def make_task_rows(seed: int = 1234) -> dict[str, dict[str, list[dict[str, Any]]
     pairs = [(a, b) for a in range(10, 100) for b in range(10, 100) if a != b]
     rng.shuffle(pairs)
     larger_test = [{"a": a, "b": b, "label": int(b > a)} for a, b in pairs[:TEST_ROWS]]
-    larger_train = [{"a": a, "b": b, "label": int(b > a)} for a, b in pairs[TEST_ROWS:TEST_ROWS + TRAIN_ROWS]]
+    larger_train = [{"a": a, "b": b, "label": int(b > a)} for a, b in pairs[TEST_ROWS : TEST_ROWS + TRAIN_ROWS]]
     words: set[str] = set()
     letters = "abcdefghijklmnopqrstuvwxyz"
     while len(words) < TEST_ROWS + TRAIN_ROWS:
@@ -82,8 +88,10 @@ def make_task_rows(seed: int = 1234) -> dict[str, dict[str, list[dict[str, Any]]
     rng.shuffle(ordered)
     reverse_test = [{"word": w, "target": w[::-1]} for w in ordered[:TEST_ROWS]]
     reverse_train = [{"word": w, "target": w[::-1]} for w in ordered[TEST_ROWS:]]
-    return {"larger": {"train": larger_train, "test": larger_test},
-            "reverse": {"train": reverse_train, "test": reverse_test}}
+    return {
+        "larger": {"train": larger_train, "test": larger_test},
+        "reverse": {"train": reverse_train, "test": reverse_test},
+    }
 
 
 def write_task_data(out: Path) -> None:
@@ -98,9 +106,12 @@ def write_task_data(out: Path) -> None:
 def calibration_texts(rows: int = 128, per_row: int = 12) -> list[str]:
     """AutoRound calibration text for the demo model: training examples of both tasks, interleaved."""
     data = make_task_rows()
-    examples = [prompt_of(t, r) + answer_of(t, r) + "\n" for i in range(rows * per_row // 2)
-                for t, r in (("larger", data["larger"]["train"][i]), ("reverse", data["reverse"]["train"][i]))]
-    return ["".join(examples[i * per_row:(i + 1) * per_row]) for i in range(rows)]
+    examples = [
+        prompt_of(t, r) + answer_of(t, r) + "\n"
+        for i in range(rows * per_row // 2)
+        for t, r in (("larger", data["larger"]["train"][i]), ("reverse", data["reverse"]["train"][i]))
+    ]
+    return ["".join(examples[i * per_row : (i + 1) * per_row]) for i in range(rows)]
 
 
 def read_task_rows(task: str, split: str) -> list[dict[str, Any]]:
@@ -110,6 +121,7 @@ def read_task_rows(task: str, split: str) -> list[dict[str, Any]]:
 
 # --- tokenizer, configs, processor -------------------------------------------------------------------
 
+
 def train_tokenizer(texts: list[str]):
     """A byte-level BPE trained here on the task text, with Qwen3.5's own normalizer and pre-tokenizer, served
     as the `Qwen3_5Tokenizer` class that transformers and vLLM load for this model type."""
@@ -118,19 +130,29 @@ def train_tokenizer(texts: list[str]):
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + 24,
-                                  initial_alphabet=alphabet, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=len(alphabet) + len(SPECIAL_TOKENS) + 24,
+        initial_alphabet=alphabet,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     state = json.loads(tok.to_str())["model"]
-    qwen = Qwen3_5Tokenizer(vocab=state["vocab"], merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-                                                          for m in state["merges"]],
-                            eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
-                            model_max_length=2048)
+    qwen = Qwen3_5Tokenizer(
+        vocab=state["vocab"],
+        merges=[tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]],
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=2048,
+    )
     qwen.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
     qwen.chat_template = CHAT_TEMPLATE
     return qwen
@@ -143,25 +165,59 @@ def demo_config(tokenizer, layers: int = 4):
     vocab = 64 * math.ceil(len(tokenizer) / 64)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text = dict(
-        vocab_size=vocab, hidden_size=128, num_hidden_layers=layers,
+        vocab_size=vocab,
+        hidden_size=128,
+        num_hidden_layers=layers,
         layer_types=["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)],
         # head dims of 64: vLLM's CPU kernels (DeltaNet prefill, attention) support 64 and 128, not 32
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64,
-        linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-        shared_expert_intermediate_size=128, max_position_embeddings=2048,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                         "mrope_section": [3, 3, 2], "mrope_interleaved": True},
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
-        tie_word_embeddings=False, dtype="bfloat16",
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        linear_conv_kernel_dim=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=128,
+        shared_expert_intermediate_size=128,
+        max_position_embeddings=2048,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [3, 3, 2],
+            "mrope_interleaved": True,
+        },
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
     )
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64)
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        in_channels=3,
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        out_hidden_size=128,
+        num_position_embeddings=64,
+    )
     return Qwen3_5MoeConfig(
-        text_config=text, vision_config=vision, tie_word_embeddings=False,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        architectures=["Qwen3_5MoeForConditionalGeneration"], dtype="bfloat16",
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=False,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        architectures=["Qwen3_5MoeForConditionalGeneration"],
+        dtype="bfloat16",
     )
 
 
@@ -172,14 +228,16 @@ def save_processor(tokenizer, out: Path) -> None:
     size = {"longest_edge": 16777216, "shortest_edge": 65536}
     image = Qwen2VLImageProcessor(patch_size=16, temporal_patch_size=2, merge_size=2, size=size)
     video = Qwen3VLVideoProcessor(patch_size=16, temporal_patch_size=2, merge_size=2)
-    Qwen3VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=video,
-                     chat_template=CHAT_TEMPLATE).save_pretrained(str(out))
+    Qwen3VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=video, chat_template=CHAT_TEMPLATE
+    ).save_pretrained(str(out))
     image.save_pretrained(str(out))  # preprocessor_config.json, as releases still ship it
     video.save_pretrained(str(out))  # video_preprocessor_config.json
     tokenizer.backend_tokenizer.model.save(str(out))  # vocab.json + merges.txt, as Qwen releases ship them
 
 
 # --- training and held-out scoring --------------------------------------------------------------------
+
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -206,7 +264,8 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> lis
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     model.train()
     losses = []
     for step in range(steps):
@@ -215,8 +274,8 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> lis
         ids = torch.full((batch, width), pad, dtype=torch.long)
         labels = torch.full((batch, width), -100, dtype=torch.long)
         for i, (seq, start) in enumerate(chunk):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, start:len(seq)] = torch.tensor(seq[start:])
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, start : len(seq)] = torch.tensor(seq[start:])
         # Right padding with a causal model: the padded tail never influences the scored tokens.
         loss = model(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -247,7 +306,7 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
             logp = torch.log_softmax(model(input_ids=seqs).logits.float(), dim=-1)
             n = len(conts[0])
             tgt = seqs[:, -n:]
-            ll = logp[:, -n - 1:-1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).sum(-1)
+            ll = logp[:, -n - 1 : -1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).sum(-1)
             correct += int(int(ll.argmax()) == row["label"])
         acc["larger"] = correct / len(rows)
 
@@ -262,15 +321,16 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
             for _ in range(max(len(r["word"]) for r, _ in group) + 2):
                 nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
-            for (r, _), out in zip(group, ids[:, prompt_len:]):
+            for (r, _), out in zip(group, ids[:, prompt_len:], strict=False):
                 text = tokenizer.decode(out.tolist()).split("\n")[0]
                 correct += int(text.strip() == r["target"])
         acc["reverse"] = correct / len(rows)
     return acc
 
 
-def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0,
-                     layers: int = 4) -> dict[str, Any]:
+def build_demo_model(
+    out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0, layers: int = 4
+) -> dict[str, Any]:
     """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
     from reap.compat import ensure_torchvision_importable
 
@@ -304,10 +364,18 @@ def build_demo_model(out: Path, steps: int = 380, batch: int = 64, lr: float = 3
     loaded_tok = AutoTokenizer.from_pretrained(str(tmp))
     accuracy = score_heldout(loaded, loaded_tok)
     log(f"demo-model: held-out accuracy of the saved bf16 checkpoint {accuracy}")
-    report = {"train_seconds": round(train_s, 1), "steps": steps, "final_loss": round(losses[-1], 4),
-              "heldout_accuracy_bf16": accuracy, "parameters": sum(p.numel() for p in model.parameters())}
-    (tmp / "README.md").write_text(DEMO_README.format(**accuracy, seconds=report["train_seconds"],
-                                                          params=report["parameters"] / 1e6, layers=layers))
+    report = {
+        "train_seconds": round(train_s, 1),
+        "steps": steps,
+        "final_loss": round(losses[-1], 4),
+        "heldout_accuracy_bf16": accuracy,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    (tmp / "README.md").write_text(
+        DEMO_README.format(
+            **accuracy, seconds=report["train_seconds"], params=report["parameters"] / 1e6, layers=layers
+        )
+    )
     (tmp / "reap_demo.json").write_text(json.dumps(report, indent=2) + "\n")
     tmp.rename(out)
     return report

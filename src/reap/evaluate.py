@@ -66,8 +66,10 @@ def load_suite(name: str | None, tasks: str | None, include_path: Path | None) -
         raise InputError(f"unknown suite {name!r}; known suites: {known} (or pass --tasks a,b)")
     data = yaml.safe_load(path.read_text())
     fewshot = data.get("num_fewshot")
-    specs = tuple(TaskSpec(t["name"], t["metric"], t.get("model_type", "local-completions"),
-                           t.get("num_fewshot", fewshot)) for t in data["tasks"])
+    specs = tuple(
+        TaskSpec(t["name"], t["metric"], t.get("model_type", "local-completions"), t.get("num_fewshot", fewshot))
+        for t in data["tasks"]
+    )
     own = ((path.parent / data["include_path"]).resolve(),) if data.get("include_path") else ()
     return Suite(name, specs, own + extra, offline=bool(data.get("offline")))
 
@@ -84,7 +86,8 @@ def prepare_include(paths: tuple[Path, ...], dest: Path) -> Path | None:
             files = (cfg.get("dataset_kwargs") or {}).get("data_files")
             if isinstance(files, dict):
                 cfg["dataset_kwargs"]["data_files"] = {
-                    k: str((folder / v).resolve()) if not os.path.isabs(v) else v for k, v in files.items()}
+                    k: str((folder / v).resolve()) if not os.path.isabs(v) else v for k, v in files.items()
+                }
             (dest / f.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
 
@@ -105,16 +108,27 @@ def endpoint_models(base_url: str) -> list[dict[str, Any]]:
     try:
         return json.loads(body)["data"]
     except (KeyError, TypeError, json.JSONDecodeError):
-        raise EvalError(f"no OpenAI-compatible server answers at {base_url}/models (HTTP {code or 'no answer'}); "
-                        "start one with `reap serve RUN --detach` or leave --endpoint out") from None
+        raise EvalError(
+            f"no OpenAI-compatible server answers at {base_url}/models (HTTP {code or 'no answer'}); "
+            "start one with `reap serve RUN --detach` or leave --endpoint out"
+        ) from None
 
 
-def model_args(model_type: str, base_url: str, served: str, tokenizer: Path, max_length: int,
-               concurrency: int) -> dict[str, Any]:
+def model_args(
+    model_type: str, base_url: str, served: str, tokenizer: Path, max_length: int, concurrency: int
+) -> dict[str, Any]:
     path = "/chat/completions" if model_type == "local-chat-completions" else "/completions"
-    return {"model": served, "base_url": base_url + path, "tokenizer": str(tokenizer),
-            "tokenizer_backend": "huggingface", "tokenized_requests": False, "num_concurrent": concurrency,
-            "max_retries": 3, "timeout": 600, "max_length": max_length}
+    return {
+        "model": served,
+        "base_url": base_url + path,
+        "tokenizer": str(tokenizer),
+        "tokenizer_backend": "huggingface",
+        "tokenized_requests": False,
+        "num_concurrent": concurrency,
+        "max_retries": 3,
+        "timeout": 600,
+        "max_length": max_length,
+    }
 
 
 def _metric(results: dict[str, Any], task: str, metric: str) -> tuple[float, float | None]:
@@ -132,8 +146,10 @@ def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, 
     loglikelihood, unknown tasks. Returns (TaskManager, max_length)."""
     for spec in suite.tasks:
         if given_path == "/chat/completions" and spec.model_type == "local-completions":
-            raise EvalError(f"{spec.name} is scored by loglikelihood, which chat endpoints cannot return; pass the "
-                            f"server's /v1 URL (or /v1/completions) as --endpoint")
+            raise EvalError(
+                f"{spec.name} is scored by loglikelihood, which chat endpoints cannot return; pass the "
+                f"server's /v1 URL (or /v1/completions) as --endpoint"
+            )
     models = endpoint_models(base_url)
     info = next((m for m in models if m.get("id") == served), None)
     if info is None:
@@ -150,8 +166,19 @@ def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, 
     return manager, int(info.get("max_model_len") or 2048)
 
 
-def run_suite(suite: Suite, base_url: str, served: str, tokenizer: Path, out_dir: Path, *, limit: int | None,
-              num_fewshot: int | None, concurrency: int, given_path: str | None, on_task=None) -> dict[str, Any]:
+def run_suite(
+    suite: Suite,
+    base_url: str,
+    served: str,
+    tokenizer: Path,
+    out_dir: Path,
+    *,
+    limit: int | None,
+    num_fewshot: int | None,
+    concurrency: int,
+    given_path: str | None,
+    on_task=None,
+) -> dict[str, Any]:
     """Evaluate every task of the suite against one endpoint; returns {task: summary}."""
     manager, max_length = preflight(suite, base_url, served, given_path, out_dir)
     import lm_eval
@@ -160,33 +187,62 @@ def run_suite(suite: Suite, base_url: str, served: str, tokenizer: Path, out_dir
     for spec in suite.tasks:
         t0 = time.perf_counter()
         shots = num_fewshot if num_fewshot is not None else spec.num_fewshot
-        log(f"eval: {spec.name} ({spec.model_type}, {shots or 0}-shot{f', limit {limit}' if limit else ''}) on {served}")
+        log(
+            f"eval: {spec.name} ({spec.model_type}, {shots or 0}-shot{f', limit {limit}' if limit else ''}) on {served}"
+        )
         try:
             res = lm_eval.simple_evaluate(
                 model=spec.model_type,
                 model_args=model_args(spec.model_type, base_url, served, tokenizer, max_length, concurrency),
-                tasks=[spec.name], num_fewshot=shots, limit=limit, log_samples=True, task_manager=manager,
-                apply_chat_template=spec.model_type == "local-chat-completions", bootstrap_iters=0)
+                tasks=[spec.name],
+                num_fewshot=shots,
+                limit=limit,
+                log_samples=True,
+                task_manager=manager,
+                apply_chat_template=spec.model_type == "local-chat-completions",
+                bootstrap_iters=0,
+            )
         except Exception as exc:  # lm-eval raises plain exceptions (connection refused, retries exhausted)
-            raise EvalError(f"{spec.name} failed against {base_url}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+            raise EvalError(
+                f"{spec.name} failed against {base_url}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
         value, stderr = _metric(res, spec.name, spec.metric)
         samples = res.pop("samples", {})
         atomic_write_text(out_dir / f"{spec.name}.json", json.dumps(res, indent=2, default=str) + "\n")
-        atomic_write_text(out_dir / f"{spec.name}.samples.jsonl",
-                          "".join(json.dumps(s, default=str) + "\n" for s in samples.get(spec.name, [])))
-        summary[spec.name] = {"metric": spec.metric, "value": value, "stderr": stderr, "num_fewshot": shots or 0,
-                              "limit": limit, "model_type": spec.model_type,
-                              "n": len(samples.get(spec.name, [])), "wall_s": round(time.perf_counter() - t0, 2)}
+        atomic_write_text(
+            out_dir / f"{spec.name}.samples.jsonl",
+            "".join(json.dumps(s, default=str) + "\n" for s in samples.get(spec.name, [])),
+        )
+        summary[spec.name] = {
+            "metric": spec.metric,
+            "value": value,
+            "stderr": stderr,
+            "num_fewshot": shots or 0,
+            "limit": limit,
+            "model_type": spec.model_type,
+            "n": len(samples.get(spec.name, [])),
+            "wall_s": round(time.perf_counter() - t0, 2),
+        }
         log(f"eval: {spec.name} {spec.metric} = {value:.4f} ({summary[spec.name]['wall_s']} s)")
         if on_task:
             on_task(summary)
     return summary
 
 
-def evaluate(run_path: Path, *, endpoint: str | None = None, suite_name: str | None = "demo", tasks: str | None = None,
-             limit: int | None = None, num_fewshot: int | None = None, concurrency: int = 8,
-             include_path: Path | None = None, baseline: bool = False, port: int = 8000) -> dict[str, Any]:
+def evaluate(
+    run_path: Path,
+    *,
+    endpoint: str | None = None,
+    suite_name: str | None = "demo",
+    tasks: str | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    concurrency: int = 8,
+    include_path: Path | None = None,
+    baseline: bool = False,
+    port: int = 8000,
+) -> dict[str, Any]:
     """Evaluate a run's checkpoint (and with `baseline`, its bf16 source) and record it in the manifest."""
     from reap.serve import ServeOptions, Server, Target
 
@@ -198,8 +254,13 @@ def evaluate(run_path: Path, *, endpoint: str | None = None, suite_name: str | N
     suite = load_suite(suite_name, tasks, include_path)
     name = manifest["name"]
     previous = manifest.get("stages", {}).get("eval") or {}
-    record: dict[str, Any] = {"status": "running", "suite": suite.name, "lm_eval_version": metadata.version("lm_eval"),
-                              "concurrency": concurrency, "results": {}}
+    record: dict[str, Any] = {
+        "status": "running",
+        "suite": suite.name,
+        "lm_eval_version": metadata.version("lm_eval"),
+        "concurrency": concurrency,
+        "results": {},
+    }
     if previous.get("suite") == suite.name and previous.get("baseline") and not baseline:
         record["baseline"] = previous["baseline"]  # the source did not change: keep its scores
     elif baseline:
@@ -212,6 +273,7 @@ def evaluate(run_path: Path, *, endpoint: str | None = None, suite_name: str | N
             produced.append(label)
             (record["baseline"] if label == "baseline" else record)["results"] = dict(summary)
             run.update_stage("eval", record)
+
         return on_task
 
     jobs = [("quantized", run.model_dir, name)]
@@ -223,13 +285,33 @@ def evaluate(run_path: Path, *, endpoint: str | None = None, suite_name: str | N
             if endpoint and label == "quantized":
                 base, given = normalize_endpoint(endpoint)
                 record["endpoint"] = base
-                run_suite(suite, base, served, model_dir, out_dir, limit=limit, num_fewshot=num_fewshot,
-                          concurrency=concurrency, given_path=given, on_task=save(label))
+                run_suite(
+                    suite,
+                    base,
+                    served,
+                    model_dir,
+                    out_dir,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    concurrency=concurrency,
+                    given_path=given,
+                    on_task=save(label),
+                )
                 continue
             target = Target(model_dir, served, run, manifest if label == "quantized" else {})
             with Server(target, ServeOptions(port=port), log_name=f"serve-{label}.log") as srv:
-                run_suite(suite, srv.base_url, served, model_dir, out_dir, limit=limit, num_fewshot=num_fewshot,
-                          concurrency=concurrency, given_path=None, on_task=save(label))
+                run_suite(
+                    suite,
+                    srv.base_url,
+                    served,
+                    model_dir,
+                    out_dir,
+                    limit=limit,
+                    num_fewshot=num_fewshot,
+                    concurrency=concurrency,
+                    given_path=None,
+                    on_task=save(label),
+                )
     except BaseException as exc:
         if produced:  # keep what finished, marked partial; an earlier complete record stays otherwise
             record.update(status="partial", error=str(exc) or type(exc).__name__)

@@ -94,8 +94,9 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
     n = recipe.quantize.parallel
     blocks = int(src.text_config.get("num_hidden_layers", 0))
     if n > blocks:
-        raise InputError(f"quantize.parallel is {n} but the model has {blocks} decoder blocks; "
-                         f"use at most {blocks} workers")
+        raise InputError(
+            f"quantize.parallel is {n} but the model has {blocks} decoder blocks; use at most {blocks} workers"
+        )
     if recipe.quantize.device_map == "cpu":
         return
     if gpus:
@@ -103,10 +104,12 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
         smallest = min(gpu_memory_gb[:n])
         if need > smallest * GB:
             raise InputError(
-                f"one block needs about {need / GB:.1f} GB of GPU memory (largest block {block_params(src) / 1e9:.2f} B "
+                f"one block needs about {need / GB:.1f} GB of GPU memory "
+                f"(largest block {block_params(src) / 1e9:.2f} B "
                 f"parameters, iters={recipe.quantize.iters}, nsamples={recipe.quantize.nsamples}, "
                 f"seqlen={recipe.quantize.seqlen}) but the smallest GPU has {smallest:.1f} GB; lower "
-                "quantize.nsamples/seqlen or use larger GPUs")
+                "quantize.nsamples/seqlen or use larger GPUs"
+            )
 
 
 # --- the workers' inputs -------------------------------------------------------------------------------
@@ -183,15 +186,21 @@ def source_fingerprint(src: Checkpoint, recipe: Recipe, blocks: list[int]) -> st
     """What a worker's (or the capture's) output depends on: the recipe's model and quantize sections (but
     not how many workers there are or run at once), the source files (names, sizes, mtimes) and its blocks
     (range or starts)."""
-    return digest([recipe.model.model_dump(mode="json"),
-                   recipe.quantize.model_dump(mode="json", exclude={"parallel", "workers_at_once"}),
-                   src.file_signature(), blocks])
+    return digest(
+        [
+            recipe.model.model_dump(mode="json"),
+            recipe.quantize.model_dump(mode="json", exclude={"parallel", "workers_at_once"}),
+            src.file_signature(),
+            blocks,
+        ]
+    )
 
 
 @dataclass
 class Part:
     """A worker's share, blocks [start, stop); or, with index CAPTURE, the input capture, which runs the
     blocks before `stop - 1` and saves the inputs of the first block of every other worker."""
+
     index: int
     start: int
     stop: int
@@ -231,9 +240,17 @@ class Part:
 def plan_parts(run: RunDir, n_blocks: int, recipe: Recipe, gpus: list[str]) -> list[Part]:
     """The workers' ranges and devices: worker k on GPU k modulo the GPUs (so more workers than GPUs queue)."""
     root = run.root / PARALLEL_DIR
-    return [Part(k, a, b, gpus[k % len(gpus)] if gpus else "cpu", root / f"part-{k}",
-                 inputs=root / "capture" / f"inputs-{a}.pt" if a else None)
-            for k, (a, b) in enumerate(split_blocks(n_blocks, recipe.quantize.parallel))]
+    return [
+        Part(
+            k,
+            a,
+            b,
+            gpus[k % len(gpus)] if gpus else "cpu",
+            root / f"part-{k}",
+            inputs=root / "capture" / f"inputs-{a}.pt" if a else None,
+        )
+        for k, (a, b) in enumerate(split_blocks(n_blocks, recipe.quantize.parallel))
+    ]
 
 
 def plan_capture(parts: list[Part]) -> Part:
@@ -247,8 +264,13 @@ def _worker_env(part: Part, workers: int) -> dict[str, str]:
     every worker make CPU workers crawl (measured), and likely slowed the GPU workers' loading too (4 H200
     workers on 64 cores took 57 s to load 2 blocks each, where a sequential build loads 8 in 26 s)."""
     threads = str(max(1, (os.cpu_count() or 1) // workers))
-    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
-                CUDA_VISIBLE_DEVICES="" if part.device == "cpu" else part.device)
+    return dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        CUDA_VISIBLE_DEVICES="" if part.device == "cpu" else part.device,
+    )
 
 
 def _worker_alive(pid: int | None) -> bool:
@@ -277,8 +299,9 @@ class _Launcher:
     """Starts worker and capture processes (`python -m reap.parallel SPEC`, own session), at most one per
     GPU and `at_once` in all, and stops them all."""
 
-    def __init__(self, src: Checkpoint, recipe: Recipe, at_once: int, fingerprints: dict[int, str],
-                 captures: list[Part]):
+    def __init__(
+        self, src: Checkpoint, recipe: Recipe, at_once: int, fingerprints: dict[int, str], captures: list[Part]
+    ):
         self.src, self.recipe, self.at_once = src, recipe, at_once
         self.fingerprints, self.captures = fingerprints, captures
         self.procs: dict[int, subprocess.Popen] = {}
@@ -309,17 +332,25 @@ class _Launcher:
         captures = self.captures
         self.parts[part.index] = part
         shutil.rmtree(part.root, ignore_errors=True)
-        spec: dict[str, Any] = {"recipe": _worker_recipe(self.recipe, part), "view": str(part.view),
-                                "index": part.index, "device": part.device, "fingerprint": self.fingerprints[part.index],
-                                "result": str(part.result_path), "log": str(part.log_path)}
+        spec: dict[str, Any] = {
+            "recipe": _worker_recipe(self.recipe, part),
+            "view": str(part.view),
+            "index": part.index,
+            "device": part.device,
+            "fingerprint": self.fingerprints[part.index],
+            "result": str(part.result_path),
+            "log": str(part.log_path),
+        }
         if part.index == CAPTURE:  # AutoRound gives block 0's inputs: its view ends after block 0
             write_view(self.src.root, part.view, 1)
-            spec.update(source=str(self.src.root), starts=[p.start for p in captures],
-                        files=[str(p.inputs) for p in captures])
+            spec.update(
+                source=str(self.src.root), starts=[p.start for p in captures], files=[str(p.inputs) for p in captures]
+            )
         else:
             write_range_view(self.src, part.view, part.start, part.stop)
-            spec.update(out=str(part.model), range=[part.start, part.stop],
-                        inputs=str(part.inputs) if part.inputs else None)
+            spec.update(
+                out=str(part.model), range=[part.start, part.stop], inputs=str(part.inputs) if part.inputs else None
+            )
         atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
 
     def launch(self, part: Part) -> None:
@@ -330,7 +361,11 @@ class _Launcher:
         with open(part.root / "stdout.log", "w") as out:
             self.procs[part.index] = subprocess.Popen(
                 [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
-                env=_worker_env(part, self.at_once), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                env=_worker_env(part, self.at_once),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def _collect(self, part: Part, results: dict[int, dict[str, Any]]) -> None:
         """The ended process's result (a failure as one line naming it) goes into `results`."""
@@ -340,9 +375,12 @@ class _Launcher:
         if res.get("status") == "done":
             shutil.rmtree(part.view, ignore_errors=True)
         else:
-            res = {"status": "failed", "error": f"{part.describe()} failed: "
-                   f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
-                   f" (log: {part.log_path}, output: {part.root / 'stdout.log'})"}
+            res = {
+                "status": "failed",
+                "error": f"{part.describe()} failed: "
+                f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
+                f" (log: {part.log_path}, output: {part.root / 'stdout.log'})",
+            }
         results[part.index] = res
 
     def stop_all(self) -> None:
@@ -361,12 +399,16 @@ def _reusable(part: Part, fingerprint: str, outputs: list[Path]) -> bool:
         log(f"{part.describe()}: kept from an earlier attempt")
         return True
     if done.get("status") == "running" and _worker_alive(done.get("pid")):
-        raise InputError(f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
-                         f"log {part.log_path}); wait for it to end or stop it, then re-run")
+        raise InputError(
+            f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
+            f"log {part.log_path}); wait for it to end or stop it, then re-run"
+        )
     return False
 
 
-def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def run_workers(
+    src: Checkpoint, recipe: Recipe, parts: list[Part]
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """Run the missing parts: the input capture (when a waiting worker needs it) beside the workers that
     need no inputs; each waiting worker starts once the capture has saved its inputs, as far as GPUs and
     `workers_at_once` allow. Returns every part's result and the capture's (None when not needed).
@@ -417,17 +459,25 @@ def run_workers(src: Checkpoint, recipe: Recipe, parts: list[Part]) -> tuple[lis
 
 # --- merging -------------------------------------------------------------------------------------------
 
+
 def merge_quantization_configs(configs: list[dict[str, Any]], parts: list[Part]) -> dict[str, Any]:
     """One config as a sequential build writes it: each worker's per-layer entries (`dynamic`,
     `extra_config`, ...) and module lists, numbered back to the blocks it had, joined."""
     merged = dict(configs[-1])
     for key, value in merged.items():
         if isinstance(value, dict):
-            merged[key] = {shift_layer(k, part.start): v for cfg, part in zip(configs, parts)
-                           for k, v in cfg.get(key, {}).items()}
+            merged[key] = {
+                shift_layer(k, part.start): v
+                for cfg, part in zip(configs, parts, strict=False)
+                for k, v in cfg.get(key, {}).items()
+            }
         elif isinstance(value, list) and value and all(isinstance(v, list) for v in value):
-            names = {shift_layer(n, part.start) for cfg, part in zip(configs, parts) for group in cfg.get(key) or []
-                     for n in group}
+            names = {
+                shift_layer(n, part.start)
+                for cfg, part in zip(configs, parts, strict=False)
+                for group in cfg.get(key) or []
+                for n in group
+            }
             merged[key] = [sorted(names)]
     return merged
 
@@ -440,7 +490,7 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
     last = parts[-1]
     sources = [Checkpoint.open(p.model) for p in parts]
     jobs: list[tuple[Path, list[str], int]] = []  # (source shard, tensor names taken from it, block offset)
-    for part, ckpt in zip(parts, sources):
+    for part, ckpt in zip(parts, sources, strict=False):
         by_shard: dict[str, list[str]] = {}
         for name, shard in ckpt.weight_map.items():
             if part is last or layer_index(name) is not None:
@@ -468,8 +518,10 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
 
 # --- the build stage's entry -----------------------------------------------------------------------------
 
-def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock,
-                      sampler: ResourceSampler) -> dict[str, Any]:
+
+def quantize_parallel(
+    src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock, sampler: ResourceSampler
+) -> dict[str, Any]:
     """Run the workers, merge their checkpoints into `work`; returns what `build._quantize` returns, plus
     the per-worker record (each worker's peak GPU memory from the build's `sampler`, which NVML numbers as
     CUDA does by default)."""
@@ -486,24 +538,44 @@ def quantize_parallel(src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, 
     sampler.sample()
     peak_vram = sampler.summary()["peak_vram_gb"] or {}
     blocks, workers = [], []
-    for part, res in zip(parts, results):
+    for part, res in zip(parts, results, strict=False):
         blocks += [dict(b, index=b["index"] + part.start, worker=part.index) for b in res["blocks"]]
-        workers.append({"index": part.index, "device": part.device, "blocks": [part.start, part.stop - 1],
-                        "wall_s": res["wall_s"], "started_after_s": res.get("started_after_s"),
-                        "block_wall_s": [b["wall_s"] for b in res["blocks"]], "substages": res["substages"],
-                        "peak_rss_gb": res["peak_rss_gb"], "peak_vram_gb": peak_vram.get(part.device),
-                        "kept_from_earlier_attempt": res["kept"], "log": str(part.log_path)})
+        workers.append(
+            {
+                "index": part.index,
+                "device": part.device,
+                "blocks": [part.start, part.stop - 1],
+                "wall_s": res["wall_s"],
+                "started_after_s": res.get("started_after_s"),
+                "block_wall_s": [b["wall_s"] for b in res["blocks"]],
+                "substages": res["substages"],
+                "peak_rss_gb": res["peak_rss_gb"],
+                "peak_vram_gb": peak_vram.get(part.device),
+                "kept_from_earlier_attempt": res["kept"],
+                "log": str(part.log_path),
+            }
+        )
     capture = None
     if captured:
         cap = plan_capture(parts)
-        capture = {"device": cap.device, "forward_blocks": [0, cap.stop - 2], "wall_s": captured["wall_s"],
-                   "substages": captured["substages"], "peak_rss_gb": captured["peak_rss_gb"],
-                   "kept_from_earlier_attempt": captured["kept"], "log": str(cap.log_path)}
+        capture = {
+            "device": cap.device,
+            "forward_blocks": [0, cap.stop - 2],
+            "wall_s": captured["wall_s"],
+            "substages": captured["substages"],
+            "peak_rss_gb": captured["peak_rss_gb"],
+            "kept_from_earlier_attempt": captured["kept"],
+            "log": str(cap.log_path),
+        }
     kept = keep_16bit_layers(src, recipe)
-    return {"blocks": blocks, "fixes_applied": sorted({f for r in results for f in r["fixes_applied"]}),
-            "autoround_summary": _merged_summary(results, blocks),
-            "kept_16bit_requested": sorted(set(kept.values())), "layer_config_16bit": len(kept),
-            "parallel": {"workers": workers, "input_capture": capture, "merged": merged}}
+    return {
+        "blocks": blocks,
+        "fixes_applied": sorted({f for r in results for f in r["fixes_applied"]}),
+        "autoround_summary": _merged_summary(results, blocks),
+        "kept_16bit_requested": sorted(set(kept.values())),
+        "layer_config_16bit": len(kept),
+        "parallel": {"workers": workers, "input_capture": capture, "merged": merged},
+    }
 
 
 def _merged_summary(results: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> dict[str, int] | None:
@@ -521,8 +593,9 @@ def finish(run: RunDir) -> None:
     shutil.rmtree(run.root / PARALLEL_DIR, ignore_errors=True)
 
 
-def capture_inputs(src: Checkpoint, view: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path],
-                   logfile: Path, clock: Clock) -> dict[str, Any]:
+def capture_inputs(
+    src: Checkpoint, view: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path], logfile: Path, clock: Clock
+) -> dict[str, Any]:
     """The input capture. Block 0's inputs come from AutoRound's calibration pass over `view` (the source cut
     after block 0: its embedding and first block), so they are exactly what a sequential build tunes on;
     then the blocks before the last start run in full precision one at a time, each streamed from the
@@ -570,8 +643,12 @@ def worker_main(spec_path: Path) -> int:
     from reap.build import _quantize
 
     spec = json.loads(spec_path.read_text())
-    result: dict[str, Any] = {"status": "running", "fingerprint": spec["fingerprint"], "pid": os.getpid(),
-                              "device": spec["device"]}
+    result: dict[str, Any] = {
+        "status": "running",
+        "fingerprint": spec["fingerprint"],
+        "pid": os.getpid(),
+        "device": spec["device"],
+    }
     result_path = Path(spec["result"])
     atomic_write_text(result_path, json.dumps(result))
     clock, t0 = Clock(), time.perf_counter()
@@ -580,13 +657,31 @@ def worker_main(spec_path: Path) -> int:
         view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
         with ResourceSampler() as sampler:
             if spec["index"] == CAPTURE:
-                out = capture_inputs(Checkpoint.open(Path(spec["source"])), view, recipe, spec["starts"],
-                                     [Path(f) for f in spec["files"]], logfile, clock)
+                out = capture_inputs(
+                    Checkpoint.open(Path(spec["source"])),
+                    view,
+                    recipe,
+                    spec["starts"],
+                    [Path(f) for f in spec["files"]],
+                    logfile,
+                    clock,
+                )
             else:
-                out = _quantize(view, recipe, Path(spec["out"]), logfile, clock,
-                                block_inputs=Path(spec["inputs"]) if spec["inputs"] else None)
-        result.update(out, status="done", substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3),
-                      peak_rss_gb=sampler.summary()["peak_rss_gb"])
+                out = _quantize(
+                    view,
+                    recipe,
+                    Path(spec["out"]),
+                    logfile,
+                    clock,
+                    block_inputs=Path(spec["inputs"]) if spec["inputs"] else None,
+                )
+        result.update(
+            out,
+            status="done",
+            substages=clock.spans,
+            wall_s=round(time.perf_counter() - t0, 3),
+            peak_rss_gb=sampler.summary()["peak_rss_gb"],
+        )
     except ReapError as exc:
         result.update(status="failed", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - the parent reports it in one line with the log's path

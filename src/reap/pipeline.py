@@ -37,8 +37,8 @@ class Context:
 @dataclass(frozen=True)
 class Stage:
     name: str
-    after: tuple[str, ...]                  # stages whose results this one reads
-    inputs: Callable[[Recipe], Any]         # the parts of the recipe it depends on (JSON-able)
+    after: tuple[str, ...]  # stages whose results this one reads
+    inputs: Callable[[Recipe], Any]  # the parts of the recipe it depends on (JSON-able)
     execute: Callable[[Context], None]
     outputs_exist: Callable[[RunDir], bool]
     wanted: Callable[[Recipe, bool], bool] = lambda recipe, publish: True  # (recipe, --publish given)
@@ -49,17 +49,23 @@ def source_signature(path: str) -> list[tuple[str, int, int]]:
     """Names, sizes and modification times of the source checkpoint's files: a changed source rebuilds."""
     root = Path(path)
     if not root.is_dir():
-        raise InputError(f"model.path {path} not found; build the demo source with `reap demo-model {path}` "
-                         "or point model.path at a checkpoint folder")
+        raise InputError(
+            f"model.path {path} not found; build the demo source with `reap demo-model {path}` "
+            "or point model.path at a checkpoint folder"
+        )
     return Checkpoint(root).file_signature()
 
 
 def _build_inputs(recipe: Recipe) -> dict[str, Any]:
     from reap.build import keep_patterns
 
-    return {"model": recipe.model.model_dump(mode="json"), "quantize": recipe.quantize.model_dump(mode="json"),
-            "keep_16bit_resolved": keep_patterns(recipe), "tp": recipe.serve.tensor_parallel_size,
-            "source": source_signature(recipe.model.path)}
+    return {
+        "model": recipe.model.model_dump(mode="json"),
+        "quantize": recipe.quantize.model_dump(mode="json"),
+        "keep_16bit_resolved": keep_patterns(recipe),
+        "tp": recipe.serve.tensor_parallel_size,
+        "source": source_signature(recipe.model.path),
+    }
 
 
 def _pruned_dir(run: RunDir) -> Path:
@@ -70,9 +76,19 @@ def _prune(ctx: Context) -> None:
     from reap.prune import prune
 
     p = ctx.recipe.prune
-    prune(Path(ctx.recipe.model.path), _pruned_dir(ctx.run), ratio=p.ratio, keep=p.keep, method=p.method,
-          calibration=Path(p.calibration) if p.calibration else None, nsamples=p.nsamples, seqlen=p.seqlen,
-          seed=p.seed, overwrite=True, argv=ctx.argv)
+    prune(
+        Path(ctx.recipe.model.path),
+        _pruned_dir(ctx.run),
+        ratio=p.ratio,
+        keep=p.keep,
+        method=p.method,
+        calibration=Path(p.calibration) if p.calibration else None,
+        nsamples=p.nsamples,
+        seqlen=p.seqlen,
+        seed=p.seed,
+        overwrite=True,
+        argv=ctx.argv,
+    )
 
 
 def _build(ctx: Context) -> None:
@@ -80,8 +96,9 @@ def _build(ctx: Context) -> None:
 
     recipe = ctx.recipe
     if recipe.prune is not None:  # quantize what the prune stage wrote
-        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(
-            update={"path": str(_pruned_dir(ctx.run) / "model")})})
+        recipe = recipe.model_copy(
+            update={"model": recipe.model.model_copy(update={"path": str(_pruned_dir(ctx.run) / "model")})}
+        )
     build(recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
 
 
@@ -90,11 +107,20 @@ def _verify(ctx: Context) -> None:
     from reap.verify import raise_on_failure, verify_checkpoint
 
     q = ctx.recipe.quantize
-    report = verify_checkpoint(ctx.run.model_dir, tp=ctx.recipe.serve.tensor_parallel_size,
-                               expect={"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
-                               reasons=keep_patterns(ctx.recipe))
-    ctx.run.update_stage("verify", {"passed": report["passed"], "tensor_parallel_size": report["tensor_parallel_size"],
-                                    "gates": {k: g["passed"] for k, g in report["gates"].items()}})
+    report = verify_checkpoint(
+        ctx.run.model_dir,
+        tp=ctx.recipe.serve.tensor_parallel_size,
+        expect={"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
+        reasons=keep_patterns(ctx.recipe),
+    )
+    ctx.run.update_stage(
+        "verify",
+        {
+            "passed": report["passed"],
+            "tensor_parallel_size": report["tensor_parallel_size"],
+            "gates": {k: g["passed"] for k, g in report["gates"].items()},
+        },
+    )
     raise_on_failure(report, str(ctx.run.model_dir))
 
 
@@ -102,8 +128,16 @@ def _eval(ctx: Context) -> None:
     from reap.evaluate import evaluate
 
     e = ctx.recipe.eval
-    evaluate(ctx.run.root, suite_name=e.suite, tasks=",".join(e.tasks) if e.tasks else None, limit=e.limit,
-             num_fewshot=e.num_fewshot, concurrency=e.concurrency, baseline=e.baseline, port=e.port)
+    evaluate(
+        ctx.run.root,
+        suite_name=e.suite,
+        tasks=",".join(e.tasks) if e.tasks else None,
+        limit=e.limit,
+        num_fewshot=e.num_fewshot,
+        concurrency=e.concurrency,
+        baseline=e.baseline,
+        port=e.port,
+    )
 
 
 def _card(ctx: Context) -> None:
@@ -124,28 +158,64 @@ def _stage_done(run: RunDir, name: str) -> bool:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prune", (), lambda r: {"model": r.model.model_dump(mode="json"), "prune": r.prune.model_dump(mode="json"),
-                                  "source": source_signature(r.model.path)}, _prune,
-          lambda run: (_pruned_dir(run) / "model" / "config.json").is_file(),
-          wanted=lambda r, publish: r.prune is not None),
-    Stage("build", ("prune",), _build_inputs, _build,
-          lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file()),
-    Stage("verify", ("build",), lambda r: {"tp": r.serve.tensor_parallel_size}, _verify,
-          lambda run: _stage_done(run, "build")),
-    Stage("eval", ("build",), lambda r: r.eval.model_dump(mode="json", exclude={"port"}), _eval,
-          lambda run: _stage_done(run, "eval"), wanted=lambda r, publish: r.eval.enabled),
-    Stage("card", ("build", "verify", "eval"), lambda r: r.card.model_dump(mode="json"), _card,
-          lambda run: run.card_path.is_file()),
-    Stage("publish", ("card",), lambda r: r.publish.model_dump(mode="json"), _publish,
-          lambda run: _stage_done(run, "publish"), wanted=lambda r, publish: publish,
-          unwanted_why="not asked for (--publish)"),
+    Stage(
+        "prune",
+        (),
+        lambda r: {
+            "model": r.model.model_dump(mode="json"),
+            "prune": r.prune.model_dump(mode="json"),
+            "source": source_signature(r.model.path),
+        },
+        _prune,
+        lambda run: (_pruned_dir(run) / "model" / "config.json").is_file(),
+        wanted=lambda r, publish: r.prune is not None,
+    ),
+    Stage(
+        "build",
+        ("prune",),
+        _build_inputs,
+        _build,
+        lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file(),
+    ),
+    Stage(
+        "verify",
+        ("build",),
+        lambda r: {"tp": r.serve.tensor_parallel_size},
+        _verify,
+        lambda run: _stage_done(run, "build"),
+    ),
+    Stage(
+        "eval",
+        ("build",),
+        lambda r: r.eval.model_dump(mode="json", exclude={"port"}),
+        _eval,
+        lambda run: _stage_done(run, "eval"),
+        wanted=lambda r, publish: r.eval.enabled,
+    ),
+    Stage(
+        "card",
+        ("build", "verify", "eval"),
+        lambda r: r.card.model_dump(mode="json"),
+        _card,
+        lambda run: run.card_path.is_file(),
+    ),
+    Stage(
+        "publish",
+        ("card",),
+        lambda r: r.publish.model_dump(mode="json"),
+        _publish,
+        lambda run: _stage_done(run, "publish"),
+        wanted=lambda r, publish: publish,
+        unwanted_why="not asked for (--publish)",
+    ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
 def fingerprint(stage: Stage, recipe: Recipe, upstream: dict[str, str]) -> str:
-    return digest({"stage": stage.name, "inputs": stage.inputs(recipe),
-                   "after": {u: upstream.get(u) for u in stage.after}})
+    return digest(
+        {"stage": stage.name, "inputs": stage.inputs(recipe), "after": {u: upstream.get(u) for u in stage.after}}
+    )
 
 
 def check_run_folder(run: RunDir, recipe: Recipe) -> None:
@@ -156,8 +226,10 @@ def check_run_folder(run: RunDir, recipe: Recipe) -> None:
     if theirs[0] is None:
         return
     if theirs != (recipe.name, recipe.model.path):
-        raise InputError(f"{run.root} was made by another recipe (name {theirs[0]!r}, model.path {theirs[1]!r}); "
-                         f"pass --out with a new folder, or remove {run.root}")
+        raise InputError(
+            f"{run.root} was made by another recipe (name {theirs[0]!r}, model.path {theirs[1]!r}); "
+            f"pass --out with a new folder, or remove {run.root}"
+        )
 
 
 def check_recipe(recipe: Recipe, publish: bool) -> None:
@@ -185,8 +257,14 @@ def select(wanted: list[str], only: str | None, start: str | None, until: str | 
     return names[lo:hi], start is not None
 
 
-def plan(recipe: Recipe, run: RunDir, only: str | None = None, start: str | None = None,
-         until: str | None = None, publish: bool = False) -> list[dict[str, Any]]:
+def plan(
+    recipe: Recipe,
+    run: RunDir,
+    only: str | None = None,
+    start: str | None = None,
+    until: str | None = None,
+    publish: bool = False,
+) -> list[dict[str, Any]]:
     """What `reap run` would do, stage by stage: run (and why) or skip (and why)."""
     check_recipe(recipe, publish)
     wanted = [s.name for s in STAGES if s.wanted(recipe, publish)]
@@ -209,11 +287,19 @@ def plan(recipe: Recipe, run: RunDir, only: str | None = None, start: str | None
             continue
         upstream_ran = any(u in ran for u in stage.after)
         if forced or upstream_ran or not done:
-            why = ("forced" if forced else "upstream re-ran" if upstream_ran else
-                   "inputs changed" if rec.get("fingerprint") not in (None, fp) else
-                   {"interrupted": "resumes (was interrupted)", "failed": "retries (failed last time)",
-                     "running": "resumes (the last attempt was killed)"}.get(
-                       rec.get("status"), "not done yet"))
+            why = (
+                "forced"
+                if forced
+                else "upstream re-ran"
+                if upstream_ran
+                else "inputs changed"
+                if rec.get("fingerprint") not in (None, fp)
+                else {
+                    "interrupted": "resumes (was interrupted)",
+                    "failed": "retries (failed last time)",
+                    "running": "resumes (the last attempt was killed)",
+                }.get(rec.get("status"), "not done yet")
+            )
             steps.append({"stage": stage.name, "action": "run", "why": why, "fingerprint": fp})
             ran.add(stage.name)
         else:
@@ -232,8 +318,10 @@ def _downstream(name: str) -> set[str]:
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM ends the run like Ctrl-C: the stage is marked interrupted, finished outputs stay."""
+
     def handler(signum, frame):
         raise KeyboardInterrupt
+
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
@@ -241,9 +329,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: str | None = None,
-                 until: str | None = None, publish: bool = False, argv: list[str] | None = None,
-                 on_plan: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+def run_pipeline(
+    recipe: Recipe,
+    out: Path,
+    *,
+    only: str | None = None,
+    start: str | None = None,
+    until: str | None = None,
+    publish: bool = False,
+    argv: list[str] | None = None,
+    on_plan: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
     """Run the stages `plan` says to run; returns the summary rows (stage, status, wall_s, peak_rss_gb)."""
     run = RunDir(out)
     check_run_folder(run, recipe)
@@ -274,10 +370,16 @@ def run_pipeline(recipe: Recipe, out: Path, *, only: str | None = None, start: s
             finally:
                 wall = round(time.perf_counter() - t0, 2)
                 peak = sampler.summary()["peak_rss_gb"] if status == "done" else None
-                run.update_stage(name, {"status": status, "wall_s": wall, "peak_rss_gb": peak,
-                                        "fingerprint": step["fingerprint"] if status == "done" else None},
-                                 section="pipeline.stages")
+                run.update_stage(
+                    name,
+                    {
+                        "status": status,
+                        "wall_s": wall,
+                        "peak_rss_gb": peak,
+                        "fingerprint": step["fingerprint"] if status == "done" else None,
+                    },
+                    section="pipeline.stages",
+                )
                 log(f"run: {name} {status} in {wall:.1f} s")
             rows.append({"stage": name, "status": "done", "wall_s": wall, "peak_rss_gb": peak})
     return rows
-

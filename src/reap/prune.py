@@ -29,9 +29,10 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint
 from reap.errors import InputError, OutputExistsError, UnsupportedModelError
@@ -48,17 +49,28 @@ PRUNE_FILE = "reap_prune.json"
 BATCH = 8  # calibration samples per forward pass
 # model_type -> (transformers modeling module, decoder layer class, rotary embedding class)
 ARCHS: dict[str, tuple[str, str, str]] = {
-    "qwen3_5_moe": ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeDecoderLayer",
-                    "Qwen3_5MoeTextRotaryEmbedding"),
-    "qwen3_5_moe_text": ("transformers.models.qwen3_5_moe.modeling_qwen3_5_moe", "Qwen3_5MoeDecoderLayer",
-                         "Qwen3_5MoeTextRotaryEmbedding"),
-    "qwen3_moe": ("transformers.models.qwen3_moe.modeling_qwen3_moe", "Qwen3MoeDecoderLayer", "Qwen3MoeRotaryEmbedding"),
+    "qwen3_5_moe": (
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+        "Qwen3_5MoeDecoderLayer",
+        "Qwen3_5MoeTextRotaryEmbedding",
+    ),
+    "qwen3_5_moe_text": (
+        "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+        "Qwen3_5MoeDecoderLayer",
+        "Qwen3_5MoeTextRotaryEmbedding",
+    ),
+    "qwen3_moe": (
+        "transformers.models.qwen3_moe.modeling_qwen3_moe",
+        "Qwen3MoeDecoderLayer",
+        "Qwen3MoeRotaryEmbedding",
+    ),
 }
 ROUTER_RE = re.compile(r"^(?P<base>(?:[\w.]+\.)?)layers\.(?P<i>\d+)\.mlp\.gate\.weight$")
 EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
 # --- the source and the arguments ---------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MoeLayout:
@@ -82,18 +94,26 @@ def moe_layout(ckpt: Checkpoint) -> MoeLayout:
     if mt not in ARCHS or not num_experts:
         raise UnsupportedModelError(
             f"{ckpt.root} is a `{mt}` model without routed experts; reap prune supports Mixture-of-Experts "
-            f"checkpoints of type {', '.join(ARCHS)}")
+            f"checkpoints of type {', '.join(ARCHS)}"
+        )
     if ckpt.quantization_config:
-        raise InputError(f"{ckpt.root} is quantized ({ckpt.quantization_config.get('quant_method')}); prune the "
-                         "16-bit source, then quantize the pruned model with `reap build`")
+        raise InputError(
+            f"{ckpt.root} is quantized ({ckpt.quantization_config.get('quant_method')}); prune the "
+            "16-bit source, then quantize the pruned model with `reap build`"
+        )
     routers = [m for k in ckpt.weight_map if not k.startswith("mtp.") and (m := ROUTER_RE.match(k))]
     if not routers:
         raise UnsupportedModelError(f"{ckpt.root} has no MoE router tensors (`layers.N.mlp.gate.weight`)")
     prefixes = {m["base"] + "layers." for m in routers}
     if len(prefixes) != 1:
         raise UnsupportedModelError(f"{ckpt.root} has routers under several prefixes: {sorted(prefixes)}")
-    return MoeLayout(mt, prefixes.pop(), tuple(sorted(int(m["i"]) for m in routers)), num_experts,
-                     int(ckpt.text_config["num_experts_per_tok"]))
+    return MoeLayout(
+        mt,
+        prefixes.pop(),
+        tuple(sorted(int(m["i"]) for m in routers)),
+        num_experts,
+        int(ckpt.text_config["num_experts_per_tok"]),
+    )
 
 
 def _num_experts(text_config: dict[str, Any]) -> int:
@@ -126,9 +146,11 @@ def read_calibration(path: Path) -> list[str]:
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"calibration file {path} is unreadable ({exc}); give a .jsonl of {{\"text\": ...}} rows") from None
+        raise InputError(
+            f'calibration file {path} is unreadable ({exc}); give a .jsonl of {{"text": ...}} rows'
+        ) from None
     if not rows or not all(isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"] for r in rows):
-        raise InputError(f"calibration file {path} must hold at least one row, each {{\"text\": \"...\"}} non-empty")
+        raise InputError(f'calibration file {path} must hold at least one row, each {{"text": "..."}} non-empty')
     return [r["text"] for r in rows]
 
 
@@ -143,10 +165,11 @@ def calibration_samples(tokenizer, texts: list[str], nsamples: int, seqlen: int)
             break
     if len(stream) < seqlen:
         return [stream]
-    return [stream[i * seqlen:(i + 1) * seqlen] for i in range(min(nsamples, len(stream) // seqlen))]
+    return [stream[i * seqlen : (i + 1) * seqlen] for i in range(min(nsamples, len(stream) // seqlen))]
 
 
 # --- observation --------------------------------------------------------------------------------------
+
 
 class ExpertStats:
     """Running per-expert sums of one MoE layer: routed tokens, sum of gate * ||f||, sum of ||f||."""
@@ -226,7 +249,7 @@ def layer_state(ckpt: Checkpoint, layout: MoeLayout, i: int) -> dict[str, Any]:
     seen: set[tuple[int, str]] = set()
 
     def put(key: str, t) -> None:
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         m = EXPERT_RE.match(name)
         if not m:
             state[name] = t
@@ -243,9 +266,13 @@ def layer_state(ckpt: Checkpoint, layout: MoeLayout, i: int) -> dict[str, Any]:
 
     read_tensors(ckpt, [k for k in ckpt.weight_map if k.startswith(prefix)], put)
     if seen:
-        missing = sorted({(e, p) for e in range(layout.num_experts) for p in ("gate_proj", "up_proj", "down_proj")} - seen)
+        missing = sorted(
+            {(e, p) for e in range(layout.num_experts) for p in ("gate_proj", "up_proj", "down_proj")} - seen
+        )
         if missing:
-            raise InputError(f"{ckpt.root}: layer {i} lacks expert tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+            raise InputError(
+                f"{ckpt.root}: layer {i} lacks expert tensors {missing[:4]}{' ...' if len(missing) > 4 else ''}"
+            )
     return state
 
 
@@ -271,17 +298,28 @@ def _layer_kwargs(model_type: str, config, rotary, hidden) -> Callable[[int], di
 
         text_pos = pos.view(1, -1).expand(batch, -1)
         emb = rotary(hidden, pos.view(1, 1, -1).expand(3, batch, -1))
-        masks = {"full_attention": create_causal_mask(config=config, inputs_embeds=hidden, attention_mask=None,
-                                                      past_key_values=None, position_ids=text_pos),
-                 "linear_attention": create_recurrent_attention_mask(config=config, inputs_embeds=hidden,
-                                                                     attention_mask=None)}
-        return lambda i: {"position_embeddings": emb, "attention_mask": masks[config.layer_types[i]],
-                          "position_ids": text_pos}
+        masks = {
+            "full_attention": create_causal_mask(
+                config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=text_pos
+            ),
+            "linear_attention": create_recurrent_attention_mask(
+                config=config, inputs_embeds=hidden, attention_mask=None
+            ),
+        }
+        return lambda i: {
+            "position_embeddings": emb,
+            "attention_mask": masks[config.layer_types[i]],
+            "position_ids": text_pos,
+        }
     from transformers.masking_utils import create_sliding_window_causal_mask
 
     text_pos = pos.unsqueeze(0)
-    mask_fn = create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
-    mask = mask_fn(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=text_pos)
+    mask_fn = (
+        create_causal_mask if getattr(config, "sliding_window", None) is None else create_sliding_window_causal_mask
+    )
+    mask = mask_fn(
+        config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None, position_ids=text_pos
+    )
     emb = rotary(hidden, text_pos)
     return lambda i: {"position_embeddings": emb, "attention_mask": mask, "position_ids": text_pos}
 
@@ -294,8 +332,9 @@ def _load_layer(layer, state: dict[str, Any], where: str) -> None:
         detail = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
         raise InputError(f"{where} does not match its config: {detail}") from None
     if result.missing_keys or result.unexpected_keys:
-        raise InputError(f"{where} does not match its config: missing {result.missing_keys}, "
-                         f"unexpected {result.unexpected_keys}")
+        raise InputError(
+            f"{where} does not match its config: missing {result.missing_keys}, unexpected {result.unexpected_keys}"
+        )
 
 
 def decoder_layer(ckpt: Checkpoint, layout: MoeLayout, config: Any, i: int, device: str) -> Any:
@@ -311,8 +350,13 @@ def decoder_layer(ckpt: Checkpoint, layout: MoeLayout, config: Any, i: int, devi
     return layer.to(device).eval()
 
 
-def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], device: str,
-            on_layer: Callable[[int, float], None] | None = None) -> dict[int, ExpertStats]:
+def observe(
+    ckpt: Checkpoint,
+    layout: MoeLayout,
+    samples: list[list[int]],
+    device: str,
+    on_layer: Callable[[int, float], None] | None = None,
+) -> dict[int, ExpertStats]:
     """Run the calibration samples through the model block by block, weights streamed from the shards, with
     an observer hook on every MoE block. Returns the running sums per MoE layer."""
     import importlib
@@ -328,8 +372,10 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
     config = text_config(ckpt)
     embed: dict[str, Any] = {}
     read_tensors(ckpt, [layout.embed_key], embed.__setitem__)
-    hidden = [F.embedding(torch.tensor(samples[b:b + BATCH]), embed[layout.embed_key])
-              for b in range(0, len(samples), BATCH)]
+    hidden = [
+        F.embedding(torch.tensor(samples[b : b + BATCH]), embed[layout.embed_key])
+        for b in range(0, len(samples), BATCH)
+    ]
     del embed
     rotary = getattr(modeling, rotary_cls)(config=config).to(device)
     stats = {i: ExpertStats(layout.num_experts) for i in layout.moe_layers}
@@ -354,14 +400,16 @@ def observe(ckpt: Checkpoint, layout: MoeLayout, samples: list[list[int]], devic
 
 # --- choosing and slicing -----------------------------------------------------------------------------
 
+
 def select(scores: list[float], keep: int) -> tuple[list[int], list[int]]:
     """(kept, dropped) expert indices, ascending: the `keep` highest scores survive; ties keep the lower index."""
     order = sorted(range(len(scores)), key=lambda j: (-scores[j], j))
     return sorted(order[:keep]), sorted(order[keep:])
 
 
-def plan_tensor(key: str, shape: tuple[int, ...], layout: MoeLayout, kept: dict[int, list[int]]
-                ) -> tuple[str, str | None, list[int] | None]:
+def plan_tensor(
+    key: str, shape: tuple[int, ...], layout: MoeLayout, kept: dict[int, list[int]]
+) -> tuple[str, str | None, list[int] | None]:
     """What pruning does with one tensor: ("copy", new key, None), ("rows", key, kept rows) or ("drop", None, None).
 
     - `mtp.*`: dropped (the MTP layers' own MoE cannot be observed; see the module docstring);
@@ -374,20 +422,26 @@ def plan_tensor(key: str, shape: tuple[int, ...], layout: MoeLayout, kept: dict[
         return "drop", None, None
     if not key.startswith(layout.prefix):
         return "copy", key, None
-    layer, _, rest = key[len(layout.prefix):].partition(".")
+    layer, _, rest = key[len(layout.prefix) :].partition(".")
     if not layer.isdigit() or int(layer) not in kept:
         return "copy", key, None
     survivors = kept[int(layer)]
     head = f"{layout.prefix}{layer}."
     if rest.startswith("mlp.experts."):
-        sub = rest[len("mlp.experts."):]
+        sub = rest[len("mlp.experts.") :]
         expert, _, leaf = sub.partition(".")
         if expert.isdigit():
             e = int(expert)
-            return ("copy", f"{head}mlp.experts.{survivors.index(e)}.{leaf}", None) if e in survivors else ("drop", None, None)
+            return (
+                ("copy", f"{head}mlp.experts.{survivors.index(e)}.{leaf}", None)
+                if e in survivors
+                else ("drop", None, None)
+            )
         if not shape or shape[0] != layout.num_experts:
-            raise UnsupportedModelError(f"{key} {list(shape)}: a fused expert tensor whose first dimension is not "
-                                        f"the {layout.num_experts} experts")
+            raise UnsupportedModelError(
+                f"{key} {list(shape)}: a fused expert tensor whose first dimension is not "
+                f"the {layout.num_experts} experts"
+            )
         return "rows", key, survivors
     if rest.startswith("mlp.gate.") and shape and shape[0] == layout.num_experts:
         return "rows", key, survivors
@@ -426,8 +480,10 @@ def slice_checkpoint(ckpt: Checkpoint, layout: MoeLayout, kept: dict[int, list[i
     index = ckpt.root / "model.safetensors.index.json"
     if index.is_file():
         meta = dict(json.loads(index.read_text()).get("metadata") or {}, total_size=total)
-        atomic_write_text(out / index.name, json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))},
-                                                       indent=2) + "\n")
+        atomic_write_text(
+            out / index.name,
+            json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n",
+        )
     return counts
 
 
@@ -444,6 +500,7 @@ def pruned_config(config: dict[str, Any], keep: int, mtp_dropped: bool) -> dict[
 
 # --- the stage ----------------------------------------------------------------------------------------
 
+
 def _device(device: str | None) -> str:
     if device:
         return device
@@ -452,9 +509,21 @@ def _device(device: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None = None, method: str = "reap",
-          calibration: Path | None = None, nsamples: int = 64, seqlen: int = 512, seed: int = 0,
-          overwrite: bool = False, device: str | None = None, argv: list[str] | None = None) -> dict[str, Any]:
+def prune(
+    src: Path,
+    out: Path,
+    *,
+    ratio: float | None = None,
+    keep: int | None = None,
+    method: str = "reap",
+    calibration: Path | None = None,
+    nsamples: int = 64,
+    seqlen: int = 512,
+    seed: int = 0,
+    overwrite: bool = False,
+    device: str | None = None,
+    argv: list[str] | None = None,
+) -> dict[str, Any]:
     """Prune `src` into the folder `out` (`out/model/` the checkpoint, `out/manifest.json` with `stages.prune`).
     Returns the prune record: settings, per-layer report (scores, kept, dropped), stage times, peak memory.
     Every input is checked before any weight is read; `out` appears only when complete."""
@@ -467,7 +536,7 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
     texts = None
     if method != "random":
         if calibration is None:
-            raise InputError(f"method {method} needs calibration data: pass a .jsonl of {{\"text\": ...}} rows")
+            raise InputError(f'method {method} needs calibration data: pass a .jsonl of {{"text": ...}} rows')
         texts = read_calibration(Path(calibration))
     if nsamples < 1 or seqlen < 1:
         raise InputError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be at least 1")
@@ -483,14 +552,27 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
     run = RunDir(work)
     run.model_dir.mkdir(parents=True)
     record: dict[str, Any] = {
-        "status": "running", "started": now(), "argv": argv or sys.argv, "source": str(src.resolve()),
-        "output": str(out.resolve()), "method": method, "method_description": METHODS[method],
-        "ratio": ratio, "keep": keep, "dropped_fraction": round(1 - n_keep / layout.num_experts, 4),
-        "experts_before": layout.num_experts, "experts_after": n_keep,
-        "top_k": layout.top_k, "moe_layers": len(layout.moe_layers), "seed": seed, "versions": package_versions(),
+        "status": "running",
+        "started": now(),
+        "argv": argv or sys.argv,
+        "source": str(src.resolve()),
+        "output": str(out.resolve()),
+        "method": method,
+        "method_description": METHODS[method],
+        "ratio": ratio,
+        "keep": keep,
+        "dropped_fraction": round(1 - n_keep / layout.num_experts, 4),
+        "experts_before": layout.num_experts,
+        "experts_after": n_keep,
+        "top_k": layout.top_k,
+        "moe_layers": len(layout.moe_layers),
+        "seed": seed,
+        "versions": package_versions(),
     }
-    log(f"prune {src} -> {out}: {method}, {layout.num_experts} -> {n_keep} experts in each of "
-        f"{len(layout.moe_layers)} MoE layers")
+    log(
+        f"prune {src} -> {out}: {method}, {layout.num_experts} -> {n_keep} experts in each of "
+        f"{len(layout.moe_layers)} MoE layers"
+    )
     clock = Clock()
     t0 = time.perf_counter()
     try:
@@ -506,12 +588,19 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
 
                     tokenizer = AutoTokenizer.from_pretrained(str(src))
                     samples = calibration_samples(tokenizer, texts, nsamples, seqlen)
-                record["calibration"] = {"path": str(calibration), "rows": len(texts), "nsamples": nsamples,
-                                         "seqlen": seqlen, "samples": len(samples),
-                                         "tokens": sum(len(s) for s in samples)}
+                record["calibration"] = {
+                    "path": str(calibration),
+                    "rows": len(texts),
+                    "nsamples": nsamples,
+                    "seqlen": seqlen,
+                    "samples": len(samples),
+                    "tokens": sum(len(s) for s in samples),
+                }
                 record["device"] = dev = _device(device)
-                log(f"observing {record['calibration']['tokens']} calibration tokens ({len(samples)} samples) "
-                    f"layer by layer on {dev}")
+                log(
+                    f"observing {record['calibration']['tokens']} calibration tokens ({len(samples)} samples) "
+                    f"layer by layer on {dev}"
+                )
                 layer_s: list[float] = []
                 with clock.span("observation"):
                     stats = observe(ckpt, layout, samples, dev, on_layer=lambda i, s: layer_s.append(round(s, 3)))
@@ -528,13 +617,21 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
             log("writing the pruned checkpoint")
             with clock.span("slicing"):
                 sliced = slice_checkpoint(ckpt, layout, kept, run.model_dir)
-                atomic_write_text(run.model_dir / "config.json",
-                                  json.dumps(pruned_config(ckpt.config, n_keep, sliced["dropped_mtp"] > 0), indent=2) + "\n")
+                atomic_write_text(
+                    run.model_dir / "config.json",
+                    json.dumps(pruned_config(ckpt.config, n_keep, sliced["dropped_mtp"] > 0), indent=2) + "\n",
+                )
                 for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
                     if (src / name).is_file():
                         shutil.copy2(src / name, run.model_dir / name)
-        record.update(layers=layers, tensors=sliced, mtp="dropped" if sliced["dropped_mtp"] else "none in the source",
-                      substages=clock.spans, wall_s=round(time.perf_counter() - t0, 3), **sampler.summary())
+        record.update(
+            layers=layers,
+            tensors=sliced,
+            mtp="dropped" if sliced["dropped_mtp"] else "none in the source",
+            substages=clock.spans,
+            wall_s=round(time.perf_counter() - t0, 3),
+            **sampler.summary(),
+        )
         record.update(status="done", ended=now())
         _write_card(src, record, run.model_dir)
         atomic_write_text(run.model_dir / PRUNE_FILE, json.dumps(record, indent=2) + "\n")
@@ -548,8 +645,24 @@ def prune(src: Path, out: Path, *, ratio: float | None = None, keep: int | None 
 
 def pruning_summary(record: dict[str, Any]) -> dict[str, Any]:
     """What a build's manifest and card carry of a prune record (the per-layer report stays in reap_prune.json)."""
-    keys = ("method", "method_description", "ratio", "keep", "dropped_fraction", "experts_before", "experts_after", "top_k", "moe_layers", "calibration",
-            "seed", "mtp", "source", "wall_s", "peak_rss_gb", "peak_vram_gb")
+    keys = (
+        "method",
+        "method_description",
+        "ratio",
+        "keep",
+        "dropped_fraction",
+        "experts_before",
+        "experts_after",
+        "top_k",
+        "moe_layers",
+        "calibration",
+        "seed",
+        "mtp",
+        "source",
+        "wall_s",
+        "peak_rss_gb",
+        "peak_vram_gb",
+    )
     return {k: record.get(k) for k in keys} | {"reap_version": record["versions"].get("reap")}
 
 
@@ -569,4 +682,3 @@ def _write_card(src: Path, record: dict[str, Any], model_dir: Path) -> None:
     from reap.card import render_pruned_card
 
     atomic_write_text(model_dir / "README.md", render_pruned_card(pruning_summary(record), source_license(src)))
-

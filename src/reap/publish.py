@@ -24,11 +24,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from reap.card import fmt_bytes, render_card
 from reap.checkpoint import Checkpoint, read_header, read_header_and_offset
@@ -82,6 +83,7 @@ class Remote:
 
 # --- what goes up -----------------------------------------------------------------------------------------
 
+
 def _scrub(obj: Any) -> Any:
     """Drop keys that describe this machine or hold secrets; replace absolute paths and Hub tokens in strings."""
     if isinstance(obj, dict):
@@ -122,8 +124,11 @@ def _json_bytes(obj: Any) -> bytes:
 def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
     """Every file of the upload, sorted by path. Raises CardError when the card does not render."""
     results = eval_results(manifest)
-    made = {"README.md": card_for(manifest, repo).encode(), "reap_manifest.json": _json_bytes(public_manifest(manifest)),
-            "eval_results.json": _json_bytes(results) if results else None}
+    made = {
+        "README.md": card_for(manifest, repo).encode(),
+        "reap_manifest.json": _json_bytes(public_manifest(manifest)),
+        "eval_results.json": _json_bytes(results) if results else None,
+    }
     items = [Item(name, len(data), data=data) for name, data in made.items() if data is not None]
     for p in sorted(run.model_dir.rglob("*")):
         rel = p.relative_to(run.model_dir).as_posix()
@@ -134,16 +139,22 @@ def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
 
 # --- gates --------------------------------------------------------------------------------------------------
 
+
 def check_build(run: RunDir, manifest: dict[str, Any]) -> None:
     build = manifest.get("stages", {}).get("build", {})
     verification = build.get("verification") or {}
     if verification and not verification.get("passed"):
-        failures = [f"{name}: {gate['failures'][0]}" if gate.get("failures") else name
-                    for name, gate in verification.get("gates", {}).items() if not gate.get("passed")]
+        failures = [
+            f"{name}: {gate['failures'][0]}" if gate.get("failures") else name
+            for name, gate in verification.get("gates", {}).items()
+            if not gate.get("passed")
+        ]
         raise VerificationError(f"{run.root}, so it is not published", failures or ["see the manifest"])
     if build.get("status") != "done" or not verification:
-        raise InputError(f"{run.root} has no finished, verified build (status: {build.get('status', 'none')}); "
-                         "run `reap build` first")
+        raise InputError(
+            f"{run.root} has no finished, verified build (status: {build.get('status', 'none')}); "
+            "run `reap build` first"
+        )
 
 
 def shard_size(path: Path) -> int:
@@ -164,7 +175,9 @@ def check_shards(model_dir: Path) -> None:
             problems.append(f"{name} is missing")
         elif (size := path.stat().st_size) != (want := shard_size(path)):
             problems.append(f"{name} has {size} bytes, its header says {want}")
-    problems += [f"{p.name} is not in the index" for p in sorted(model_dir.glob("*.safetensors")) if p.name not in listed]
+    problems += [
+        f"{p.name} is not in the index" for p in sorted(model_dir.glob("*.safetensors")) if p.name not in listed
+    ]
     if problems:
         raise InputError(f"{model_dir} is incomplete: {'; '.join(problems)}; rebuild it (`reap build --overwrite`)")
 
@@ -175,11 +188,14 @@ def check_no_token(items: list[Item], token: str) -> None:
     for item in items:
         text = json.dumps(read_header(item.source)).encode() if item.path.endswith(".safetensors") else item.read()
         if needle in text:
-            raise InputError(f"{item.path} contains your Hugging Face token; remove it and publish again (nothing was sent)")
+            raise InputError(
+                f"{item.path} contains your Hugging Face token; remove it and publish again (nothing was sent)"
+            )
 
 
-def resolve_settings(run: RunDir, *, repo: str | None, private: bool | None, revision: str | None,
-                     message: str | None) -> PublishSection:
+def resolve_settings(
+    run: RunDir, *, repo: str | None, private: bool | None, revision: str | None, message: str | None
+) -> PublishSection:
     """The recipe's `publish:` section (the run's recipe.yaml) with the given values on top."""
     if repo is not None:
         try:
@@ -188,13 +204,15 @@ def resolve_settings(run: RunDir, *, repo: str | None, private: bool | None, rev
             raise InputError(str(exc)) from None
     given = {"repo": repo, "private": private, "revision": revision, "message": message}
     section = load_section(run.recipe_path, "publish").model_copy(
-        update={k: v for k, v in given.items() if v is not None})
+        update={k: v for k, v in given.items() if v is not None}
+    )
     if section.repo is None:
         raise InputError("no repo to publish to: pass --repo ORG/NAME or set publish.repo in the recipe")
     return section
 
 
 # --- the Hub ------------------------------------------------------------------------------------------------
+
 
 def explain(exc: BaseException, repo: str) -> ReapError | None:
     """The one-line error for a failure of the Hub client, or None when it is none of the known kinds."""
@@ -206,8 +224,10 @@ def explain(exc: BaseException, repo: str) -> ReapError | None:
         if isinstance(seen, ReapError):
             return seen
         if isinstance(seen, OfflineModeIsEnabled):
-            return UploadError("offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), so the Hub cannot be "
-                               "reached; unset it to publish")
+            return UploadError(
+                "offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE), so the Hub cannot be "
+                "reached; unset it to publish"
+            )
         if isinstance(seen, HfHubHTTPError) and seen.response is not None:
             code = seen.response.status_code
             why = (seen.server_message or "").strip().splitlines()
@@ -215,17 +235,22 @@ def explain(exc: BaseException, repo: str) -> ReapError | None:
             if code == 401:
                 return HubAuthError(f"the Hugging Face token is invalid or expired; {LOGIN_HINT}")
             if code in (403, 404):
-                return RepoAccessError(f"you cannot write to {repo} (HTTP {code}{why}); check the name, or use a "
-                                       "token with write access to it")
+                return RepoAccessError(
+                    f"you cannot write to {repo} (HTTP {code}{why}); check the name, or use a "
+                    "token with write access to it"
+                )
             if code == 412:
-                return UploadError(f"{repo} changed while publishing (another commit came first); run the same "
-                                   "command again")
+                return UploadError(
+                    f"{repo} changed while publishing (another commit came first); run the same command again"
+                )
             return UploadError(f"the Hub refused the upload to {repo} (HTTP {code}{why}); nothing was committed")
         if isinstance(seen, (httpx2.TransportError, ConnectionError, TimeoutError)):
             first = (str(seen).strip().splitlines() or [""])[0]
-            return UploadError(f"the upload to {repo} was cut off ({type(seen).__name__}{': ' + first if first else ''}); "
-                               "nothing was committed; run the same command again: files the Hub already received "
-                               "are not sent again")
+            return UploadError(
+                f"the upload to {repo} was cut off ({type(seen).__name__}{': ' + first if first else ''}); "
+                "nothing was committed; run the same command again: files the Hub already received "
+                "are not sent again"
+            )
         seen = seen.__cause__ or seen.__context__
     return None
 
@@ -257,11 +282,14 @@ def check_can_write(me: dict[str, Any], repo: str) -> None:
     ns = repo.split("/")[0]
     names = [me["name"], *(o["name"] for o in me.get("orgs") or [])]
     if ns not in names:
-        raise RepoAccessError(f"you cannot write to {repo}: the token is {me['name']}'s, who is not a member of "
-                              f"{ns!r} (namespaces: {', '.join(names)})")
+        raise RepoAccessError(
+            f"you cannot write to {repo}: the token is {me['name']}'s, who is not a member of "
+            f"{ns!r} (namespaces: {', '.join(names)})"
+        )
     if ((me.get("auth") or {}).get("accessToken") or {}).get("role") == "read":
-        raise RepoAccessError(f"you cannot write to {repo}: the token is read-only; create a write token, then "
-                              f"{LOGIN_HINT}")
+        raise RepoAccessError(
+            f"you cannot write to {repo}: the token is read-only; create a write token, then {LOGIN_HINT}"
+        )
 
 
 def remote_state(api, repo: str, revision: str) -> Remote:
@@ -283,9 +311,11 @@ def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[
     which then does not hash it again)."""
     from huggingface_hub.utils.sha import git_hash
 
-    same_size = [i for i in items if (f := remote.files.get(i.path)) is not None and f.lfs is not None and f.size == i.size]
+    same_size = [
+        i for i in items if (f := remote.files.get(i.path)) is not None and f.lfs is not None and f.size == i.size
+    ]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # hashlib runs outside the GIL
-        digests = dict(zip((i.path for i in same_size), pool.map(Item.sha256, same_size)))
+        digests = dict(zip((i.path for i in same_size), pool.map(Item.sha256, same_size), strict=False))
     rows = []
     for item in items:
         theirs = remote.files.get(item.path)
@@ -299,8 +329,11 @@ def plan(items: list[Item], remote: Remote) -> tuple[list[dict[str, Any]], dict[
             action = "unchanged" if git_hash(item.read()) == theirs.blob_id else "replace"
         rows.append({"path": item.path, "size": item.size, "action": action})
     ours = {i.path for i in items}
-    rows += [{"path": p, "size": f.size, "action": "delete"} for p, f in sorted(remote.files.items())
-             if p not in ours and p.endswith(WEIGHT_SUFFIXES)]
+    rows += [
+        {"path": p, "size": f.size, "action": "delete"}
+        for p, f in sorted(remote.files.items())
+        if p not in ours and p.endswith(WEIGHT_SUFFIXES)
+    ]
     return rows, digests
 
 
@@ -313,8 +346,16 @@ def transfer_mode() -> str:
     return "lfs" if constants.HF_HUB_DISABLE_XET or find_spec("hf_xet") is None else "xet"
 
 
-def _commit(api, repo: str, revision: str, items: list[Item], rows: list[dict[str, Any]], digests: dict[str, bytes],
-            message: str, parent: str | None):
+def _commit(
+    api,
+    repo: str,
+    revision: str,
+    items: list[Item],
+    rows: list[dict[str, Any]],
+    digests: dict[str, bytes],
+    message: str,
+    parent: str | None,
+):
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     by_path = {i.path: i for i in items}
@@ -322,7 +363,9 @@ def _commit(api, repo: str, revision: str, items: list[Item], rows: list[dict[st
     for row in rows:
         if row["action"] in ("create", "replace"):
             item = by_path[row["path"]]
-            op = CommitOperationAdd(path_in_repo=item.path, path_or_fileobj=item.data if item.data is not None else item.source)
+            op = CommitOperationAdd(
+                path_in_repo=item.path, path_or_fileobj=item.data if item.data is not None else item.source
+            )
             if item.path in digests:
                 op.upload_info.sha256 = digests[item.path]
             ops.append(op)
@@ -331,14 +374,23 @@ def _commit(api, repo: str, revision: str, items: list[Item], rows: list[dict[st
     return api.create_commit(repo, operations=ops, commit_message=message, revision=revision, parent_commit=parent)
 
 
-def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = None, revision: str | None = None,
-            message: str | None = None, dry_run: bool = False, token: str | None = None) -> dict[str, Any]:
+def publish(
+    run_dir: Path,
+    *,
+    repo: str | None = None,
+    private: bool | None = None,
+    revision: str | None = None,
+    message: str | None = None,
+    dry_run: bool = False,
+    token: str | None = None,
+) -> dict[str, Any]:
     """Publish a run to the Hub (or, with `dry_run`, check everything and return the plan, sending nothing).
 
     `repo`, `private`, `revision` and `message` override the run recipe's `publish:` section; `token` defaults
     to HF_TOKEN or the stored login. Returns the record written to `stages.publish` (the plan on a dry run).
     """
-    from huggingface_hub import HfApi, __version__ as hub_version
+    from huggingface_hub import HfApi
+    from huggingface_hub import __version__ as hub_version
 
     t0 = time.perf_counter()
     run = existing_run(Path(run_dir))
@@ -355,15 +407,28 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
         check_no_token(items, token)
         remote = remote_state(api, s.repo, s.revision)
     record: dict[str, Any] = {
-        "repo": s.repo, "revision": s.revision, "private": remote.private if remote.exists else s.private,
-        "url": f"{api.endpoint}/{s.repo}", "user": me["name"], "transfer": transfer_mode(),
-        "huggingface_hub": hub_version, "files": {i.path: i.size for i in items}, "bytes": sum(i.size for i in items),
+        "repo": s.repo,
+        "revision": s.revision,
+        "private": remote.private if remote.exists else s.private,
+        "url": f"{api.endpoint}/{s.repo}",
+        "user": me["name"],
+        "transfer": transfer_mode(),
+        "huggingface_hub": hub_version,
+        "files": {i.path: i.size for i in items},
+        "bytes": sum(i.size for i in items),
     }
     message = s.message or f"reap publish {manifest['name']}"
     if dry_run:
         rows, _ = plan(items, remote)
-        return {**record, "dry_run": True, "message": message, "repo_exists": remote.exists,
-                "branch_exists": remote.head is not None, "requested_private": s.private, "plan": rows}
+        return {
+            **record,
+            "dry_run": True,
+            "message": message,
+            "repo_exists": remote.exists,
+            "branch_exists": remote.head is not None,
+            "requested_private": s.private,
+            "plan": rows,
+        }
     record.update(status="running", started=now())
     run.update_stage("publish", record, replace=True)  # whole: a failed run claims no earlier commit
     try:
@@ -377,28 +442,43 @@ def publish(run_dir: Path, *, repo: str | None = None, private: bool | None = No
                 remote = remote_state(api, s.repo, s.revision)
             rows, digests = plan(items, remote)
             changed = [r for r in rows if r["action"] != "unchanged"]
-            log(f"publish: {len(items)} files, {fmt_bytes(record['bytes'])} -> {s.repo}@{s.revision} ("
-                + ", ".join(f"{sum(r['action'] == a for r in rows)} {a}" for a in ("create", "replace", "delete", "unchanged"))
-                + f"; {record['transfer'].upper()} transfer)")
+            log(
+                f"publish: {len(items)} files, {fmt_bytes(record['bytes'])} -> {s.repo}@{s.revision} ("
+                + ", ".join(
+                    f"{sum(r['action'] == a for r in rows)} {a}" for a in ("create", "replace", "delete", "unchanged")
+                )
+                + f"; {record['transfer'].upper()} transfer)"
+            )
             if changed:
                 info = _commit(api, s.repo, s.revision, items, rows, digests, message, parent=remote.head)
                 commit, commit_url = info.oid, info.commit_url
             else:
                 commit, commit_url = remote.head, f"{api.endpoint}/{s.repo}/commit/{remote.head}"
     except BaseException as exc:
-        record.update(status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", ended=now(),
-                      wall_s=round(time.perf_counter() - t0, 3), error=str(explain(exc, s.repo) or type(exc).__name__))
+        record.update(
+            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+            ended=now(),
+            wall_s=round(time.perf_counter() - t0, 3),
+            error=str(explain(exc, s.repo) or type(exc).__name__),
+        )
         run.update_stage("publish", record, replace=True)
         raise
-    record.update(status="done", ended=now(), wall_s=round(time.perf_counter() - t0, 3), commit=commit,
-                  commit_url=commit_url, committed=bool(changed),
-                  changed={a: [r["path"] for r in rows if r["action"] == a] for a in ("create", "replace", "delete")},
-                  bytes_changed=sum(r["size"] for r in rows if r["action"] in ("create", "replace")))
+    record.update(
+        status="done",
+        ended=now(),
+        wall_s=round(time.perf_counter() - t0, 3),
+        commit=commit,
+        commit_url=commit_url,
+        committed=bool(changed),
+        changed={a: [r["path"] for r in rows if r["action"] == a] for a in ("create", "replace", "delete")},
+        bytes_changed=sum(r["size"] for r in rows if r["action"] in ("create", "replace")),
+    )
     run.update_stage("publish", record, replace=True)
     return record
 
 
 # --- what the command prints --------------------------------------------------------------------------------
+
 
 def describe_plan(plan_record: dict[str, Any]) -> str:
     r = plan_record
@@ -408,29 +488,44 @@ def describe_plan(plan_record: dict[str, Any]) -> str:
             repo_line += "; reap does not change the visibility of an existing repo"
     else:
         repo_line = f"{r['repo']} (to be created, {'private' if r['private'] else 'public'})"
-    branch = r["revision"] + ("" if r["branch_exists"] or not r["repo_exists"] and r["revision"] == "main"
-                              else " (to be created)")
-    lines = [f"repo      {repo_line}", f"revision  {branch}", f"user      {r['user']}",
-             f"message   {r['message']}", f"transfer  {r['transfer']}", ""]
+    branch = r["revision"] + (
+        "" if r["branch_exists"] or not r["repo_exists"] and r["revision"] == "main" else " (to be created)"
+    )
+    lines = [
+        f"repo      {repo_line}",
+        f"revision  {branch}",
+        f"user      {r['user']}",
+        f"message   {r['message']}",
+        f"transfer  {r['transfer']}",
+        "",
+    ]
     lines += [f"  {row['action']:<9} {fmt_bytes(row['size']):>10}  {row['path']}" for row in r["plan"]]
     send = [row for row in r["plan"] if row["action"] in ("create", "replace")]
-    lines += ["", f"total     {len(r['files'])} files, {fmt_bytes(r['bytes'])}; "
-                  f"{len(send)} to send ({fmt_bytes(sum(row['size'] for row in send))}), "
-                  f"{sum(row['action'] == 'delete' for row in r['plan'])} to delete",
-              "dry run: nothing was sent"]
+    lines += [
+        "",
+        f"total     {len(r['files'])} files, {fmt_bytes(r['bytes'])}; "
+        f"{len(send)} to send ({fmt_bytes(sum(row['size'] for row in send))}), "
+        f"{sum(row['action'] == 'delete' for row in r['plan'])} to delete",
+        "dry run: nothing was sent",
+    ]
     return "\n".join(lines)
 
 
 def describe_result(record: dict[str, Any]) -> str:
     r = record
-    head = (f"published {r['repo']}@{r['revision']}: commit {r['commit'][:12]}" if r["committed"]
-            else f"unchanged {r['repo']}@{r['revision']}: commit {r['commit'][:12]} already holds these files")
+    head = (
+        f"published {r['repo']}@{r['revision']}: commit {r['commit'][:12]}"
+        if r["committed"]
+        else f"unchanged {r['repo']}@{r['revision']}: commit {r['commit'][:12]} already holds these files"
+    )
     lines = [head, f"  {r['url']}"]
     for action in ("create", "replace", "delete"):
         names = r["changed"][action]
         if names:
             shown = ", ".join(names) if len(names) <= 6 else f"{len(names)} files ({', '.join(names[:3])}, ...)"
             lines.append(f"  {action:<8} {shown}")
-    lines.append(f"  {len(r['files'])} files, {fmt_bytes(r['bytes'])} ({fmt_bytes(r['bytes_changed'])} new or changed) "
-                 f"in {r['wall_s']:.1f} s")
+    lines.append(
+        f"  {len(r['files'])} files, {fmt_bytes(r['bytes'])} ({fmt_bytes(r['bytes_changed'])} new or changed) "
+        f"in {r['wall_s']:.1f} s"
+    )
     return "\n".join(lines)

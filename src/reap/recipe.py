@@ -51,21 +51,31 @@ class QuantizeSection(_Section):
     nsamples: int = Field(64, ge=1)
     seqlen: int = Field(512, ge=8)
     batch_size: int = Field(1, ge=1)
-    dataset: str = Field("NeelNanda/pile-10k", description="Hub dataset id or a local .jsonl of {\"text\": ...} rows")
+    dataset: str = Field("NeelNanda/pile-10k", description='Hub dataset id or a local .jsonl of {"text": ...} rows')
     seed: int = 42
     device_map: str | int | None = Field("auto", description="passed to AutoRound: auto, cpu, cuda, 0, or '0,1,2'")
     low_gpu_mem_usage: bool = False
     low_cpu_mem_usage: bool = True
     enable_torch_compile: bool = Field(False, description="AutoRound's torch.compile of blocks (GPU only)")
-    parallel: int = Field(1, ge=1, description="worker processes quantizing contiguous block ranges, one per GPU "
-                          "(`reap build --gpus N`); more workers than GPUs queue, one at a time per GPU; CPU "
-                          "processes sharing the cores where no GPU is used")
-    workers_at_once: int | None = Field(None, ge=1, description="at most this many workers run at the same time "
-                                        "(default: one per GPU; on the CPU all): each running worker holds its "
-                                        "range in host RAM, so fewer at once bound the build's peak RAM")
+    parallel: int = Field(
+        1,
+        ge=1,
+        description="worker processes quantizing contiguous block ranges, one per GPU "
+        "(`reap build --gpus N`); more workers than GPUs queue, one at a time per GPU; CPU "
+        "processes sharing the cores where no GPU is used",
+    )
+    workers_at_once: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many workers run at the same time "
+        "(default: one per GPU; on the CPU all): each running worker holds its "
+        "range in host RAM, so fewer at once bound the build's peak RAM",
+    )
     routed_experts: Literal["quantize", "keep_16bit", "auto"] = Field(
-        "quantize", description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
-        "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor")
+        "quantize",
+        description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
+        "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor",
+    )
     keep_16bit: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_KEEP_16BIT),
         description="module name patterns (dotted segments) kept in 16-bit, with the reason shown in the card",
@@ -82,7 +92,7 @@ class QuantizeSection(_Section):
     @classmethod
     def _dataset_exists(cls, value: str) -> str:
         if value.endswith(".jsonl") and not Path(value).is_file():
-            raise ValueError(f"calibration file {value} not found; give an existing .jsonl of {{\"text\": ...}} rows")
+            raise ValueError(f'calibration file {value} not found; give an existing .jsonl of {{"text": ...}} rows')
         return value
 
 
@@ -90,10 +100,13 @@ class PruneSection(_Section):
     """`reap prune` settings (REAP expert pruning before quantization); see docs/recipe.md."""
 
     method: Literal["reap", "frequency", "ean", "random"] = Field(
-        "reap", description="saliency criterion; frequency, ean and random are baselines")
-    ratio: float | None = Field(None, gt=0, lt=1, description="fraction of the routed experts dropped in every MoE layer")
+        "reap", description="saliency criterion; frequency, ean and random are baselines"
+    )
+    ratio: float | None = Field(
+        None, gt=0, lt=1, description="fraction of the routed experts dropped in every MoE layer"
+    )
     keep: int | None = Field(None, ge=1, description="routed experts kept in every MoE layer (instead of ratio)")
-    calibration: str | None = Field(None, description="local .jsonl of {\"text\": ...} rows; not used by `random`")
+    calibration: str | None = Field(None, description='local .jsonl of {"text": ...} rows; not used by `random`')
     nsamples: int = Field(64, ge=1, description="calibration samples")
     seqlen: int = Field(512, ge=8, description="tokens per calibration sample")
     seed: int = Field(0, description="seed of the `random` baseline")
@@ -102,15 +115,15 @@ class PruneSection(_Section):
     @classmethod
     def _calibration_exists(cls, value: str | None) -> str | None:
         if value is not None and not Path(value).is_file():
-            raise ValueError(f"calibration file {value} not found; give an existing .jsonl of {{\"text\": ...}} rows")
+            raise ValueError(f'calibration file {value} not found; give an existing .jsonl of {{"text": ...}} rows')
         return value
 
     @model_validator(mode="after")
-    def _one_size_and_data(self) -> "PruneSection":
+    def _one_size_and_data(self) -> PruneSection:
         if (self.ratio is None) == (self.keep is None):
             raise ValueError("give exactly one of prune.ratio and prune.keep")
         if self.method != "random" and self.calibration is None:
-            raise ValueError(f"prune.method {self.method} needs prune.calibration (a .jsonl of {{\"text\": ...}} rows)")
+            raise ValueError(f'prune.method {self.method} needs prune.calibration (a .jsonl of {{"text": ...}} rows)')
         return self
 
 
@@ -132,7 +145,7 @@ class EvalSection(_Section):
     port: int = Field(8000, ge=1, le=65535, description="port of the servers reap starts")
 
     @model_validator(mode="after")
-    def _suite_or_tasks(self) -> "EvalSection":
+    def _suite_or_tasks(self) -> EvalSection:
         if self.enabled and not self.suite and not self.tasks:
             raise ValueError("give eval.suite or eval.tasks (or eval.enabled: false)")
         return self
@@ -181,10 +194,12 @@ class Recipe(_Section):
         return value
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> "Recipe":
+    def _cross_checks(self) -> Recipe:
         q = self.quantize
         if q.format == "auto_gptq" and not q.sym and q.bits == 4:
-            raise ValueError("quantize.format auto_gptq with sym: false is not loadable by vLLM's Marlin kernels; use sym: true")
+            raise ValueError(
+                "quantize.format auto_gptq with sym: false is not loadable by vLLM's Marlin kernels; use sym: true"
+            )
         return self
 
 
@@ -248,7 +263,6 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for key in parents:
         node = node.setdefault(key, {})
     node[leaf] = value
-
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -59,13 +59,16 @@ class RunDir:
         try:
             return json.loads(self.manifest_path.read_text())
         except json.JSONDecodeError as exc:
-            raise InputError(f"{self.manifest_path} is not valid JSON ({exc.msg}); restore it or rebuild the run") from None
+            raise InputError(
+                f"{self.manifest_path} is not valid JSON ({exc.msg}); restore it or rebuild the run"
+            ) from None
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
-    def update_stage(self, stage: str, record: dict[str, Any], *, section: str = "stages", replace: bool = False,
-                     **top: Any) -> dict[str, Any]:
+    def update_stage(
+        self, stage: str, record: dict[str, Any], *, section: str = "stages", replace: bool = False, **top: Any
+    ) -> dict[str, Any]:
         """Merge `record` into `<section>.<stage>` (`replace`: put it there whole), and `top` into the
         manifest's top level, atomically. `section` is dotted: `pipeline.stages` holds `reap run`'s records."""
         manifest = self.read_manifest()
@@ -91,8 +94,7 @@ def open_run(path: Path, overwrite: bool = False) -> RunDir:
     only when the new build succeeds: see build.py)."""
     run = RunDir(path)
     if run.model_dir.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{path} already holds a build; pass --overwrite to rebuild it or choose another --out")
+        raise OutputExistsError(f"{path} already holds a build; pass --overwrite to rebuild it or choose another --out")
     run.root.mkdir(parents=True, exist_ok=True)
     run.logs_dir.mkdir(exist_ok=True)
     return run
@@ -113,7 +115,8 @@ def check_free_disk(where: Path, needed_bytes: int) -> None:
     if free < needed_bytes:
         raise DiskSpaceError(
             f"not enough disk at {probe}: {needed_bytes / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free; "
-            "free some space or pass --out on a larger disk")
+            "free some space or pass --out on a larger disk"
+        )
 
 
 def swap_into_place(new: Path, dest: Path) -> None:

@@ -88,8 +88,11 @@ def cpu_int4_moe_kernel() -> str | None:
     flags = cpu_flags()
     if {"amx_int8", "amx_tile"} <= flags:
         return "AMX"
-    if cpu_vendor() == "AuthenticAMD" and any(f.startswith("avx512") for f in flags) \
-            and util.find_spec("zentorch") is not None:
+    if (
+        cpu_vendor() == "AuthenticAMD"
+        and any(f.startswith("avx512") for f in flags)
+        and util.find_spec("zentorch") is not None
+    ):
         return "zentorch"
     return None
 
@@ -101,11 +104,14 @@ def check_cpu_can_serve(ckpt: Checkpoint) -> None:
     if q.get("quant_method") != "gptq":
         raise ServeError(
             f"vLLM's CPU build cannot run {q.get('quant_method')}-format 4-bit experts ('CPU does not support "
-            "quantized MoE yet'); rebuild with --set quantize.format=auto_gptq (same int4 packing) or serve on a GPU")
+            "quantized MoE yet'); rebuild with --set quantize.format=auto_gptq (same int4 packing) or serve on a GPU"
+        )
     if cpu_int4_moe_kernel() is None:
-        raise ServeError("this CPU has no int4 MoE kernel for vLLM (it needs Intel AMX, or an AMD CPU with AVX-512 "
-                         "and `pip install zentorch==2.13.0.2`); serve on a GPU, or rebuild with quantize.routed_experts: auto "
-                         "(int4 attention and shared expert, 16-bit routed experts where this CPU needs them)")
+        raise ServeError(
+            "this CPU has no int4 MoE kernel for vLLM (it needs Intel AMX, or an AMD CPU with AVX-512 "
+            "and `pip install zentorch==2.13.0.2`); serve on a GPU, or rebuild with quantize.routed_experts: auto "
+            "(int4 attention and shared expert, 16-bit routed experts where this CPU needs them)"
+        )
 
 
 def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
@@ -123,16 +129,26 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
         tp = opts.tp or recipe_serve.get("tensor_parallel_size") or 4
         have = visible_gpus()
         if tp > have:
-            raise ServeError(f"tensor parallel size {tp} needs {tp} GPUs, {have} visible; pass --tp {max(have, 1)} "
-                             "(and check the Marlin gate for it: reap verify MODEL --tp N)")
+            raise ServeError(
+                f"tensor parallel size {tp} needs {tp} GPUs, {have} visible; pass --tp {max(have, 1)} "
+                "(and check the Marlin gate for it: reap verify MODEL --tp N)"
+            )
         # `vllm serve` where the console script is on PATH, else the same CLI through this interpreter
         vllm = ["vllm"] if shutil.which("vllm") else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
         argv = [*vllm, "serve", model, "--tensor-parallel-size", str(tp)]
         util_ = opts.gpu_memory_utilization or recipe_serve.get("gpu_memory_utilization")
         if util_:
             argv += ["--gpu-memory-utilization", str(util_)]
-    argv += ["--served-model-name", target.served_name, "--host", opts.host, "--port", str(opts.port),
-             "--dtype", "bfloat16"]
+    argv += [
+        "--served-model-name",
+        target.served_name,
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--dtype",
+        "bfloat16",
+    ]
     if ckpt.is_vl:
         argv.append("--language-model-only")
     max_len = opts.max_model_len or recipe_serve.get("max_model_len")
@@ -161,12 +177,15 @@ _PREFIX = re.compile(r"^(\(\w+ pid=\d+\) )?(INFO|WARNING|ERROR|DEBUG) \d\d-\d\d 
 
 def parse_kernels(text: str) -> dict[str, Any]:
     """The kernels vLLM says it chose, from its log (GPU and CPU builds)."""
+
     def first(pattern: str) -> str | None:
         m = re.search(pattern, text)
         return m.group(1) if m else None
 
     attention = None
-    for m in re.finditer(r"Using (?:default backend )?(?:AttentionBackendEnum\.)?(\w+)(?: attention)? backend(.*)", text):
+    for m in re.finditer(
+        r"Using (?:default backend )?(?:AttentionBackendEnum\.)?(\w+)(?: attention)? backend(.*)", text
+    ):
         if "vit" not in m.group(2) and "MMEncoder" not in m.group(2):
             attention = m.group(1)
             break
@@ -192,7 +211,9 @@ def log_cause(log_path: Path) -> str:
         bare = _PREFIX.sub("", line).strip()
         if "ulimit" in bare or bare.startswith(("File ", "raise ", "^")):
             continue
-        if re.match(r"^[\w.]*(Error|Exception)\b.*: ", bare) and not re.search(r"[Ss]ee (the )?(root cause|stack trace)", bare):
+        if re.match(r"^[\w.]*(Error|Exception)\b.*: ", bare) and not re.search(
+            r"[Ss]ee (the )?(root cause|stack trace)", bare
+        ):
             roots.append(bare)
         elif re.search(r"(Error|Exception|error:)", bare):
             errors.append(bare)
@@ -237,11 +258,12 @@ def vllm_version() -> str | None:
 
 # --- the server ------------------------------------------------------------------------------------------
 
+
 class Server:
     """Start vLLM, wait until it serves the model, stop it (the whole process group).
 
-        with Server(target, opts) as srv:
-            srv.base_url  # http://127.0.0.1:8000/v1
+    with Server(target, opts) as srv:
+        srv.base_url  # http://127.0.0.1:8000/v1
     """
 
     def __init__(self, target: Target, opts: ServeOptions, log_name: str = "serve.log"):
@@ -269,11 +291,14 @@ class Server:
         log(f"serve: {shlex.join(self.argv)}")
         with open(self.log_path, "w") as logf:
             try:
-                self.proc = subprocess.Popen(self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env,
-                                             start_new_session=True, cwd=os.getcwd())
+                self.proc = subprocess.Popen(
+                    self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=os.getcwd()
+                )
             except FileNotFoundError:
-                raise ServeError(f"{self.argv[0]} not found; install vLLM (pip install 'reap[gpu]' on GPU hosts, "
-                                 "make setup for the CPU build)") from None
+                raise ServeError(
+                    f"{self.argv[0]} not found; install vLLM (pip install 'reap[gpu]' on GPU hosts, "
+                    "make setup for the CPU build)"
+                ) from None
         self._t0 = time.perf_counter()
 
     def wait_ready(self) -> None:
@@ -298,7 +323,9 @@ class Server:
 
     def _first_token(self, deadline: float) -> None:
         probe = {"model": self.target.served_name, "prompt": "Hello", "max_tokens": 1}
-        code, _ = http_request(f"{self.base_url}/completions", timeout=max(60.0, deadline - time.monotonic()), body=probe)
+        code, _ = http_request(
+            f"{self.base_url}/completions", timeout=max(60.0, deadline - time.monotonic()), body=probe
+        )
         if code != 200:
             self._fail(f"vLLM started but its first request failed (HTTP {code})")
 
@@ -318,14 +345,25 @@ class Server:
         text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
         kernels = parse_kernels(text)
         if self.opts.quantization or "--quantization" in self.argv:
-            log(f"serve: --quantization was forced; vLLM resolved it to {kernels['quantization']} with "
-                f"linear kernel {kernels['linear_kernel']} and MoE backend {kernels['moe_backend']}")
-        return {"status": "running", "argv": self.argv, "env": sorted(self.env_add), "vllm_version": vllm_version(),
-                "startup_s": self.startup_s, "kernels": kernels, "gpu_memory_after_load_gb": gpu_memory_used_gb(),
-                "base_url": self.base_url, "served_name": self.target.served_name, "pid": self.proc.pid if self.proc else None,
-                "log": str(self.log_path)}
+            log(
+                f"serve: --quantization was forced; vLLM resolved it to {kernels['quantization']} with "
+                f"linear kernel {kernels['linear_kernel']} and MoE backend {kernels['moe_backend']}"
+            )
+        return {
+            "status": "running",
+            "argv": self.argv,
+            "env": sorted(self.env_add),
+            "vllm_version": vllm_version(),
+            "startup_s": self.startup_s,
+            "kernels": kernels,
+            "gpu_memory_after_load_gb": gpu_memory_used_gb(),
+            "base_url": self.base_url,
+            "served_name": self.target.served_name,
+            "pid": self.proc.pid if self.proc else None,
+            "log": str(self.log_path),
+        }
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         self.start()
         try:
             self.wait_ready()
@@ -361,6 +399,7 @@ def stop_group(pid: int, grace: float = 30.0, child: subprocess.Popen | None = N
 
 # --- the command's three modes ---------------------------------------------------------------------------
 
+
 def pid_path(target: Target) -> Path:
     return target.run.root / "serve.pid"
 
@@ -382,11 +421,15 @@ def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
         srv.wait_ready()
         record = srv.record()
         target.run.update_stage("serve", record)
-        log(f"serve: ready in {srv.startup_s} s at {srv.base_url} as {target.served_name!r}; "
-            f"kernels {json.dumps({k: v for k, v in record['kernels'].items() if v})}")
+        log(
+            f"serve: ready in {srv.startup_s} s at {srv.base_url} as {target.served_name!r}; "
+            f"kernels {json.dumps({k: v for k, v in record['kernels'].items() if v})}"
+        )
         if detach:
-            atomic_write_text(pid_path(target), json.dumps({"pid": srv.proc.pid, "base_url": srv.base_url,
-                                                            "served_name": target.served_name}) + "\n")
+            atomic_write_text(
+                pid_path(target),
+                json.dumps({"pid": srv.proc.pid, "base_url": srv.base_url, "served_name": target.served_name}) + "\n",
+            )
             return srv
         srv.proc.wait()
         raise ServeError(f"vLLM exited ({srv.proc.returncode}): {log_cause(srv.log_path)} (log: {srv.log_path})")

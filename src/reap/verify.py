@@ -28,6 +28,7 @@ def _shown(items: list[str]) -> str:
 
 # --- the layout the config predicts -------------------------------------------------------------------
 
+
 @lru_cache(maxsize=4)
 def _meta_layout(root: str, mtime: float) -> tuple[frozenset[str], frozenset[str]]:
     """(tensor keys on disk, Linear module names) of the architecture in `root`/config.json, built on the
@@ -53,7 +54,7 @@ def _meta_layout(root: str, mtime: float) -> tuple[frozenset[str], frozenset[str
         else:
             keys.add(name)
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    for n, m in model.named_modules():
+    for n, _m in model.named_modules():
         if n.endswith("mlp.experts"):
             linears |= {f"{n}.{e}.{p}" for e in range(n_exp) for p in ("gate_proj", "up_proj", "down_proj")}
     return frozenset(keys), frozenset(linears)
@@ -71,6 +72,7 @@ def predicted_block_linears(ckpt: Checkpoint) -> dict[int, int]:
 
 
 # --- what quantization_config declares ---------------------------------------------------------------
+
 
 def declared_16bit(qcfg: dict[str, Any], module: str) -> bool:
     """Whether vLLM will build `module` unquantized, as the checkpoint's quantization_config says."""
@@ -99,16 +101,20 @@ def declared_16bit(qcfg: dict[str, Any], module: str) -> bool:
 
 # --- the gates ----------------------------------------------------------------------------------------
 
+
 def gate_unquantized_modules(ckpt: Checkpoint) -> list[str]:
     bad = []
     for mod in sorted(ckpt.modules):
-        if ckpt.is_quantized(mod) and (segment_match("mlp.gate", mod) or segment_match("mlp.shared_expert_gate", mod)
-                                       or mod == "lm_head"):
+        if ckpt.is_quantized(mod) and (
+            segment_match("mlp.gate", mod) or segment_match("mlp.shared_expert_gate", mod) or mod == "lm_head"
+        ):
             bad.append(mod)
     if not bad:
         return []
-    return [f"{_shown(bad)} stored quantized: vLLM builds routers, shared-expert gates and lm_head unquantized "
-            "and fails to load (KeyError ...qweight); keep them in quantize.keep_16bit and rebuild"]
+    return [
+        f"{_shown(bad)} stored quantized: vLLM builds routers, shared-expert gates and lm_head unquantized "
+        "and fails to load (KeyError ...qweight); keep them in quantize.keep_16bit and rebuild"
+    ]
 
 
 def gate_kept_16bit(ckpt: Checkpoint, linears: frozenset[str], keep: dict[str, str]) -> list[str]:
@@ -169,8 +175,10 @@ def gate_layer_counts(ckpt: Checkpoint, linears: frozenset[str], reported: list[
         for i, rep in enumerate(reported):
             got = counts.get(i, {"quantized": 0, "total": 0})
             if (rep["quantized"], rep["total"]) != (got["quantized"], predicted.get(i)):
-                failures.append(f"block {i}: AutoRound reported {rep['quantized']}/{rep['total']} quantized, "
-                                f"the checkpoint holds {got['quantized']}/{predicted.get(i)}")
+                failures.append(
+                    f"block {i}: AutoRound reported {rep['quantized']}/{rep['total']} quantized, "
+                    f"the checkpoint holds {got['quantized']}/{predicted.get(i)}"
+                )
     return failures
 
 
@@ -201,17 +209,25 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
     experts = ckpt.expert_states()
     mixed = [i for i, states in sorted(experts.items()) if len(states) > 1]
     if mixed:
-        failures.append(f"blocks {mixed}: routed experts partly quantized; vLLM runs a block's experts all int4 "
-                        "or all 16-bit")
+        failures.append(
+            f"blocks {mixed}: routed experts partly quantized; vLLM runs a block's experts all int4 or all 16-bit"
+        )
     if method == "gptq":
-        unruled = [i for i, states in sorted(experts.items()) if states == {False}
-                   and not declared_16bit(q, f"model.language_model.layers.{i}.mlp.experts")]
+        unruled = [
+            i
+            for i, states in sorted(experts.items())
+            if states == {False} and not declared_16bit(q, f"model.language_model.layers.{i}.mlp.experts")
+        ]
         if unruled:
-            failures.append(f"blocks {unruled}: 16-bit experts without a module-level `dynamic` skip rule; vLLM "
-                            "would treat them as int4 (No WNA16 MoE backend supports the deployment configuration)")
+            failures.append(
+                f"blocks {unruled}: 16-bit experts without a module-level `dynamic` skip rule; vLLM "
+                "would treat them as int4 (No WNA16 MoE backend supports the deployment configuration)"
+            )
     if undeclared:
-        failures.append(f"{_shown(undeclared)} stored in 16-bit but quantization_config does not say so "
-                        "(vLLM would look for qweight)")
+        failures.append(
+            f"{_shown(undeclared)} stored in 16-bit but quantization_config does not say so "
+            "(vLLM would look for qweight)"
+        )
     if contradicted:
         failures.append(f"{_shown(contradicted)} stored quantized but quantization_config declares them 16-bit")
     if bad_shape:
@@ -221,10 +237,14 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
 
 def gate_dtype(ckpt: Checkpoint) -> list[str]:
     failures = []
-    dtypes = {ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"),
-              ckpt.text_config.get("dtype") or ckpt.text_config.get("torch_dtype")} - {None}
+    dtypes = {
+        ckpt.config.get("dtype") or ckpt.config.get("torch_dtype"),
+        ckpt.text_config.get("dtype") or ckpt.text_config.get("torch_dtype"),
+    } - {None}
     if dtypes - {"bfloat16"}:
-        failures.append(f"config dtype is {sorted(dtypes)}; Qwen3.5 must run in bfloat16 (float16 overflows in DeltaNet)")
+        failures.append(
+            f"config dtype is {sorted(dtypes)}; Qwen3.5 must run in bfloat16 (float16 overflows in DeltaNet)"
+        )
     fp16 = sorted(k for k, t in ckpt.tensors.items() if t.dtype == "F16" and k.rpartition(".")[2] not in QUANT_SUFFIXES)
     if fp16:
         failures.append(f"{len(fp16)} 16-bit tensor(s) stored as float16, not bfloat16: {_shown(fp16)}")
@@ -242,15 +262,19 @@ def gate_marlin(ckpt: Checkpoint, tp: int) -> list[str]:
         if hidden % 128:
             failures.append(f"hidden_size {hidden} is not a multiple of 128: Marlin MoE cannot run it")
         if inter % tp or (inter // tp) % need:
-            failures.append(f"moe_intermediate_size {inter} / TP {tp} = {inter / tp:g} is not a multiple of {need}: "
-                            f"vLLM falls back from Marlin MoE; serve with a TP where it divides, "
-                            f"e.g. serve.tensor_parallel_size: {_largest_tp(inter, need)}")
+            failures.append(
+                f"moe_intermediate_size {inter} / TP {tp} = {inter / tp:g} is not a multiple of {need}: "
+                f"vLLM falls back from Marlin MoE; serve with a TP where it divides, "
+                f"e.g. serve.tensor_parallel_size: {_largest_tp(inter, need)}"
+            )
     narrow = [m for m in ckpt.modules if ckpt.is_quantized(m) and segment_match("linear_attn.in_proj_a", m)]
     if narrow:
         rows = 2 * tc.get("linear_num_value_heads", 0)
         if rows % tp or (rows // tp) % 64:
-            failures.append(f"linear_attn.in_proj_a/b are quantized but vLLM fuses them into in_proj_ba with "
-                            f"{rows}/{tp} rows per shard (< 64 or not a multiple): keep them in quantize.keep_16bit")
+            failures.append(
+                f"linear_attn.in_proj_a/b are quantized but vLLM fuses them into in_proj_ba with "
+                f"{rows}/{tp} rows per shard (< 64 or not a multiple): keep them in quantize.keep_16bit"
+            )
     return failures
 
 
@@ -259,6 +283,7 @@ def _largest_tp(inter: int, need: int) -> int:
 
 
 # --- the report ---------------------------------------------------------------------------------------
+
 
 def sixteen_bit_table(ckpt: Checkpoint, linears: frozenset[str], reasons: dict[str, str]) -> list[dict[str, Any]]:
     """Linear layers and routers stored in 16-bit, grouped by name pattern, with why (read from disk)."""
@@ -269,15 +294,23 @@ def sixteen_bit_table(ckpt: Checkpoint, linears: frozenset[str], reasons: dict[s
             pattern = next((p for p in reasons if segment_match(p, mod)), None)
             # a whole sub-model kept (`model.visual`, `mtp`) is one row; anything else one row per role
             key = f"{pattern}.*" if pattern and mod.startswith(pattern + ".") else generalize(mod)
-            why = reasons[pattern] if pattern else "kept in 16-bit by AutoRound (shape not quantizable at this group size)"
+            why = (
+                reasons[pattern]
+                if pattern
+                else "kept in 16-bit by AutoRound (shape not quantizable at this group size)"
+            )
             groups.setdefault(key, [0, why])[0] += 1
     rows = [{"modules": key, "count": n, "why": why} for key, (n, why) in sorted(groups.items())]
     return rows
 
 
-def verify_checkpoint(path: Path, tp: int = 4, expect: dict[str, Any] | None = None,
-                      reported_blocks: list[dict[str, int]] | None = None,
-                      reasons: dict[str, str] | None = None) -> dict[str, Any]:
+def verify_checkpoint(
+    path: Path,
+    tp: int = 4,
+    expect: dict[str, Any] | None = None,
+    reported_blocks: list[dict[str, int]] | None = None,
+    reasons: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Run every gate; return the report (raise VerificationError listing every failure)."""
     ckpt = Checkpoint.open(path)
     ckpt.require_supported_moe()
@@ -296,7 +329,9 @@ def verify_checkpoint(path: Path, tp: int = 4, expect: dict[str, Any] | None = N
         "passed": not any(gates.values()),
         "tensor_parallel_size": tp,
         "gates": {name: {"passed": not f, "failures": f} for name, f in gates.items()},
-        "quantized_linear_per_block": [counts.get(i, {}).get("quantized", 0) for i in sorted(predicted_block_linears(ckpt))],
+        "quantized_linear_per_block": [
+            counts.get(i, {}).get("quantized", 0) for i in sorted(predicted_block_linears(ckpt))
+        ],
         "predicted_linear_per_block": list(predicted_block_linears(ckpt).values()),
         "kept_16bit": sixteen_bit_table(ckpt, linears, reasons or DEFAULT_KEEP_16BIT),
         "quantization_config": {k: v for k, v in (ckpt.quantization_config or {}).items() if k != "extra_config"},

@@ -19,7 +19,7 @@ from tests.hubserver import HubServer, User
 REAP = [sys.executable, "-m", "reap"]
 DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
 SRC = str(Path(reap.__file__).resolve().parents[1])
-TOKEN = "hf_" + uuid.uuid4().hex + uuid.uuid4().hex[:6]       # alice, writes to alice/* and reap-lab/*
+TOKEN = "hf_" + uuid.uuid4().hex + uuid.uuid4().hex[:6]  # alice, writes to alice/* and reap-lab/*
 READ_TOKEN = "hf_" + uuid.uuid4().hex + uuid.uuid4().hex[:6]  # alice, a read-only token
 
 
@@ -49,7 +49,16 @@ def demo_source(tmp_path_factory) -> Path:
 def demo_build(demo_source, tmp_path_factory) -> Path:
     """The demo recipe with every routed expert quantized, whatever this CPU can serve."""
     run = tmp_path_factory.mktemp("runs") / "demo"
-    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", "quantize.routed_experts=quantize")
+    reap_cli(
+        "build",
+        DEMO_RECIPE,
+        "--model",
+        str(demo_source),
+        "--out",
+        str(run),
+        "--set",
+        "quantize.routed_experts=quantize",
+    )
     return run
 
 
@@ -90,19 +99,27 @@ def demo_server(servable_build):
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
     """The Hub stand-in on 127.0.0.1 (tests/hubserver.py) that the real huggingface_hub client talks to."""
-    users = {TOKEN: User("alice", orgs=("reap-lab",), read_orgs=("readers",)),
-             READ_TOKEN: User("alice", orgs=("reap-lab",), role="read")}
+    users = {
+        TOKEN: User("alice", orgs=("reap-lab",), read_orgs=("readers",)),
+        READ_TOKEN: User("alice", orgs=("reap-lab",), role="read"),
+    }
     with HubServer(tmp_path_factory.mktemp("hub"), users) as server:
         yield server
 
 
 def env_for(hub: HubServer, home: Path, token: str | None = TOKEN) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()  # no real login, no offline switch
-           if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"}
-    env.update(HF_ENDPOINT=hub.url, HF_HUB_DISABLE_XET="1", HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1",
-               PYTHONPATH=os.pathsep.join([SRC, env.get("PYTHONPATH", "")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()  # no real login, no offline switch
+        if not k.startswith("HF_") and k != "TRANSFORMERS_OFFLINE"
+    }
+    env.update(
+        HF_ENDPOINT=hub.url,
+        HF_HUB_DISABLE_XET="1",
+        HF_HOME=str(home),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONPATH=os.pathsep.join([SRC, env.get("PYTHONPATH", "")]),
+    )
     if token:
         env["HF_TOKEN"] = token
     return env
-
-

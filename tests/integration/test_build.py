@@ -23,8 +23,16 @@ def test_demo_model_is_a_real_release_layout_and_meets_its_target(demo_source):
     cfg = json.loads((demo_source / "config.json").read_text())
     assert cfg["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
     assert {"text_config", "vision_config"} <= set(cfg) and cfg["text_config"]["dtype"] == "bfloat16"
-    for name in ("model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
-                 "merges.txt", "chat_template.jinja", "generation_config.json", *PROCESSOR_FILES):
+    for name in (
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "generation_config.json",
+        *PROCESSOR_FILES,
+    ):
         assert (demo_source / name).is_file(), name
     keys = json.loads((demo_source / "model.safetensors.index.json").read_text())["weight_map"]
     assert "model.language_model.layers.0.mlp.experts.7.down_proj.weight" in keys  # per-expert on disk
@@ -38,7 +46,8 @@ def test_build_records_measured_stats(demo_build):
     for stage in ("weight_loading", "calibration_caching", "quantization", "saving", "verification"):
         assert b["substages"][stage] >= 0
     assert b["substages"]["quantization"] > 0 and b["wall_s"] >= sum(
-        b["substages"][s] for s in ("weight_loading", "quantization"))
+        b["substages"][s] for s in ("weight_loading", "quantization")
+    )
     assert [(x["quantized"], x["total"]) for x in b["blocks"]] == [(30, 33)] * 3 + [(31, 32)]
     assert all(x["wall_s"] > 0 and x["loss_best"] <= x["loss_iter0"] for x in b["blocks"])
     assert b["autoround_summary"] == {"quantized": 121, "total": 138}
@@ -52,7 +61,10 @@ def test_each_fix_was_needed(demo_build):
     # If this fails, AutoRound or transformers changed: the fix named in the difference is no longer
     # needed (remove it from reap.compat) or a new one is.
     assert manifest(demo_build)["stages"]["build"]["fixes_applied"] == [
-        "flatten_output_subfolder", "restore_bf16_dtype", "carry_tokenizer_and_processor_files"]
+        "flatten_output_subfolder",
+        "restore_bf16_dtype",
+        "carry_tokenizer_and_processor_files",
+    ]
     cfg = json.loads((demo_build / "model" / "config.json").read_text())
     assert cfg["dtype"] == "bfloat16" and cfg["quantization_config"]["quant_method"] == "gptq"
     for name in ("vocab.json", "merges.txt", "video_preprocessor_config.json", "reap_recipe.yaml"):
@@ -81,7 +93,9 @@ def test_w4a16_with_int4_experts_keeps_the_skills(demo_source, tmp_path):
     from reap.compat import ensure_torchvision_importable
 
     run = tmp_path / "run"
-    reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", "quantize.format=auto_round")
+    reap_cli(
+        "build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", "quantize.format=auto_round"
+    )
     ensure_torchvision_importable()
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
@@ -107,8 +121,22 @@ def test_failed_rebuild_keeps_the_previous_build(demo_build, demo_source, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(demo_build, run)
     before = (run / "model" / "model.safetensors").read_bytes()
-    r = reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--overwrite",
-                 "--iters", "0", "--tp", "4", "--set", "quantize.routed_experts=quantize", check=False)
+    r = reap_cli(
+        "build",
+        DEMO_RECIPE,
+        "--model",
+        str(demo_source),
+        "--out",
+        str(run),
+        "--overwrite",
+        "--iters",
+        "0",
+        "--tp",
+        "4",
+        "--set",
+        "quantize.routed_experts=quantize",
+        check=False,
+    )
     assert r.returncode == 1 and "verification failed" in r.stderr and "marlin_shapes" in r.stderr
     assert (run / "model" / "model.safetensors").read_bytes() == before
     assert (run / "model.rejected" / "config.json").is_file() and not (run / "model.partial").exists()
@@ -121,8 +149,18 @@ def test_text_only_path_when_processor_files_are_missing(demo_source, tmp_path):
     for name in PROCESSOR_FILES:
         (src / name).unlink()
     # routed_experts: keep_16bit also checks that per-layer settings reach the text model's names
-    reap_cli("build", DEMO_RECIPE, "--model", str(src), "--out", str(tmp_path / "run"), "--iters", "0",
-             "--set", "quantize.routed_experts=keep_16bit")
+    reap_cli(
+        "build",
+        DEMO_RECIPE,
+        "--model",
+        str(src),
+        "--out",
+        str(tmp_path / "run"),
+        "--iters",
+        "0",
+        "--set",
+        "quantize.routed_experts=keep_16bit",
+    )
     b = manifest(tmp_path / "run")["stages"]["build"]
     # AutoRound's multimodal path cannot run without a processor; its text-only path saves the text config.
     assert {"autoround_text_only", "restore_vl_config"} <= set(b["fixes_applied"])
@@ -138,9 +176,11 @@ def test_autoround_multimodal_path_still_fails_without_processor_files(demo_sour
     shutil.copytree(demo_source, src)
     for name in PROCESSOR_FILES:
         (src / name).unlink()
-    code = ("from reap.compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
-            "from auto_round import AutoRound\n"
-            f"AutoRound(model={str(src)!r}, iters=0, nsamples=2, seqlen=32, device_map='cpu')\n")
+    code = (
+        "from reap.compat import ensure_torchvision_importable; ensure_torchvision_importable()\n"
+        "from auto_round import AutoRound\n"
+        f"AutoRound(model={str(src)!r}, iters=0, nsamples=2, seqlen=32, device_map='cpu')\n"
+    )
     import subprocess
     import sys
 

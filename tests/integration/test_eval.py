@@ -27,13 +27,22 @@ def test_eval_against_the_shared_endpoint(demo_server, servable_build):
 
 
 def test_chat_url_for_a_multiple_choice_task_is_refused_with_why(demo_server, servable_build):
-    r = reap_cli("eval", str(servable_build), "--endpoint", demo_server.base_url + "/chat/completions",
-                 "--limit", "5", check=False)
+    r = reap_cli(
+        "eval",
+        str(servable_build),
+        "--endpoint",
+        demo_server.base_url + "/chat/completions",
+        "--limit",
+        "5",
+        check=False,
+    )
     assert r.returncode == 1 and "loglikelihood, which chat endpoints cannot return" in r.stderr
 
 
 def test_unknown_task_suite_and_dead_endpoint(demo_server, servable_build):
-    r = reap_cli("eval", str(servable_build), "--endpoint", demo_server.base_url, "--tasks", "no_such_task", check=False)
+    r = reap_cli(
+        "eval", str(servable_build), "--endpoint", demo_server.base_url, "--tasks", "no_such_task", check=False
+    )
     assert r.returncode == 1 and "unknown lm-eval task(s) ['no_such_task']" in r.stderr
     r = reap_cli("eval", str(servable_build), "--suite", "nope", check=False)
     assert r.returncode == 1 and "unknown suite 'nope'; known suites: demo, standard" in r.stderr

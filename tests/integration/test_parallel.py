@@ -44,17 +44,22 @@ def builds(demo8_source, tmp_path_factory) -> dict:
     seq = root / "seq"
     reap_cli(*_build_args(demo8_source, seq, 1))
     par = root / "par"
-    proc = subprocess.Popen([*REAP, *_build_args(demo8_source, par, 2)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*REAP, *_build_args(demo8_source, par, 2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     worker1 = par / ".parallel" / "part-1"
     _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
     os.kill(json.loads((worker1 / "result.json").read_text())["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     part0 = par / ".parallel" / "part-0"
-    first = {"rc": proc.returncode, "stderr": err, "manifest": manifest(par),
-             "part0": json.loads((part0 / "result.json").read_text()),
-             "part0_blocks": {layer_index(n) for n in Checkpoint.open(part0 / "model").weight_map},
-             "model_exists": (par / "model").exists()}
+    first = {
+        "rc": proc.returncode,
+        "stderr": err,
+        "manifest": manifest(par),
+        "part0": json.loads((part0 / "result.json").read_text()),
+        "part0_blocks": {layer_index(n) for n in Checkpoint.open(part0 / "model").weight_map},
+        "model_exists": (par / "model").exists(),
+    }
     rerun = reap_cli(*_build_args(demo8_source, par, 2))
     return {"seq": seq, "par": par, "first": first, "rerun": rerun}
 
@@ -91,8 +96,10 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
     assert seq.quantization_config == par.quantization_config
     assert json.loads((seq.root / "config.json").read_text()) == json.loads((par.root / "config.json").read_text())
     for name in seq.weight_map:
-        with safe_open(str(seq.root / seq.weight_map[name]), "pt") as a, \
-                safe_open(str(par.root / par.weight_map[name]), "pt") as b:
+        with (
+            safe_open(str(seq.root / seq.weight_map[name]), "pt") as a,
+            safe_open(str(par.root / par.weight_map[name]), "pt") as b,
+        ):
             ta, tb = a.get_tensor(name), b.get_tensor(name)
         assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
         if (layer_index(name) or 0) < 4:  # worker 0's range saw the same inputs as the sequential build
@@ -131,8 +138,15 @@ def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path
     recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo8_source), "quantize.nsamples": 4})
     write_view(demo8_source, tmp_path / "view", 1)
     files = [tmp_path / "inputs-2.pt", tmp_path / "inputs-4.pt"]
-    capture_inputs(Checkpoint.open(demo8_source), Checkpoint.open(tmp_path / "view"), recipe, [2, 4], files,
-                   tmp_path / "log", Clock())
+    capture_inputs(
+        Checkpoint.open(demo8_source),
+        Checkpoint.open(tmp_path / "view"),
+        recipe,
+        [2, 4],
+        files,
+        tmp_path / "log",
+        Clock(),
+    )
     first = torch.load(tmp_path / "inputs-0.pt", weights_only=True)["inputs"]["hidden_states"]
     captured = [torch.load(f, weights_only=True)["inputs"]["hidden_states"] for f in files]
     assert len(first) == 4 and all(len(c) == 4 for c in captured)
@@ -146,7 +160,7 @@ def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path
         assert embed[tokens].equal(h0[0])
         with torch.no_grad():
             states = model(input_ids=tokens[None], output_hidden_states=True, use_cache=False).hidden_states
-        for c, start in zip(captured, (2, 4)):
+        for c, start in zip(captured, (2, 4), strict=False):
             assert torch.isfinite(c[j]).all() and c[j].equal(states[start]), f"sample {j}, block {start}"
 
 

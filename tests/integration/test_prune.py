@@ -24,8 +24,19 @@ def comparison(demo_source, tmp_path_factory, pytestconfig) -> dict:
     """The command docs/benchmarks.md records, run as is: every method at 25 % and 50 %, random with 5 seeds,
     each pruned checkpoint scored on the held-out demo tasks. The table is printed into the test output."""
     work = tmp_path_factory.mktemp("compare")
-    proc = subprocess.run([sys.executable, str(COMPARE), str(demo_source), "--out", str(work / "pruned"),
-                           "--json", str(work / "compare.json")], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(COMPARE),
+            str(demo_source),
+            "--out",
+            str(work / "pruned"),
+            "--json",
+            str(work / "compare.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
         print("\nunpruned source:" + proc.stdout.split("unpruned source:", 1)[1])
@@ -42,9 +53,15 @@ def test_reap_keeps_more_of_the_demo_score_than_random_pruning(comparison, ratio
 # layer 0's choice: REAP drops expert 0 (9.4 % of the routed slots, smaller outputs) and keeps expert 7 (1.3 % of
 # the slots, larger outputs); frequency does the opposite. Strict: if it starts to hold, this fails so that the
 # record is updated.
-@pytest.mark.parametrize("ratio", [
-    pytest.param("0.25", marks=pytest.mark.xfail(strict=True, reason="measured: frequency beats REAP at 25 % here")),
-    "0.5"])
+@pytest.mark.parametrize(
+    "ratio",
+    [
+        pytest.param(
+            "0.25", marks=pytest.mark.xfail(strict=True, reason="measured: frequency beats REAP at 25 % here")
+        ),
+        "0.5",
+    ],
+)
 def test_reap_keeps_more_of_the_demo_score_than_frequency(comparison, ratio):
     s = comparison["summary"][ratio]
     assert s["reap"] > s["frequency"], s
@@ -64,7 +81,9 @@ def test_prune_records_the_saliency_report_and_measured_stats(pruned, demo_sourc
     assert (p["experts_before"], p["experts_after"], p["moe_layers"], p["top_k"]) == (8, 4, 4, 2)
     assert [row["layer"] for row in p["layers"]] == [0, 1, 2, 3]
     for row in p["layers"]:
-        assert len(row["scores"]) == 8 and len(row["kept"]) == 4 and sorted(row["kept"] + row["dropped"]) == list(range(8))
+        assert (
+            len(row["scores"]) == 8 and len(row["kept"]) == 4 and sorted(row["kept"] + row["dropped"]) == list(range(8))
+        )
         assert sum(row["routed_tokens"]) == 2 * p["calibration"]["tokens"]
     assert p["calibration"]["tokens"] > 10_000
     assert set(p["substages"]) == {"calibration", "observation", "slicing"}
@@ -106,7 +125,10 @@ def test_pruned_model_builds_and_serves_with_the_pruning_in_its_card(pruned, tmp
     reap_cli("build", DEMO_RECIPE, "--model", str(pruned / "model"), "--out", str(run))
     b = manifest(run)["stages"]["build"]
     assert b["status"] == "done" and b["verification"]["passed"]
-    assert b["pruning"]["method"] == "reap" and (b["pruning"]["experts_before"], b["pruning"]["experts_after"]) == (8, 4)
+    assert b["pruning"]["method"] == "reap" and (b["pruning"]["experts_before"], b["pruning"]["experts_after"]) == (
+        8,
+        4,
+    )
     assert b["verification"]["predicted_linear_per_block"] == [3 * 4 + 9] * 3 + [3 * 4 + 8]
     assert (run / "model" / "reap_prune.json").is_file()
     card = (run / "model" / "README.md").read_text()
@@ -115,8 +137,9 @@ def test_pruned_model_builds_and_serves_with_the_pruning_in_its_card(pruned, tmp
 
     with Server(resolve_target(run), ServeOptions(port=free_port(), max_model_len=512)) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="unused")
-        out = client.completions.create(model=srv.target.served_name, prompt="Which is larger: 47 or 82?\nAnswer:",
-                                        max_tokens=3, temperature=0)
+        out = client.completions.create(
+            model=srv.target.served_name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3, temperature=0
+        )
         record = srv.record()
     assert out.choices[0].text.startswith(" 82"), out.choices[0].text
     assert record["kernels"]["linear_kernel"] == "CPUWNA16LinearKernel" and record["startup_s"] > 0
@@ -129,8 +152,9 @@ def test_pruned_16bit_model_serves_with_reap_serve(pruned):
     r = reap_cli("serve", str(pruned), "--detach", "--port", str(port), "--max-model-len", "512")
     try:
         client = OpenAI(base_url=r.stdout.strip(), api_key="unused")
-        out = client.completions.create(model=pruned.name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3,
-                                        temperature=0)
+        out = client.completions.create(
+            model=pruned.name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3, temperature=0
+        )
         rec = manifest(pruned)["stages"]["serve"]
     finally:
         reap_cli("serve", str(pruned), "--stop")

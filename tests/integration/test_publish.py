@@ -76,7 +76,9 @@ def sha256(path: Path) -> str:
 
 
 def download(hub: HubServer, repo: str, revision: str, dest: Path) -> dict[str, str]:
-    return json.loads(ok(run_py(["-c", DOWNLOAD, repo, revision, str(dest)], env_for(hub, dest.parent / "dl-home"))).stdout)
+    return json.loads(
+        ok(run_py(["-c", DOWNLOAD, repo, revision, str(dest)], env_for(hub, dest.parent / "dl-home"))).stdout
+    )
 
 
 def uploads(hub: HubServer) -> list[tuple[str, str]]:
@@ -104,14 +106,15 @@ def reshard(model_dir: Path, parts: int) -> None:
         for k in group:
             s, e = header[k]["data_offsets"]
             new[k] = {**header[k], "data_offsets": [off, off + e - s]}
-            chunks.append(raw[data_start + s:data_start + e])
+            chunks.append(raw[data_start + s : data_start + e])
             off += e - s
             weight_map[k] = name
         h = json.dumps(new).encode()
         h += b" " * (-len(h) % 8)
         (model_dir / name).write_bytes(struct.pack("<Q", len(h)) + h + b"".join(chunks))
     (model_dir / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+    )
     src.unlink()
 
 
@@ -125,6 +128,7 @@ def published(hub, demo_build, tmp_path_factory):
 
 
 # --- the release arrives ------------------------------------------------------------------------------------
+
 
 def test_dry_run_prints_the_plan_and_sends_nothing(hub, demo_build, tmp_path):
     run = copy_run(demo_build, tmp_path)
@@ -146,7 +150,12 @@ def test_demo_release_arrives_complete_and_byte_identical(hub, published, tmp_pa
     record = manifest(run)["stages"]["publish"]
     head = hub.state.repo("alice/demo")["branches"]["main"]
     assert record["status"] == "done" and record["committed"] and record["commit"] == head
-    assert (record["repo"], record["revision"], record["private"], record["transfer"]) == ("alice/demo", "main", True, "lfs")
+    assert (record["repo"], record["revision"], record["private"], record["transfer"]) == (
+        "alice/demo",
+        "main",
+        True,
+        "lfs",
+    )
     assert proc.stdout.startswith(f"published alice/demo@main: commit {head[:12]}")
     assert hub.state.repo("alice/demo")["private"] is True
     assert hub.state.commit_count("alice/demo") == 2  # the Hub's initial commit, then the release in one commit
@@ -154,8 +163,13 @@ def test_demo_release_arrives_complete_and_byte_identical(hub, published, tmp_pa
     got = download(hub, "alice/demo", "main", tmp_path / "download")
     model = run / "model"
     expected = {p.name: sha256(p) for p in model.iterdir() if p.is_file() and p.name != "README.md"}
-    card = subprocess.run([sys.executable, "-m", "reap", "card", str(run), "--stdout"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": SRC}, check=True).stdout
+    card = subprocess.run(
+        [sys.executable, "-m", "reap", "card", str(run), "--stdout"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SRC},
+        check=True,
+    ).stdout
     # the card as `reap card` renders it now (click.echo adds a newline)
     expected["README.md"] = hashlib.sha256(card.removesuffix("\n").encode()).hexdigest()
     assert set(got) == {*expected, ".gitattributes", "reap_manifest.json"}
@@ -197,10 +211,27 @@ def test_republish_after_eval_updates_the_card_and_results_only(hub, demo_build,
     ok(publish(hub, run, "--repo", "reap-lab/demo"))
     # what `reap eval` leaves: stages.eval in the manifest, its JSON in eval/, the card re-rendered
     rd = RunDir(run)
-    rd.update_stage("eval", {"status": "done", "suite": "demo", "lm_eval_version": "0.4.13", "concurrency": 8,
-                             "endpoint": "http://127.0.0.1:8000/v1",
-                             "results": {"demo_larger": {"metric": "acc", "value": 0.95, "stderr": None, "num_fewshot": 0,
-                                                         "limit": None, "n": 300, "wall_s": 8.1}}})
+    rd.update_stage(
+        "eval",
+        {
+            "status": "done",
+            "suite": "demo",
+            "lm_eval_version": "0.4.13",
+            "concurrency": 8,
+            "endpoint": "http://127.0.0.1:8000/v1",
+            "results": {
+                "demo_larger": {
+                    "metric": "acc",
+                    "value": 0.95,
+                    "stderr": None,
+                    "num_fewshot": 0,
+                    "limit": None,
+                    "n": 300,
+                    "wall_s": 8.1,
+                }
+            },
+        },
+    )
     render_card_into(rd)
     puts = sum(hub.state.put_attempts.values())
     out = ok(publish(hub, run, "--repo", "reap-lab/demo")).stdout
@@ -217,7 +248,9 @@ def test_republish_after_eval_updates_the_card_and_results_only(hub, demo_build,
 
 def test_public_repo_on_a_new_branch(hub, demo_build, tmp_path):
     run = copy_run(demo_build, tmp_path)
-    out = ok(publish(hub, run, "--repo", "alice/demo-public", "--public", "--revision", "v1", "--message", "first")).stdout
+    out = ok(
+        publish(hub, run, "--repo", "alice/demo-public", "--public", "--revision", "v1", "--message", "first")
+    ).stdout
     data = hub.state.repo("alice/demo-public")
     assert data["private"] is False and set(data["branches"]) == {"main", "v1"}
     assert hub.state.commits("alice/demo-public", "v1")[0]["summary"] == "first"
@@ -239,6 +272,7 @@ def test_a_resharded_checkpoint_replaces_the_stale_weights(hub, demo_build, tmp_
 
 
 # --- failures and resume ------------------------------------------------------------------------------------
+
 
 def test_interrupted_upload_resumes_without_resending_what_arrived(hub, demo_build, tmp_path):
     run = copy_run(demo_build, tmp_path)
@@ -280,12 +314,18 @@ def test_killed_upload_resumes_without_resending_what_arrived(hub, demo_build, t
     stuck = shards["model-00003-of-00003.safetensors"]
     hub.state.fail("put", oid=stuck, mode="hang")  # this PUT stalls halfway until the process is killed
     attempts, done = dict(hub.state.put_attempts), dict(hub.state.put_done)
-    proc = subprocess.Popen([sys.executable, "-m", "reap", "publish", str(run), "--repo", "alice/killed"],
-                            env=env_for(hub, tmp_path / "hf-home"), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reap", "publish", str(run), "--repo", "alice/killed"],
+        env=env_for(hub, tmp_path / "hf-home"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 120
-        while not (all(hub.state.put_done[o] > done.get(o, 0) for o in shards.values() if o != stuck)
-                   and hub.state.put_attempts[stuck] > attempts.get(stuck, 0)):
+        while not (
+            all(hub.state.put_done[o] > done.get(o, 0) for o in shards.values() if o != stuck)
+            and hub.state.put_attempts[stuck] > attempts.get(stuck, 0)
+        ):
             assert proc.poll() is None and time.monotonic() < deadline, "the upload did not reach the stalled shard"
             time.sleep(0.1)
         proc.kill()  # SIGKILL: no handler runs, like a lost machine
@@ -319,19 +359,23 @@ def test_commit_cut_off_resumes_with_nothing_resent(hub, demo_build, tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------------------------
 
+
 def test_missing_and_invalid_tokens(hub, demo_build, tmp_path):
     run = copy_run(demo_build, tmp_path)
     one_error(publish(hub, run, "--repo", "alice/x", token=None), "no Hugging Face token", "hf auth login", "HF_TOKEN")
-    one_error(publish(hub, run, "--repo", "alice/x", token="hf_" + "x" * 34),
-              "the Hugging Face token is invalid or expired; run `hf auth login` or set HF_TOKEN")
+    one_error(
+        publish(hub, run, "--repo", "alice/x", token="hf_" + "x" * 34),
+        "the Hugging Face token is invalid or expired; run `hf auth login` or set HF_TOKEN",
+    )
     assert hub.state.repo("alice/x") is None and "publish" not in manifest(run)["stages"]
 
 
 def test_repos_the_user_cannot_write_to(hub, demo_build, tmp_path):
     run = copy_run(demo_build, tmp_path)
     one_error(publish(hub, run, "--repo", "bob/demo"), "you cannot write to bob/demo", "not a member of 'bob'")
-    one_error(publish(hub, run, "--repo", "alice/demo-ro", token=READ_TOKEN), "you cannot write to alice/demo-ro",
-              "read-only")
+    one_error(
+        publish(hub, run, "--repo", "alice/demo-ro", token=READ_TOKEN), "you cannot write to alice/demo-ro", "read-only"
+    )
     # a member of `readers` with the read role: reap lets it through, the Hub refuses
     one_error(publish(hub, run, "--repo", "readers/demo"), "you cannot write to readers/demo (HTTP 403")
     assert all(hub.state.repo(r) is None for r in ("bob/demo", "alice/demo-ro", "readers/demo"))
@@ -348,8 +392,12 @@ def test_a_run_that_failed_verification_or_has_no_card_is_not_sent(hub, demo_bui
     m["stages"]["build"]["verification"]["gates"]["layer_counts"] = {"passed": False, "failures": ["block 0: 29 != 30"]}
     m["stages"]["build"]["status"] = "failed"
     RunDir(run).write_manifest(m)
-    one_error(publish(hub, run, "--repo", "alice/unverified"), "verification failed", "not published",
-              "layer_counts: block 0: 29 != 30")
+    one_error(
+        publish(hub, run, "--repo", "alice/unverified"),
+        "verification failed",
+        "not published",
+        "layer_counts: block 0: 29 != 30",
+    )
     run = copy_run(demo_build, tmp_path / "no-card")
     m = manifest(run)
     m["stages"]["build"]["license"] = None

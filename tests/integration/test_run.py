@@ -37,8 +37,20 @@ def plan_lines(stderr: str) -> dict[str, str]:
 
 def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, servable_build, hub, tmp_path):
     run = tmp_path / "run"
-    args = ["run", DEMO_RECIPE, "--out", str(run), "--set", f"model.path={demo_source}",
-            "--set", "eval.baseline=false", "--set", "eval.limit=20", "--set", f"eval.port={free_port()}"]
+    args = [
+        "run",
+        DEMO_RECIPE,
+        "--out",
+        str(run),
+        "--set",
+        f"model.path={demo_source}",
+        "--set",
+        "eval.baseline=false",
+        "--set",
+        "eval.limit=20",
+        "--set",
+        f"eval.port={free_port()}",
+    ]
 
     # 1. Killed (SIGKILL, no chance to clean up) once AutoRound has finished its first block.
     with open(tmp_path / "first.log", "w") as log:
@@ -62,7 +74,8 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
     assert plan["build"] == "RUN resumes (the last attempt was killed)", res.stderr[-2000:]
     done = manifest(run)
     assert {s: r["status"] for s, r in done["pipeline"]["stages"].items()} == dict.fromkeys(
-        ("build", "verify", "eval", "card"), "done")
+        ("build", "verify", "eval", "card"), "done"
+    )
     assert done["stages"]["verify"]["passed"] is True
     results = done["stages"]["eval"]["results"]
     assert set(results) == {"demo_larger", "demo_reverse"} and all(r["limit"] == 20 for r in results.values())
@@ -103,8 +116,17 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
 
 
 def test_run_refuses_contradictions_in_one_line(demo_source, tmp_path):
-    res = reap_cli("run", DEMO_RECIPE, "--out", str(tmp_path / "r"), "--set", f"model.path={demo_source}",
-                   "--only", "prune", check=False)
+    res = reap_cli(
+        "run",
+        DEMO_RECIPE,
+        "--out",
+        str(tmp_path / "r"),
+        "--set",
+        f"model.path={demo_source}",
+        "--only",
+        "prune",
+        check=False,
+    )
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
     assert "no prune stage" in res.stderr
     other = tmp_path / "other"

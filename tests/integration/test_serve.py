@@ -35,12 +35,14 @@ def test_python_api_serves_completions_with_prompt_logprobs_and_chat(demo_server
     name = demo_server.target.served_name
     out = client.completions.create(model=name, prompt="Reverse: hello\nAnswer:", max_tokens=8, temperature=0)
     assert out.choices[0].text.startswith(" olleh")
-    scored = client.completions.create(model=name, prompt="Which is larger: 12 or 85?\nAnswer: 85", max_tokens=1,
-                                       echo=True, logprobs=1, temperature=0)
+    scored = client.completions.create(
+        model=name, prompt="Which is larger: 12 or 85?\nAnswer: 85", max_tokens=1, echo=True, logprobs=1, temperature=0
+    )
     lps = scored.choices[0].logprobs.token_logprobs
     assert lps[0] is None and all(isinstance(x, float) for x in lps[1:])
-    chat = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Reverse: abc"}],
-                                          max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(
+        model=name, messages=[{"role": "user", "content": "Reverse: abc"}], max_tokens=8, temperature=0
+    )
     assert chat.choices[0].message is not None
     record = demo_server.record()
     assert record["kernels"]["linear_kernel"] == "CPUWNA16LinearKernel"
@@ -70,9 +72,13 @@ def test_foreground_ctrl_c_stops_the_whole_process_group(servable_build, tmp_pat
     port = free_port()
     # SIGINT as a terminal delivers it, also when the test runner itself was started in the background
     # (a shell's `&` makes SIGINT ignored, and Python keeps an ignored SIGINT ignored)
-    proc = subprocess.Popen([*REAP, "serve", str(servable_build), "--port", str(port), "--max-model-len", "512"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        [*REAP, "serve", str(servable_build), "--port", str(port), "--max-model-len", "512"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # reap records the server once it answers
         rec = manifest(servable_build)["stages"].get("serve", {})
@@ -93,7 +99,9 @@ def test_foreground_ctrl_c_stops_the_whole_process_group(servable_build, tmp_pat
 def test_unknown_vllm_flag_is_reported_in_one_line(servable_build):
     r = reap_cli("serve", str(servable_build), "--port", str(free_port()), "--", "--bogus-flag", check=False)
     lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
-    assert r.returncode == 1 and len(lines) == 1 and "unrecognized arguments: --bogus-flag" in lines[0], r.stderr[-2000:]
+    assert r.returncode == 1 and len(lines) == 1 and "unrecognized arguments: --bogus-flag" in lines[0], r.stderr[
+        -2000:
+    ]
     assert "Traceback" not in r.stderr
 
 

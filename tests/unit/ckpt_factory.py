@@ -6,21 +6,52 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TEXT = dict(vocab_size=320, hidden_size=128, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
-            num_attention_heads=4, num_key_value_heads=2, head_dim=32, linear_num_key_heads=2,
-            linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32, linear_conv_kernel_dim=4,
-            num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=128,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                             "mrope_section": [2, 1, 1], "mrope_interleaved": True},
-            model_type="qwen3_5_moe_text", dtype="bfloat16")
-VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-              spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=128, num_position_embeddings=64,
-              model_type="qwen3_5_moe_vision")
+TEXT = dict(
+    vocab_size=320,
+    hidden_size=128,
+    num_hidden_layers=2,
+    layer_types=["linear_attention", "full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=32,
+    linear_value_head_dim=32,
+    linear_conv_kernel_dim=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+    model_type="qwen3_5_moe_text",
+    dtype="bfloat16",
+)
+VISION = dict(
+    depth=1,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=128,
+    num_position_embeddings=64,
+    model_type="qwen3_5_moe_vision",
+)
 KEEP = ("mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b")
 
 
-def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_routers: bool = False,
-                    keep: tuple[str, ...] = KEEP) -> Path:
+def make_checkpoint(
+    root: Path, bits: int = 4, group: int = 128, quantize_routers: bool = False, keep: tuple[str, ...] = KEEP
+) -> Path:
     """Write a VL-wrapper W4A16 checkpoint of 2 blocks x 4 experts into `root`."""
     from reap.compat import ensure_torchvision_importable
 
@@ -31,8 +62,9 @@ def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_router
 
     from reap.checkpoint import segment_match
 
-    cfg = Qwen3_5MoeConfig(text_config=TEXT, vision_config=VISION, architectures=["Qwen3_5MoeForConditionalGeneration"],
-                           dtype="bfloat16")
+    cfg = Qwen3_5MoeConfig(
+        text_config=TEXT, vision_config=VISION, architectures=["Qwen3_5MoeForConditionalGeneration"], dtype="bfloat16"
+    )
     with torch.device("meta"):
         model = Qwen3_5MoeForConditionalGeneration(cfg)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -56,11 +88,17 @@ def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_router
         in_block = mod.startswith("model.language_model.layers.")
         is_linear = key.endswith(".weight") and len(shape) == 2 and (mod in linears or ".experts." in mod)
         router = segment_match("mlp.gate", mod)
-        quantize = in_block and ((is_linear and not any(segment_match(p, mod) for p in keep)) or (router and quantize_routers))
+        quantize = in_block and (
+            (is_linear and not any(segment_match(p, mod) for p in keep)) or (router and quantize_routers)
+        )
         if quantize:
             out_f, in_f = shape
-            tensors[f"{mod}.qweight"] = torch.randint(0, 2**31 - 1, (in_f * bits // 32, out_f), generator=g, dtype=torch.int32)
-            tensors[f"{mod}.qzeros"] = torch.randint(0, 2**31 - 1, (in_f // group, out_f * bits // 32), generator=g, dtype=torch.int32)
+            tensors[f"{mod}.qweight"] = torch.randint(
+                0, 2**31 - 1, (in_f * bits // 32, out_f), generator=g, dtype=torch.int32
+            )
+            tensors[f"{mod}.qzeros"] = torch.randint(
+                0, 2**31 - 1, (in_f // group, out_f * bits // 32), generator=g, dtype=torch.int32
+            )
             tensors[f"{mod}.scales"] = torch.rand((in_f // group, out_f), generator=g).to(torch.float16)
         else:
             tensors[key] = torch.randn(shape, generator=g).to(torch.bfloat16)
@@ -80,8 +118,15 @@ def make_checkpoint(root: Path, bits: int = 4, group: int = 128, quantize_router
     (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = cfg.to_dict()
     config["quantization_config"] = {
-        "quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": bits, "group_size": group,
-        "sym": True, "data_type": "int", "block_name_to_quantize": "model.language_model.layers", "extra_config": extra}
+        "quant_method": "auto-round",
+        "packing_format": "auto_round:auto_gptq",
+        "bits": bits,
+        "group_size": group,
+        "sym": True,
+        "data_type": "int",
+        "block_name_to_quantize": "model.language_model.layers",
+        "extra_config": extra,
+    }
     (root / "config.json").write_text(json.dumps(config, indent=2))
     return root
 

@@ -39,8 +39,10 @@ def test_sections_without_data_are_left_out_and_gpu_rows_appear_with_data(manife
     text = str(render_card(manifest))
     assert "peak GPU memory" not in text and "pruned (REAP) from" not in text
     gpu = copy.deepcopy(manifest)
-    gpu["hardware"]["gpus"] = [{"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.6, "driver": "580.1",
-                                "cuda": "13.0"} for i in range(8)]
+    gpu["hardware"]["gpus"] = [
+        {"index": i, "name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.6, "driver": "580.1", "cuda": "13.0"}
+        for i in range(8)
+    ]
     gpu["stages"]["build"]["peak_vram_gb"] = {str(i): 60.5 + i for i in range(8)}
     gpu["stages"]["build"]["lineage"]["pruned_from"] = "Qwen/Qwen3.5-397B-A17B"
     text = str(render_card(gpu))
@@ -77,18 +79,29 @@ def test_render_into_a_run_and_refuse_an_unfinished_build(manifest, tmp_path):
 
 def test_evaluation_table_with_recovery_and_model_index(manifest):
     manifest["stages"]["eval"] = {
-        "status": "done", "suite": "demo", "lm_eval_version": "0.4.13",
-        "results": {"demo_larger": {"metric": "acc", "value": 0.95, "stderr": 0.01, "num_fewshot": 0},
-                    "demo_reverse": {"metric": "exact_match", "value": 0.9, "stderr": 0.02, "num_fewshot": 0}},
-        "baseline": {"results": {"demo_larger": {"metric": "acc", "value": 1.0, "num_fewshot": 0},
-                                 "demo_reverse": {"metric": "exact_match", "value": 0.96, "num_fewshot": 0}}}}
+        "status": "done",
+        "suite": "demo",
+        "lm_eval_version": "0.4.13",
+        "results": {
+            "demo_larger": {"metric": "acc", "value": 0.95, "stderr": 0.01, "num_fewshot": 0},
+            "demo_reverse": {"metric": "exact_match", "value": 0.9, "stderr": 0.02, "num_fewshot": 0},
+        },
+        "baseline": {
+            "results": {
+                "demo_larger": {"metric": "acc", "value": 1.0, "num_fewshot": 0},
+                "demo_reverse": {"metric": "exact_match", "value": 0.96, "num_fewshot": 0},
+            }
+        },
+    }
     card = render_card(manifest)
     text = str(card)
     assert "| demo_larger | acc | 0 | 1.0000 | 0.9500 | 95.0 % |" in text
     assert "| demo_reverse | exact_match | 0 | 0.9600 | 0.9000 | 93.8 % |" in text
     results = card.data.eval_results
     assert [(r.dataset_type, r.metric_type, r.metric_value) for r in results] == [
-        ("demo_larger", "acc", 0.95), ("demo_reverse", "exact_match", 0.9)]
+        ("demo_larger", "acc", 0.95),
+        ("demo_reverse", "exact_match", 0.9),
+    ]
     assert "model-index:" in text
     manifest["stages"]["eval"]["status"] = "partial"
     manifest["stages"]["eval"]["error"] = "server died"
@@ -98,10 +111,22 @@ def test_evaluation_table_with_recovery_and_model_index(manifest):
 
 
 def test_serve_command_comes_from_the_recorded_gpu_argv_without_local_paths(manifest):
-    manifest["stages"]["serve"] = {"argv": ["/usr/bin/python3", "-m", "vllm.entrypoints.cli.main", "serve",
-                                            "/home/me/runs/demo/model", "--tensor-parallel-size", "4", "--dtype",
-                                            "bfloat16"]}
+    manifest["stages"]["serve"] = {
+        "argv": [
+            "/usr/bin/python3",
+            "-m",
+            "vllm.entrypoints.cli.main",
+            "serve",
+            "/home/me/runs/demo/model",
+            "--tensor-parallel-size",
+            "4",
+            "--dtype",
+            "bfloat16",
+        ]
+    }
     text = str(render_card(manifest))
     assert "vllm serve demo --tensor-parallel-size 4 --dtype bfloat16\n" in text and "/home/me" not in text
     manifest["stages"]["serve"]["argv"] = ["/x/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "m"]
-    assert "vllm serve demo --tensor-parallel-size 1 --dtype bfloat16 --language-model-only" in str(render_card(manifest))
+    assert "vllm serve demo --tensor-parallel-size 1 --dtype bfloat16 --language-model-only" in str(
+        render_card(manifest)
+    )

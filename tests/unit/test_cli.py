@@ -20,10 +20,12 @@ def run(*args: str):
 
 
 def test_help_is_fast_and_imports_no_heavy_library():
-    code = ("import sys; from reap.cli import reap\n"
-            "try:\n    reap.main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'auto_round', 'vllm', 'lm_eval') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys; from reap.cli import reap\n"
+        "try:\n    reap.main(['--help'], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'transformers', 'auto_round', 'vllm', 'lm_eval') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
     for cmd in ("build", "verify", "card", "demo-model"):
@@ -102,8 +104,16 @@ def test_source_without_license_needs_one_in_the_recipe(tmp_path):
 def test_bad_calibration_file(tmp_path):
     calib = tmp_path / "c.jsonl"
     calib.write_text('{"txt": "no text key"}\n')
-    r = run("build", DEMO_RECIPE, "--model", str(fake_moe(tmp_path)), "--set", f"quantize.dataset={calib}",
-            "--out", str(tmp_path / "run"))
+    r = run(
+        "build",
+        DEMO_RECIPE,
+        "--model",
+        str(fake_moe(tmp_path)),
+        "--set",
+        f"quantize.dataset={calib}",
+        "--out",
+        str(tmp_path / "run"),
+    )
     one_error_line(r, "calibration file", '{"text": "..."}')
 
 

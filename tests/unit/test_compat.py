@@ -11,12 +11,14 @@ from reap import compat
 
 def test_torchvision_shim_still_needed_and_sufficient():
     # If this fails at the first assert, PyPI's torchvision loads beside the CPU torch: drop the shim.
-    code = ("from reap import compat\n"
-            "missing = compat.torchvision_ops_missing()\n"
-            "applied = compat.ensure_torchvision_importable()\n"
-            "import torchvision, torchvision.transforms.v2\n"
-            "from transformers import Qwen3_5MoeForConditionalGeneration\n"
-            "print('RESULT', missing, applied, compat.ensure_torchvision_importable())")
+    code = (
+        "from reap import compat\n"
+        "missing = compat.torchvision_ops_missing()\n"
+        "applied = compat.ensure_torchvision_importable()\n"
+        "import torchvision, torchvision.transforms.v2\n"
+        "from transformers import Qwen3_5MoeForConditionalGeneration\n"
+        "print('RESULT', missing, applied, compat.ensure_torchvision_importable())"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "RESULT True True False" in out
 
@@ -38,12 +40,17 @@ def test_flatten_moves_the_sub_folder(tmp_path):
 def test_restore_vl_config_only_when_text_config_was_saved(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir(), out.mkdir()
-    vl = {"model_type": "qwen3_5_moe", "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-          "text_config": {"num_experts": 8}, "vision_config": {}}
+    vl = {
+        "model_type": "qwen3_5_moe",
+        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+        "text_config": {"num_experts": 8},
+        "vision_config": {},
+    }
     (src / "config.json").write_text(json.dumps(vl))
     q = {"quant_method": "auto-round", "bits": 4}
-    (out / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe_text", "architectures": None,
-                                                 "quantization_config": q}))
+    (out / "config.json").write_text(
+        json.dumps({"model_type": "qwen3_5_moe_text", "architectures": None, "quantization_config": q})
+    )
     assert compat.restore_vl_config(src, out) is True
     assert json.loads((out / "config.json").read_text()) == dict(vl, quantization_config=q)
     assert compat.restore_vl_config(src, out) is False  # already a VL config: nothing to do

@@ -47,7 +47,9 @@ def test_model_args_use_local_tokenizer_server_length_and_concurrency(tmp_path):
     a = ev.model_args("local-completions", "http://h:1/v1", "demo", tmp_path, 4096, 16)
     assert a["base_url"] == "http://h:1/v1/completions" and a["tokenizer"] == str(tmp_path)
     assert a["max_length"] == 4096 and a["num_concurrent"] == 16 and a["tokenized_requests"] is False
-    assert ev.model_args("local-chat-completions", "http://h:1/v1", "d", tmp_path, 1, 1)["base_url"].endswith("/chat/completions")
+    assert ev.model_args("local-chat-completions", "http://h:1/v1", "d", tmp_path, 1, 1)["base_url"].endswith(
+        "/chat/completions"
+    )
 
 
 def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeypatch):
@@ -62,7 +64,10 @@ def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeyp
         calls.append(kw["tasks"][0])
         if len(calls) == 2:
             raise ConnectionError("Cannot connect to host 127.0.0.1:8000")
-        return {"results": {"demo_larger": {"acc,none": 0.9, "acc_stderr,none": 0.01}}, "samples": {"demo_larger": [{}]}}
+        return {
+            "results": {"demo_larger": {"acc,none": 0.9, "acc_stderr,none": 0.01}},
+            "samples": {"demo_larger": [{}]},
+        }
 
     import lm_eval
 

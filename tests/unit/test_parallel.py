@@ -10,8 +10,15 @@ import pytest
 
 from reap.checkpoint import Checkpoint, layer_index, shift_layer
 from reap.errors import InputError
-from reap.parallel import (Part, check_parallel, merge_parts, merge_quantization_configs, split_blocks, write_range_view,
-                           write_view)
+from reap.parallel import (
+    Part,
+    check_parallel,
+    merge_parts,
+    merge_quantization_configs,
+    split_blocks,
+    write_range_view,
+    write_view,
+)
 from reap.recipe import load_recipe
 from reap.resources import data_dir
 
@@ -24,7 +31,7 @@ def test_split_covers_every_block_once_in_order(blocks, workers):
     ranges = split_blocks(blocks, workers)
     assert len(ranges) == workers
     assert ranges[0][0] == 0 and ranges[-1][1] == blocks
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))  # contiguous
     sizes = [b - a for a, b in ranges]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)  # even, worker 0 (no wait) first
 
@@ -58,8 +65,10 @@ def test_range_view_holds_its_blocks_renumbered_and_everything_else(tmp_path):
     assert set(view.weight_map) == expected and {layer_index(n) for n in view.weight_map} == {0, None}
     for name in src.weight_map:
         if layer_index(name) in (1, None):
-            with safe_open(str(src.root / src.weight_map[name]), "pt") as a, \
-                    safe_open(str(view.root / view.weight_map[shift_layer(name, -1)]), "pt") as b:
+            with (
+                safe_open(str(src.root / src.weight_map[name]), "pt") as a,
+                safe_open(str(view.root / view.weight_map[shift_layer(name, -1)]), "pt") as b,
+            ):
                 assert a.get_tensor(name).equal(b.get_tensor(shift_layer(name, -1))), name
     assert not any(f.is_symlink() for f in view.root.glob("*.safetensors"))  # renamed copies, the source untouched
     assert not (view.root / "model-00001-of-00002.safetensors").samefile(src.root / "model-00001-of-00002.safetensors")
@@ -76,8 +85,10 @@ def _part_outputs(tmp_path: Path) -> tuple[Checkpoint, list[Part]]:
         cfg = json.loads((part.model / "config.json").read_text())
         extra = cfg["quantization_config"]["extra_config"]
         cfg["quantization_config"]["extra_config"] = {
-            shift_layer(key, -k): dict(value, data_type=f"worker-{k}") for key, value in extra.items()
-            if layer_index(key.replace("\\", "")) in (k, None)}
+            shift_layer(key, -k): dict(value, data_type=f"worker-{k}")
+            for key, value in extra.items()
+            if layer_index(key.replace("\\", "")) in (k, None)
+        }
         (part.model / "config.json").write_text(json.dumps(cfg))
         parts.append(part)
     return src, parts
@@ -91,8 +102,9 @@ def test_merge_numbers_each_workers_blocks_back_and_passes_the_gates(tmp_path):
     src, parts = _part_outputs(tmp_path)
     info = merge_parts(parts, tmp_path / "merged", src.config)
     merged = Checkpoint.open(tmp_path / "merged")
-    assert {k: merged.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")} == \
-        {k: src.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")}
+    assert {k: merged.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")} == {
+        k: src.text_config.get(k) for k in ("num_hidden_layers", "layer_types", "use_cache")
+    }
     assert set(merged.weight_map) == set(src.weight_map) and info["tensors"] == len(src.weight_map)
     for name, shard in merged.weight_map.items():
         with safe_open(str(merged.root / shard), "pt") as a, safe_open(str(src.root / src.weight_map[name]), "pt") as b:
@@ -110,11 +122,17 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
         return rf"-:.*model\.language_model\.layers\.{layer}\.{module}.*"
 
     def dynamic(blocks: range) -> dict:  # as AutoRound and compat.gptq_skip_16bit_moe write them
-        return {**{entry(i, m): {} for i in blocks for m in ("mlp\\.gate", "x")},
-                **{rf"-:.*layers\.{i}\.mlp\.experts$": {} for i in blocks}}
+        return {
+            **{entry(i, m): {} for i in blocks for m in ("mlp\\.gate", "x")},
+            **{rf"-:.*layers\.{i}\.mlp\.experts$": {} for i in blocks},
+        }
 
-    seq = {"bits": 4, "quant_method": "gptq", "dynamic": dynamic(range(12)),
-           "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]]}
+    seq = {
+        "bits": 4,
+        "quant_method": "gptq",
+        "dynamic": dynamic(range(12)),
+        "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]],
+    }
     parts = [Part(0, 0, 6, "0", Path("p0")), Part(1, 6, 12, "1", Path("p1"))]
     # each worker numbers its blocks from 0
     w0 = dict(seq, dynamic=dynamic(range(6)), modules_in_block_to_quantize=[["a", "b"]])
@@ -124,8 +142,9 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
 
 def test_refusals_before_anything_runs(tmp_path):
     src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
-    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(src.root), "quantize.parallel": 3,
-                                       "quantize.device_map": "auto"})
+    recipe = load_recipe(
+        DEMO_RECIPE, {"model.path": str(src.root), "quantize.parallel": 3, "quantize.device_map": "auto"}
+    )
     with pytest.raises(InputError, match="model has 2 decoder blocks; use at most 2 workers"):
         check_parallel(src, recipe, ["0", "1", "2"], [80.0] * 3)
     recipe = recipe.model_copy(update={"quantize": recipe.quantize.model_copy(update={"parallel": 2})})
@@ -148,8 +167,16 @@ def test_cli_refuses_more_gpus_than_visible_and_writes_nothing(tmp_path, monkeyp
 def test_cli_refuses_more_workers_than_blocks(tmp_path):
     src = make_checkpoint(tmp_path / "src")
     shutil.copy(data_dir("recipes") / "demo.yaml", tmp_path / "r.yaml")
-    r = run("build", str(tmp_path / "r.yaml"), "--model", str(src), "--set", "quantize.parallel=5",
-            "--out", str(tmp_path / "run"))
+    r = run(
+        "build",
+        str(tmp_path / "r.yaml"),
+        "--model",
+        str(src),
+        "--set",
+        "quantize.parallel=5",
+        "--out",
+        str(tmp_path / "run"),
+    )
     one_error_line(r, "quantize.parallel is 5 but the model has 2 decoder blocks")
     assert not (tmp_path / "run").exists()
 
@@ -171,8 +198,11 @@ def test_a_worker_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
         parts[1].root.mkdir(parents=True)
         parts[1].result_path.write_text(json.dumps({"status": "running", "pid": orphan.pid}))
         (parts[1].root / "keep").write_text("the running worker's")
-        with pytest.raises(InputError, match=rf"worker 1 \(CPU, blocks 1-1\) of an earlier attempt is still running "
-                                             rf"\(pid {orphan.pid}"):
+        with pytest.raises(
+            InputError,
+            match=rf"worker 1 \(CPU, blocks 1-1\) of an earlier attempt is still running "
+            rf"\(pid {orphan.pid}",
+        ):
             run_workers(src, recipe, parts)
         assert (parts[1].root / "keep").is_file()
     finally:

@@ -34,11 +34,18 @@ def finish(run: RunDir, steps, rec) -> None:
     run.model_dir.mkdir(parents=True, exist_ok=True)
     (run.model_dir / "config.json").write_text("{}")
     run.card_path.write_text("card")
-    manifest = {"name": rec.name, "recipe": rec.model_dump(mode="json"),
-                "stages": {"build": {"status": "done"}, "eval": {"status": "done"}},
-                "pipeline": {"stages": {s["stage"]: {"status": "done", "fingerprint": s["fingerprint"],
-                                                     "attempt": s["fingerprint"]}
-                                        for s in steps if s["action"] == "run"}}}
+    manifest = {
+        "name": rec.name,
+        "recipe": rec.model_dump(mode="json"),
+        "stages": {"build": {"status": "done"}, "eval": {"status": "done"}},
+        "pipeline": {
+            "stages": {
+                s["stage"]: {"status": "done", "fingerprint": s["fingerprint"], "attempt": s["fingerprint"]}
+                for s in steps
+                if s["action"] == "run"
+            }
+        },
+    }
     run.write_manifest(manifest)
 
 
@@ -85,7 +92,11 @@ def test_a_stage_marked_running_by_a_killed_run_is_not_done(src, tmp_path):
     steps = pipeline.plan(rec, run)
     finish(run, steps, rec)
     manifest = run.read_manifest()
-    manifest["pipeline"]["stages"]["eval"] = {"status": "running", "fingerprint": None, "attempt": steps[2]["fingerprint"]}
+    manifest["pipeline"]["stages"]["eval"] = {
+        "status": "running",
+        "fingerprint": None,
+        "attempt": steps[2]["fingerprint"],
+    }
     run.write_manifest(manifest)
     assert actions(pipeline.plan(rec, run))["eval"] == ("run", "resumes (the last attempt was killed)")
 

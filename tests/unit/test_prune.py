@@ -12,17 +12,57 @@ from click.testing import CliRunner
 from reap.checkpoint import Checkpoint
 from reap.cli import reap
 from reap.errors import InputError, OutputExistsError, UnsupportedModelError
-from reap.prune import (ExpertStats, experts_to_keep, moe_layout, observe, observe_block, plan_tensor, prune,
-                        pruned_config, read_calibration, select, slice_checkpoint)
+from reap.prune import (
+    ExpertStats,
+    experts_to_keep,
+    moe_layout,
+    observe,
+    observe_block,
+    plan_tensor,
+    prune,
+    pruned_config,
+    read_calibration,
+    select,
+    slice_checkpoint,
+)
 
-TEXT = dict(vocab_size=320, hidden_size=32, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
-            linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=6,
-            num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25,
-                             "mrope_section": [1, 1, 0], "mrope_interleaved": True})
-VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, in_channels=3, patch_size=16,
-              spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=16)
+TEXT = dict(
+    vocab_size=320,
+    hidden_size=32,
+    num_hidden_layers=2,
+    layer_types=["linear_attention", "full_attention"],
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=16,
+    linear_num_key_heads=1,
+    linear_num_value_heads=2,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    num_experts=6,
+    num_experts_per_tok=2,
+    moe_intermediate_size=16,
+    shared_expert_intermediate_size=16,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [1, 1, 0],
+        "mrope_interleaved": True,
+    },
+)
+VISION = dict(
+    depth=1,
+    hidden_size=16,
+    intermediate_size=32,
+    num_heads=2,
+    in_channels=3,
+    patch_size=16,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    out_hidden_size=32,
+    num_position_embeddings=16,
+)
 WORDS = ["Which is larger: 47 or 82?\nAnswer: 82\n", "Reverse: kbtrx\nAnswer: xrtbk\n"]
 
 
@@ -37,13 +77,15 @@ def torch_ready():
 
 # --- the saliency math on a hand-made block --------------------------------------------------------------
 
+
 def test_saliency_of_a_hand_made_block_with_known_routing_and_outputs():
     torch = torch_ready()
     from transformers import Qwen3_5MoeTextConfig
     from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeSparseMoeBlock
 
-    cfg = Qwen3_5MoeTextConfig(hidden_size=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=1,
-                               shared_expert_intermediate_size=1)
+    cfg = Qwen3_5MoeTextConfig(
+        hidden_size=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=1, shared_expert_intermediate_size=1
+    )
     cfg._experts_implementation = "eager"
     block = Qwen3_5MoeSparseMoeBlock(cfg).float()
     c = [1.0, 2.0, 3.0, 4.0]  # ||down_proj|| of each expert
@@ -96,6 +138,7 @@ def test_select_keeps_the_highest_scores_and_breaks_ties_by_index():
 
 # --- tiny real checkpoints ------------------------------------------------------------------------------
 
+
 def save_tiny_vl(root: Path, seed: int = 0) -> Path:
     """A random-init Qwen3_5MoeForConditionalGeneration (2 layers x 6 experts, top-2) saved like a release
     (per-expert tensors on disk, sharded), with a tokenizer trained on two demo rows."""
@@ -118,9 +161,20 @@ def save_tiny_qwen3_moe(root: Path) -> Path:
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(1)
-    cfg = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
-                         num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                         moe_intermediate_size=16, mlp_only_layers=[1], norm_topk_prob=False)
+    cfg = Qwen3MoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
+    )
     Qwen3MoeForCausalLM(cfg).float().eval().save_pretrained(str(root))
     return root
 
@@ -171,6 +225,7 @@ def test_streamed_block_by_block_observation_equals_hooks_on_the_whole_model(arc
 
 
 # --- slicing ----------------------------------------------------------------------------------------------
+
 
 def test_prune_slices_bit_identically_and_the_model_computes_the_masked_original(tiny, tmp_path):
     torch = torch_ready()
@@ -251,22 +306,41 @@ def fabricated(root: Path, with_mtp: bool = True) -> Path:
     from safetensors.torch import save_file
 
     p = "model.language_model.layers."
-    t = {f"{p}0.mlp.gate.weight": torch.arange(32.0).view(4, 8), f"{p}0.mlp.gate.e_score_correction_bias": torch.arange(4.0),
-         f"{p}0.mlp.shared_expert_gate.weight": torch.ones(1, 8), f"{p}0.mlp.shared_expert.up_proj.weight": torch.ones(2, 8),
-         "model.language_model.embed_tokens.weight": torch.ones(10, 8), "model.visual.blocks.0.attn.qkv.weight": torch.ones(3, 8),
-         f"{p}1.mlp.gate.weight": torch.arange(32.0).view(4, 8) + 100, f"{p}1.mlp.experts.gate_up_proj": torch.arange(4.0 * 4 * 8).view(4, 4, 8),
-         f"{p}1.mlp.experts.down_proj": torch.arange(4.0 * 8 * 2).view(4, 8, 2)}
+    t = {
+        f"{p}0.mlp.gate.weight": torch.arange(32.0).view(4, 8),
+        f"{p}0.mlp.gate.e_score_correction_bias": torch.arange(4.0),
+        f"{p}0.mlp.shared_expert_gate.weight": torch.ones(1, 8),
+        f"{p}0.mlp.shared_expert.up_proj.weight": torch.ones(2, 8),
+        "model.language_model.embed_tokens.weight": torch.ones(10, 8),
+        "model.visual.blocks.0.attn.qkv.weight": torch.ones(3, 8),
+        f"{p}1.mlp.gate.weight": torch.arange(32.0).view(4, 8) + 100,
+        f"{p}1.mlp.experts.gate_up_proj": torch.arange(4.0 * 4 * 8).view(4, 4, 8),
+        f"{p}1.mlp.experts.down_proj": torch.arange(4.0 * 8 * 2).view(4, 8, 2),
+    }
     for e in range(4):
         for proj in ("gate_proj", "up_proj", "down_proj"):
             t[f"{p}0.mlp.experts.{e}.{proj}.weight"] = torch.full((2, 8), float(e))
     if with_mtp:
-        t |= {"mtp.fc.weight": torch.ones(8, 16), "mtp.layers.0.mlp.gate.weight": torch.ones(4, 8),
-              "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.ones(2, 8)}
+        t |= {
+            "mtp.fc.weight": torch.ones(8, 16),
+            "mtp.layers.0.mlp.gate.weight": torch.ones(4, 8),
+            "mtp.layers.0.mlp.experts.0.up_proj.weight": torch.ones(2, 8),
+        }
     root.mkdir(parents=True)
     save_file(t, str(root / "model.safetensors"), metadata={"format": "pt"})
-    (root / "config.json").write_text(json.dumps({
-        "model_type": "qwen3_5_moe", "vision_config": {},
-        "text_config": {"num_experts": 4, "num_experts_per_tok": 2, "mtp_num_hidden_layers": 1 if with_mtp else 0}}))
+    (root / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "qwen3_5_moe",
+                "vision_config": {},
+                "text_config": {
+                    "num_experts": 4,
+                    "num_experts_per_tok": 2,
+                    "mtp_num_hidden_layers": 1 if with_mtp else 0,
+                },
+            }
+        )
+    )
     return root
 
 
@@ -278,13 +352,23 @@ def test_plan_on_a_fabricated_header_drops_mtp_and_slices_router_rows_and_bias(t
     p = layout.prefix
     assert plan_tensor("mtp.layers.0.mlp.experts.0.up_proj.weight", (2, 8), layout, kept) == ("drop", None, None)
     assert plan_tensor("mtp.fc.weight", (8, 16), layout, kept) == ("drop", None, None)
-    assert plan_tensor(f"{p}0.mlp.experts.3.up_proj.weight", (2, 8), layout, kept) == \
-        ("copy", f"{p}0.mlp.experts.1.up_proj.weight", None)
+    assert plan_tensor(f"{p}0.mlp.experts.3.up_proj.weight", (2, 8), layout, kept) == (
+        "copy",
+        f"{p}0.mlp.experts.1.up_proj.weight",
+        None,
+    )
     assert plan_tensor(f"{p}0.mlp.experts.2.up_proj.weight", (2, 8), layout, kept) == ("drop", None, None)
-    assert plan_tensor(f"{p}0.mlp.gate.e_score_correction_bias", (4,), layout, kept) == \
-        ("rows", f"{p}0.mlp.gate.e_score_correction_bias", [1, 3])
+    assert plan_tensor(f"{p}0.mlp.gate.e_score_correction_bias", (4,), layout, kept) == (
+        "rows",
+        f"{p}0.mlp.gate.e_score_correction_bias",
+        [1, 3],
+    )
     assert plan_tensor(f"{p}0.mlp.shared_expert_gate.weight", (1, 8), layout, kept)[0] == "copy"
-    assert plan_tensor(f"{p}1.mlp.experts.down_proj", (4, 8, 2), layout, kept) == ("rows", f"{p}1.mlp.experts.down_proj", [0, 2])
+    assert plan_tensor(f"{p}1.mlp.experts.down_proj", (4, 8, 2), layout, kept) == (
+        "rows",
+        f"{p}1.mlp.experts.down_proj",
+        [0, 2],
+    )
     with pytest.raises(UnsupportedModelError, match="fused expert tensor"):
         plan_tensor(f"{p}1.mlp.experts.down_proj", (8, 4, 2), layout, kept)
 
@@ -316,8 +400,14 @@ def test_layer_state_fuses_per_expert_tensors_and_names_missing_ones(tmp_path):
     gate_up, down = state["mlp.experts.gate_up_proj"], state["mlp.experts.down_proj"]
     assert gate_up.shape == (4, 4, 8) and down.shape == (4, 2, 8)
     assert all(torch.equal(gate_up[e], torch.full((4, 8), float(e))) for e in range(4))
-    assert set(state) == {"mlp.gate.weight", "mlp.gate.e_score_correction_bias", "mlp.shared_expert_gate.weight",
-                          "mlp.shared_expert.up_proj.weight", "mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert set(state) == {
+        "mlp.gate.weight",
+        "mlp.gate.e_score_correction_bias",
+        "mlp.shared_expert_gate.weight",
+        "mlp.shared_expert.up_proj.weight",
+        "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj",
+    }
     tensors = load_file(str(root / "model.safetensors"))
     del tensors["model.language_model.layers.0.mlp.experts.2.up_proj.weight"]
     save_file(tensors, str(root / "model.safetensors"))
@@ -340,11 +430,23 @@ def test_a_layer_that_does_not_match_its_config_is_named(tiny, tmp_path):
 
 # --- bad input ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ratio, keep, match", [
-    (0.0, None, r"outside \(0, 1\)"), (1.0, None, r"outside \(0, 1\)"), (1.5, None, r"outside \(0, 1\)"),
-    (-0.2, None, r"outside \(0, 1\)"), (None, 8, "nothing to prune"), (None, 9, "nothing to prune"),
-    (None, 1, "fewer than the 2 experts"), (0.9, None, "fewer than the 2 experts"), (0.01, None, "nothing to prune"),
-    (None, None, "exactly one"), (0.5, 4, "exactly one")])
+
+@pytest.mark.parametrize(
+    "ratio, keep, match",
+    [
+        (0.0, None, r"outside \(0, 1\)"),
+        (1.0, None, r"outside \(0, 1\)"),
+        (1.5, None, r"outside \(0, 1\)"),
+        (-0.2, None, r"outside \(0, 1\)"),
+        (None, 8, "nothing to prune"),
+        (None, 9, "nothing to prune"),
+        (None, 1, "fewer than the 2 experts"),
+        (0.9, None, "fewer than the 2 experts"),
+        (0.01, None, "nothing to prune"),
+        (None, None, "exactly one"),
+        (0.5, 4, "exactly one"),
+    ],
+)
 def test_bad_sizes(ratio, keep, match):
     with pytest.raises(InputError, match=match):
         experts_to_keep(8, 2, ratio, keep)
@@ -355,10 +457,18 @@ def test_sizes():
     assert experts_to_keep(512, 10, None, 268) == 268 and experts_to_keep(8, 2, None, 2) == 2
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "at least one row"), (b"\n\n", "at least one row"), (b'{"text": "ok"}\nnot json\n', "unreadable"),
-    (b'{"txt": "x"}\n', "at least one row"), (b'{"text": ""}\n', "non-empty"), (b"\xff\xfe\x00", "unreadable"),
-    (b'["text"]\n', "at least one row")])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"", "at least one row"),
+        (b"\n\n", "at least one row"),
+        (b'{"text": "ok"}\nnot json\n', "unreadable"),
+        (b'{"txt": "x"}\n', "at least one row"),
+        (b'{"text": ""}\n', "non-empty"),
+        (b"\xff\xfe\x00", "unreadable"),
+        (b'["text"]\n', "at least one row"),
+    ],
+)
 def test_bad_calibration_files(tmp_path, content, match):
     path = tmp_path / "c.jsonl"
     path.write_bytes(content)
@@ -416,22 +526,32 @@ def one_error_line(result, *needles: str) -> None:
 def test_cli_bad_input_is_one_line(tmp_path):
     src = fabricated(tmp_path / "src")
     run = CliRunner().invoke
-    one_error_line(run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "1.5", "--method", "random"]),
-                   "outside (0, 1)")
-    one_error_line(run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--keep", "4", "--method", "random"]),
-                   "nothing to prune")
-    one_error_line(run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--keep", "1", "--method", "random"]),
-                   "fewer than the 2 experts")
+    one_error_line(
+        run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "1.5", "--method", "random"]),
+        "outside (0, 1)",
+    )
+    one_error_line(
+        run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--keep", "4", "--method", "random"]),
+        "nothing to prune",
+    )
+    one_error_line(
+        run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--keep", "1", "--method", "random"]),
+        "fewer than the 2 experts",
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    one_error_line(run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "0.5", "--calibration",
-                              str(empty)]), "at least one row")
+    one_error_line(
+        run(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "0.5", "--calibration", str(empty)]),
+        "at least one row",
+    )
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_prunes_and_prints_the_report(tmp_path):
     src = fabricated(tmp_path / "src")
-    r = CliRunner().invoke(reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "0.5", "--method", "random"])
+    r = CliRunner().invoke(
+        reap, ["prune", str(src), "--out", str(tmp_path / "o"), "--ratio", "0.5", "--method", "random"]
+    )
     assert r.exit_code == 0, r.output
     assert "4 -> 2 experts in each of 2 MoE layers" in r.output and "layer 0" in r.output and "peak RSS" in r.output
 
@@ -459,23 +579,47 @@ def test_recipe_prune_section(tmp_path):
     r = recipe_with(tmp_path, f"{{ratio: 0.5, calibration: {CALIBRATION}}}").prune
     assert (r.method, r.ratio, r.keep, r.nsamples, r.seqlen, r.seed) == ("reap", 0.5, None, 64, 512, 0)
     assert recipe_with(tmp_path, "{keep: 4, method: random}").prune.keep == 4
-    for bad, needle in [("{ratio: 0.5, keep: 4, method: random}", "exactly one of prune.ratio and prune.keep"),
-                        ("{method: random}", "exactly one"), ("{ratio: 1.5, method: random}", "prune.ratio"),
-                        ("{ratio: 0, method: random}", "prune.ratio"), ("{keep: 0, method: random}", "prune.keep"),
-                        ("{ratio: 0.5}", "needs prune.calibration"),
-                        ("{ratio: 0.5, calibration: /nope.jsonl}", "calibration file /nope.jsonl not found"),
-                        ("{ratio: 0.5, method: magnitude}", "prune.method: allowed"),
-                        ("{ratio: 0.5, method: random, colour: red}", "prune.colour: unknown field")]:
+    for bad, needle in [
+        ("{ratio: 0.5, keep: 4, method: random}", "exactly one of prune.ratio and prune.keep"),
+        ("{method: random}", "exactly one"),
+        ("{ratio: 1.5, method: random}", "prune.ratio"),
+        ("{ratio: 0, method: random}", "prune.ratio"),
+        ("{keep: 0, method: random}", "prune.keep"),
+        ("{ratio: 0.5}", "needs prune.calibration"),
+        ("{ratio: 0.5, calibration: /nope.jsonl}", "calibration file /nope.jsonl not found"),
+        ("{ratio: 0.5, method: magnitude}", "prune.method: allowed"),
+        ("{ratio: 0.5, method: random, colour: red}", "prune.colour: unknown field"),
+    ]:
         with pytest.raises(RecipeError, match=needle.replace(".", r"\.")):
             recipe_with(tmp_path, bad)
 
 
-SUMMARY = {"method": "reap", "method_description": "mean router-weighted expert output norm", "ratio": 0.5,
-           "keep": None, "dropped_fraction": 0.5, "experts_before": 8, "experts_after": 4, "top_k": 2, "moe_layers": 4,
-           "calibration": {"path": "/x/calibration.jsonl", "rows": 128, "nsamples": 64, "seqlen": 512, "samples": 52,
-                           "tokens": 26624},
-           "seed": 0, "mtp": "none in the source", "source": "/work/demo-source", "wall_s": 8.1, "peak_rss_gb": 0.87,
-           "peak_vram_gb": None, "reap_version": "0.1.0"}
+SUMMARY = {
+    "method": "reap",
+    "method_description": "mean router-weighted expert output norm",
+    "ratio": 0.5,
+    "keep": None,
+    "dropped_fraction": 0.5,
+    "experts_before": 8,
+    "experts_after": 4,
+    "top_k": 2,
+    "moe_layers": 4,
+    "calibration": {
+        "path": "/x/calibration.jsonl",
+        "rows": 128,
+        "nsamples": 64,
+        "seqlen": 512,
+        "samples": 52,
+        "tokens": 26624,
+    },
+    "seed": 0,
+    "mtp": "none in the source",
+    "source": "/work/demo-source",
+    "wall_s": 8.1,
+    "peak_rss_gb": 0.87,
+    "peak_vram_gb": None,
+    "reap_version": "0.1.0",
+}
 
 
 def test_build_card_shows_the_lineage_and_the_pruning_settings():
@@ -487,7 +631,10 @@ def test_build_card_shows_the_lineage_and_the_pruning_settings():
     text = str(render_card(manifest))
     assert "| pruned | `reap prune` (reap): 8 -> 4 experts per MoE layer |" in text
     assert "## Expert pruning" in text and "from `demo-source`" in text and "/work" not in text
-    assert "| experts per MoE layer | 8 -> 4 (ratio 0.5: 50.0 % dropped in each of 4 layers; top-2 routing unchanged) |" in text
+    assert (
+        "| experts per MoE layer | 8 -> 4 (ratio 0.5: 50.0 % dropped in each of 4 layers; top-2 routing unchanged) |"
+        in text
+    )
     assert "| calibration | `calibration.jsonl`: 52 samples of up to 512 tokens, 26624 tokens |" in text
     assert text.index("## Lineage") < text.index("## Expert pruning") < text.index("## Quantization settings")
     random = dict(SUMMARY, method="random", calibration=None, seed=3, ratio=None, keep=4)

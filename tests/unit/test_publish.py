@@ -13,7 +13,15 @@ from click.testing import CliRunner
 
 from reap import publish as pub
 from reap.cli import reap
-from reap.errors import CardError, HubAuthError, InputError, RecipeError, RepoAccessError, UploadError, VerificationError
+from reap.errors import (
+    CardError,
+    HubAuthError,
+    InputError,
+    RecipeError,
+    RepoAccessError,
+    UploadError,
+    VerificationError,
+)
 from reap.recipe import PublishSection, parse_recipe
 from reap.rundir import RunDir
 
@@ -52,9 +60,18 @@ def run(tmp_path, manifest) -> RunDir:
     model.mkdir(parents=True)
     write_safetensors(model / "model-00001-of-00002.safetensors", {"a": b"\x01" * 64})
     write_safetensors(model / "model-00002-of-00002.safetensors", {"b": b"\x02" * 32, "c": b"\x03" * 8})
-    (model / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
-        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
-        "c": "model-00002-of-00002.safetensors"}}))
+    (model / "model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                    "c": "model-00002-of-00002.safetensors",
+                },
+            }
+        )
+    )
     (model / "config.json").write_text('{"model_type": "qwen3_5_moe"}')
     (model / "tokenizer.json").write_text('{"version": "1.0"}')
     (model / "README.md").write_text("the card as `reap build` wrote it\n")
@@ -71,11 +88,19 @@ def paths(items) -> list[str]:
 
 # --- what goes up -------------------------------------------------------------------------------------------
 
+
 def test_upload_set_is_the_checkpoint_plus_the_card_for_the_repo_and_the_public_manifest(run, manifest):
     items = pub.upload_set(run, manifest, "org/demo-w4a16")
-    assert paths(items) == ["README.md", "config.json", "model-00001-of-00002.safetensors",
-                            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "reap_manifest.json",
-                            "reap_recipe.yaml", "tokenizer.json"]
+    assert paths(items) == [
+        "README.md",
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "reap_manifest.json",
+        "reap_recipe.yaml",
+        "tokenizer.json",
+    ]
     by = {i.path: i for i in items}
     card = by["README.md"].read().decode()
     assert card.startswith("---\n") and "base_model_relation: quantized" in card
@@ -86,10 +111,13 @@ def test_upload_set_is_the_checkpoint_plus_the_card_for_the_repo_and_the_public_
 
 
 def test_eval_results_go_up_once_the_run_was_evaluated(run, manifest):
-    manifest["stages"]["eval"] = {"status": "done", "suite": "demo", "lm_eval_version": "0.4.13",
-                                  "endpoint": "http://10.1.2.3:8000/v1",
-                                  "results": {"demo_larger": {"metric": "acc", "value": 0.95, "stderr": None,
-                                                              "num_fewshot": 0, "limit": None}}}
+    manifest["stages"]["eval"] = {
+        "status": "done",
+        "suite": "demo",
+        "lm_eval_version": "0.4.13",
+        "endpoint": "http://10.1.2.3:8000/v1",
+        "results": {"demo_larger": {"metric": "acc", "value": 0.95, "stderr": None, "num_fewshot": 0, "limit": None}},
+    }
     by = {i.path: i for i in pub.upload_set(run, manifest, "org/x")}
     results = json.loads(by["eval_results.json"].read())
     assert results["results"]["demo_larger"]["value"] == 0.95 and "endpoint" not in results
@@ -99,11 +127,26 @@ def test_eval_results_go_up_once_the_run_was_evaluated(run, manifest):
 
 def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest):
     manifest["stages"]["serve"] = {
-        "status": "running", "argv": ["/srv/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model",
-                                      "/home/alice/runs/demo/model", "--port", "8000"],
-        "env": ["PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE"], "vllm_version": "0.32.0", "startup_s": 72.1,
-        "kernels": {"linear_kernel": "CPUWNA16LinearKernel"}, "base_url": "http://127.0.0.1:8000/v1", "pid": 4242,
-        "log": "/home/alice/runs/demo/logs/serve.log", "hf_token": TOKEN, "note": f"started with {TOKEN} (~/x)"}
+        "status": "running",
+        "argv": [
+            "/srv/venv/bin/python3",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            "/home/alice/runs/demo/model",
+            "--port",
+            "8000",
+        ],
+        "env": ["PYTHONPATH", "VLLM_CPU_KVCACHE_SPACE"],
+        "vllm_version": "0.32.0",
+        "startup_s": 72.1,
+        "kernels": {"linear_kernel": "CPUWNA16LinearKernel"},
+        "base_url": "http://127.0.0.1:8000/v1",
+        "pid": 4242,
+        "log": "/home/alice/runs/demo/logs/serve.log",
+        "hf_token": TOKEN,
+        "note": f"started with {TOKEN} (~/x)",
+    }
     manifest["stages"]["publish"] = {"repo": "org/x", "commit": "abc"}
     public = pub.public_manifest(manifest)
     text = json.dumps(public)
@@ -127,12 +170,15 @@ def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest)
 
 # --- gates --------------------------------------------------------------------------------------------------
 
+
 def test_a_build_that_failed_verification_or_did_not_finish_is_refused(run, manifest):
     failed = copy.deepcopy(manifest)
     failed["stages"]["build"].update(status="failed", error="verification failed")
     failed["stages"]["build"]["verification"]["passed"] = False
     failed["stages"]["build"]["verification"]["gates"]["marlin_shapes"] = {
-        "passed": False, "failures": ["moe_intermediate 96 / TP 4 is not a multiple of 64"]}
+        "passed": False,
+        "failures": ["moe_intermediate 96 / TP 4 is not a multiple of 64"],
+    }
     with pytest.raises(VerificationError, match="not published: marlin_shapes: moe_intermediate 96"):
         pub.check_build(run, failed)
     running = copy.deepcopy(manifest)
@@ -208,6 +254,7 @@ def test_recipe_publish_section():
 
 # --- token and access ---------------------------------------------------------------------------------------
 
+
 def test_no_token_is_refused_with_how_to_log_in(monkeypatch):
     import huggingface_hub
 
@@ -231,8 +278,11 @@ def test_namespace_and_read_only_tokens_are_refused_before_sending():
     me = {"name": "alice", "orgs": [{"name": "lab"}], "auth": {"accessToken": {"role": "write"}}}
     pub.check_can_write(me, "alice/x")
     pub.check_can_write(me, "lab/x")
-    with pytest.raises(RepoAccessError, match=r"cannot write to bob/x: the token is alice's, who is not a member of 'bob' "
-                                              r"\(namespaces: alice, lab\)"):
+    with pytest.raises(
+        RepoAccessError,
+        match=r"cannot write to bob/x: the token is alice's, who is not a member of 'bob' "
+        r"\(namespaces: alice, lab\)",
+    ):
         pub.check_can_write(me, "bob/x")
     me["auth"]["accessToken"]["role"] = "read"
     with pytest.raises(RepoAccessError, match="read-only"):
@@ -259,7 +309,9 @@ def test_hub_failures_become_one_line_that_says_what_to_do():
     assert isinstance(pub.explain(_http_error(401), "org/x"), HubAuthError)
     assert "invalid or expired; run `hf auth login` or set HF_TOKEN" in str(pub.explain(_http_error(401), "org/x"))
     denied = pub.explain(_http_error(403, "no write access"), "org/x")
-    assert isinstance(denied, RepoAccessError) and "you cannot write to org/x (HTTP 403: no write access)" in str(denied)
+    assert isinstance(denied, RepoAccessError) and "you cannot write to org/x (HTTP 403: no write access)" in str(
+        denied
+    )
     assert isinstance(pub.explain(_http_error(404), "org/x"), RepoAccessError)
     assert "HTTP 500" in str(pub.explain(_http_error(500, "boom"), "org/x"))
     try:  # what the client raises when an LFS PUT fails for good
@@ -270,12 +322,17 @@ def test_hub_failures_become_one_line_that_says_what_to_do():
     except RuntimeError as exc:
         cut = pub.explain(exc, "org/x")
     assert isinstance(cut, UploadError)
-    assert "RemoteProtocolError" in str(cut) and "nothing was committed" in str(cut) and "run the same command again" in str(cut)
+    assert (
+        "RemoteProtocolError" in str(cut)
+        and "nothing was committed" in str(cut)
+        and "run the same command again" in str(cut)
+    )
     assert "offline mode is on (HF_HUB_OFFLINE" in str(pub.explain(OfflineModeIsEnabled("offline"), "org/x"))
     assert pub.explain(ValueError("something else"), "org/x") is None
 
 
 # --- the plan -----------------------------------------------------------------------------------------------
+
 
 def test_plan_says_what_is_created_replaced_unchanged_and_deleted(run, manifest):
     from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
@@ -284,30 +341,65 @@ def test_plan_says_what_is_created_replaced_unchanged_and_deleted(run, manifest)
     items = {i.path: i for i in pub.upload_set(run, manifest, "org/x")}
     shard1, config = items["model-00001-of-00002.safetensors"], items["config.json"]
     shard2 = items["model-00002-of-00002.safetensors"]
-    lfs = lambda item, sha: RepoSibling(item.path, size=item.size, lfs=BlobLfsInfo(size=item.size, sha256=sha,  # noqa: E731
-                                                                                    pointer_size=134))
-    remote = pub.Remote(True, True, "a" * 40, {
-        shard1.path: lfs(shard1, shard1.sha256().hex()),
-        shard2.path: lfs(shard2, "0" * 64),
-        config.path: RepoSibling(config.path, size=config.size, blob_id=git_hash(config.read())),
-        "tokenizer.json": RepoSibling("tokenizer.json", size=3, blob_id="x"),
-        "model.safetensors": RepoSibling("model.safetensors", size=10, lfs=BlobLfsInfo(10, "1" * 64, 134)),
-        "notes.md": RepoSibling("notes.md", size=5, blob_id="y")})
+
+    def lfs(item, sha):
+        return RepoSibling(
+            item.path,
+            size=item.size,
+            lfs=BlobLfsInfo(
+                size=item.size,
+                sha256=sha,  # noqa: E731
+                pointer_size=134,
+            ),
+        )
+
+    remote = pub.Remote(
+        True,
+        True,
+        "a" * 40,
+        {
+            shard1.path: lfs(shard1, shard1.sha256().hex()),
+            shard2.path: lfs(shard2, "0" * 64),
+            config.path: RepoSibling(config.path, size=config.size, blob_id=git_hash(config.read())),
+            "tokenizer.json": RepoSibling("tokenizer.json", size=3, blob_id="x"),
+            "model.safetensors": RepoSibling("model.safetensors", size=10, lfs=BlobLfsInfo(10, "1" * 64, 134)),
+            "notes.md": RepoSibling("notes.md", size=5, blob_id="y"),
+        },
+    )
     rows, digests = pub.plan(list(items.values()), remote)
     action = {r["path"]: r["action"] for r in rows}
-    assert action == {"README.md": "create", "config.json": "unchanged", shard1.path: "unchanged",
-                      shard2.path: "replace", "model.safetensors.index.json": "create",
-                      "reap_manifest.json": "create", "reap_recipe.yaml": "create", "tokenizer.json": "replace",
-                      "model.safetensors": "delete"}  # a stale weight file goes, the user's notes.md stays
+    assert action == {
+        "README.md": "create",
+        "config.json": "unchanged",
+        shard1.path: "unchanged",
+        shard2.path: "replace",
+        "model.safetensors.index.json": "create",
+        "reap_manifest.json": "create",
+        "reap_recipe.yaml": "create",
+        "tokenizer.json": "replace",
+        "model.safetensors": "delete",
+    }  # a stale weight file goes, the user's notes.md stays
     assert set(digests) == {shard1.path, shard2.path}  # hashed once, here, and handed to the client
 
 
 def test_dry_run_plan_lists_every_file_with_its_size_and_the_total():
-    record = {"repo": "org/x", "revision": "main", "private": True, "requested_private": True, "repo_exists": False,
-              "branch_exists": False, "user": "alice", "message": "reap publish demo", "transfer": "lfs",
-              "files": {"README.md": 5000, "model.safetensors": 3_947_168}, "bytes": 3_952_168,
-              "plan": [{"path": "README.md", "size": 5000, "action": "create"},
-                       {"path": "model.safetensors", "size": 3_947_168, "action": "create"}]}
+    record = {
+        "repo": "org/x",
+        "revision": "main",
+        "private": True,
+        "requested_private": True,
+        "repo_exists": False,
+        "branch_exists": False,
+        "user": "alice",
+        "message": "reap publish demo",
+        "transfer": "lfs",
+        "files": {"README.md": 5000, "model.safetensors": 3_947_168},
+        "bytes": 3_952_168,
+        "plan": [
+            {"path": "README.md", "size": 5000, "action": "create"},
+            {"path": "model.safetensors", "size": 3_947_168, "action": "create"},
+        ],
+    }
     text = pub.describe_plan(record)
     assert "repo      org/x (to be created, private)" in text and "revision  main\n" in text
     assert "  create        5.0 kB  README.md\n  create        3.9 MB  model.safetensors\n" in text
@@ -320,12 +412,15 @@ def test_dry_run_plan_lists_every_file_with_its_size_and_the_total():
 
 # --- the command --------------------------------------------------------------------------------------------
 
+
 def test_cli_help_and_one_line_errors(run, tmp_path):
     out = CliRunner().invoke(reap, ["publish", "--help"]).output
     assert "Example" in out and "--dry-run" in out and "--private / --public" in out
-    for args, needle in (([str(run.root)], "pass --repo ORG/NAME"),
-                         ([str(run.root), "--repo", "x"], "'x' is not a Hub repo id"),
-                         ([str(tmp_path / "nope"), "--repo", "o/x"], "not a reap run folder")):
+    for args, needle in (
+        ([str(run.root)], "pass --repo ORG/NAME"),
+        ([str(run.root), "--repo", "x"], "'x' is not a Hub repo id"),
+        ([str(tmp_path / "nope"), "--repo", "o/x"], "not a reap run folder"),
+    ):
         result = CliRunner().invoke(reap, ["publish", *args])
         assert result.exit_code == 1, result.output
         lines = [line for line in result.output.splitlines() if line.strip()]
@@ -333,13 +428,26 @@ def test_cli_help_and_one_line_errors(run, tmp_path):
 
 
 def test_result_lines():
-    record = {"repo": "org/x", "revision": "main", "commit": "c" * 40, "committed": False, "url": "https://hub/org/x",
-              "changed": {"create": [], "replace": [], "delete": []}, "files": {"a": 1}, "bytes": 1,
-              "bytes_changed": 0, "wall_s": 0.4}
+    record = {
+        "repo": "org/x",
+        "revision": "main",
+        "commit": "c" * 40,
+        "committed": False,
+        "url": "https://hub/org/x",
+        "changed": {"create": [], "replace": [], "delete": []},
+        "files": {"a": 1},
+        "bytes": 1,
+        "bytes_changed": 0,
+        "wall_s": 0.4,
+    }
     assert pub.describe_result(record).startswith("unchanged org/x@main: commit cccccccccccc already holds these files")
     record.update(committed=True, changed={"create": [], "replace": ["README.md", "eval_results.json"], "delete": []})
     text = pub.describe_result(record)
-    assert text.startswith("published org/x@main: commit cccccccccccc") and "replace  README.md, eval_results.json" in text
+    assert (
+        text.startswith("published org/x@main: commit cccccccccccc") and "replace  README.md, eval_results.json" in text
+    )
     record["changed"]["create"] = [f"model-{i:05d}-of-00040.safetensors" for i in range(1, 41)]
-    assert ("create   40 files (model-00001-of-00040.safetensors, model-00002-of-00040.safetensors, "
-            "model-00003-of-00040.safetensors, ...)") in pub.describe_result(record)
+    assert (
+        "create   40 files (model-00001-of-00040.safetensors, model-00002-of-00040.safetensors, "
+        "model-00003-of-00040.safetensors, ...)"
+    ) in pub.describe_result(record)

@@ -22,8 +22,15 @@ def test_defaults_reproduce_the_seed_release(tmp_path):
     q = r.quantize
     assert (q.bits, q.group_size, q.sym, q.format) == (4, 128, True, "auto_round")
     assert (q.nsamples, q.seqlen, q.batch_size, q.dataset, q.iters) == (64, 512, 1, "NeelNanda/pile-10k", 200)
-    assert set(q.keep_16bit) == {"mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_a",
-                                 "linear_attn.in_proj_b", "lm_head", "model.visual", "mtp"}
+    assert set(q.keep_16bit) == {
+        "mlp.gate",
+        "mlp.shared_expert_gate",
+        "linear_attn.in_proj_a",
+        "linear_attn.in_proj_b",
+        "lm_head",
+        "model.visual",
+        "mtp",
+    }
     assert r.serve.tensor_parallel_size == 4
 
 
@@ -67,16 +74,22 @@ def test_overrides_and_list_form_of_keep_16bit(tmp_path):
     p = write(tmp_path, "name: x\nmodel: {path: /m}\nquantize: {keep_16bit: [mlp.gate, lm_head]}\n")
     r = load_recipe(p, {"quantize.iters": 0, "serve.tensor_parallel_size": 2})
     assert r.quantize.iters == 0 and r.serve.tensor_parallel_size == 2
-    assert r.quantize.keep_16bit == {"mlp.gate": DEFAULT_KEEP_16BIT["mlp.gate"], "lm_head": DEFAULT_KEEP_16BIT["lm_head"]}
+    assert r.quantize.keep_16bit == {
+        "mlp.gate": DEFAULT_KEEP_16BIT["mlp.gate"],
+        "lm_head": DEFAULT_KEEP_16BIT["lm_head"],
+    }
 
 
-@pytest.mark.parametrize("choice, gpus, kernel, kept", [
-    ("quantize", 0, None, False),
-    ("keep_16bit", 4, "AMX", True),
-    ("auto", 0, None, True),        # vLLM's CPU build could not run int4 experts here
-    ("auto", 0, "AMX", False),
-    ("auto", 4, None, False),       # GPUs serve int4 experts (Marlin)
-])
+@pytest.mark.parametrize(
+    "choice, gpus, kernel, kept",
+    [
+        ("quantize", 0, None, False),
+        ("keep_16bit", 4, "AMX", True),
+        ("auto", 0, None, True),  # vLLM's CPU build could not run int4 experts here
+        ("auto", 0, "AMX", False),
+        ("auto", 4, None, False),  # GPUs serve int4 experts (Marlin)
+    ],
+)
 def test_routed_experts_choice(tmp_path, monkeypatch, choice, gpus, kernel, kept):
     from reap import build, serve
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from reap import serve
-from reap.serve import ServeError, ServeOptions, Target, build_command, parse_kernels
 from reap.rundir import RunDir
+from reap.serve import ServeError, ServeOptions, Target, build_command, parse_kernels
 
 from .ckpt_factory import make_checkpoint
 
@@ -49,8 +49,16 @@ def test_gpu_argv_without_console_script_uses_the_module(ckpt, tmp_path, monkeyp
 
 def test_gpu_argv_seed_compatible_mode_and_recipe_values(ckpt, tmp_path, monkeypatch):
     monkeypatch.setattr(serve, "visible_gpus", lambda: 8)
-    manifest = {"recipe": {"serve": {"tensor_parallel_size": 8, "max_model_len": 4096, "gpu_memory_utilization": 0.9,
-                                     "quantization": "gptq"}}}
+    manifest = {
+        "recipe": {
+            "serve": {
+                "tensor_parallel_size": 8,
+                "max_model_len": 4096,
+                "gpu_memory_utilization": 0.9,
+                "quantization": "gptq",
+            }
+        }
+    }
     argv, _ = build_command(target(ckpt, tmp_path, manifest), ServeOptions(device="cuda", extra_args=["--seed", "1"]))
     joined = " ".join(argv)
     assert "--tensor-parallel-size 8" in joined and "--max-model-len 4096" in joined
@@ -133,25 +141,33 @@ def test_kernel_parser_on_real_cpu_log():
 
 def test_kernel_parser_on_gpu_lines():
     # Lines as vLLM formats them (model_executor/layers/quantization/... and fused_moe/oracle/int_wna16.py)
-    text = ("(Worker_TP0 pid=1) INFO 11-27 03:11:02 [gptq_marlin.py:377] Using MacheteLinearKernel for GPTQMarlinLinearMethod\n"
-            "(Worker_TP0 pid=1) INFO 11-27 03:11:02 [int_wna16.py:290] Using 'MARLIN' WNA16 MoE backend.\n"
-            "(Worker_TP0 pid=1) INFO 11-27 03:11:01 [cuda.py:412] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN']\n"
-            "(EngineCore pid=1) INFO 11-27 03:10:50 [core.py:133] Initializing a V1 LLM engine (v0.24.0) with config: model='m', quantization=inc, enforce_eager=False\n")
+    text = (
+        "(Worker_TP0 pid=1) INFO 11-27 03:11:02 [gptq_marlin.py:377] Using MacheteLinearKernel for GPTQMarlinLinearMethod\n"  # noqa: E501
+        "(Worker_TP0 pid=1) INFO 11-27 03:11:02 [int_wna16.py:290] Using 'MARLIN' WNA16 MoE backend.\n"
+        "(Worker_TP0 pid=1) INFO 11-27 03:11:01 [cuda.py:412] Using FLASH_ATTN attention backend out of potential backends: ['FLASH_ATTN']\n"  # noqa: E501
+        "(EngineCore pid=1) INFO 11-27 03:10:50 [core.py:133] Initializing a V1 LLM engine (v0.24.0) with config: model='m', quantization=inc, enforce_eager=False\n"  # noqa: E501
+    )
     k = parse_kernels(text)
     assert (k["linear_kernel"], k["moe_backend"], k["attention_backend"], k["quantization"]) == (
-        "MacheteLinearKernel", "MARLIN", "FLASH_ATTN", "inc")
+        "MacheteLinearKernel",
+        "MARLIN",
+        "FLASH_ATTN",
+        "inc",
+    )
 
 
 def test_log_cause_finds_the_root_cause(tmp_path):
     log = tmp_path / "serve.log"
-    log.write_text("(APIServer pid=1) WARNING 11-27 03:16:10 [system_utils.py:255] Found ulimit of 20000 ... error\n"
-                   "Traceback (most recent call last):\n"
-                   '  File "x.py", line 1, in <module>\n'
-                   "(Worker pid=2) ERROR 11-27 03:34:00 [multiproc_executor.py:953] NotImplementedError: No WNA16 MoE "
-                   "backend supports the deployment configuration.\n"
-                   "Exception: WorkerProc initialization failed due to an exception in a background process. See stack "
-                   "trace for root cause.\n"
-                   "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n")
+    log.write_text(
+        "(APIServer pid=1) WARNING 11-27 03:16:10 [system_utils.py:255] Found ulimit of 20000 ... error\n"
+        "Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in <module>\n'
+        "(Worker pid=2) ERROR 11-27 03:34:00 [multiproc_executor.py:953] NotImplementedError: No WNA16 MoE "
+        "backend supports the deployment configuration.\n"
+        "Exception: WorkerProc initialization failed due to an exception in a background process. See stack "
+        "trace for root cause.\n"
+        "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}\n"
+    )
     assert serve.log_cause(log) == "NotImplementedError: No WNA16 MoE backend supports the deployment configuration."
     log.write_text("usage: api_server.py [-h]\napi_server.py: error: unrecognized arguments: --bogus\n")
     assert serve.log_cause(log) == "api_server.py: error: unrecognized arguments: --bogus"
@@ -196,8 +212,10 @@ def test_ready_means_a_first_token_not_only_health(ckpt, tmp_path):
     t = target(ckpt, tmp_path)
     srv = serve.Server(t, ServeOptions(device="cpu", port=httpd.server_address[1], ready_timeout=20))
     srv.log_path.parent.mkdir(parents=True)
-    srv.log_path.write_text("(Worker_TP0 pid=9) ERROR 11-27 05:45:35 [multiproc_executor.py:1000] "
-                            "ModuleNotFoundError: No module named 'flashinfer'\n")
+    srv.log_path.write_text(
+        "(Worker_TP0 pid=9) ERROR 11-27 05:45:35 [multiproc_executor.py:1000] "
+        "ModuleNotFoundError: No module named 'flashinfer'\n"
+    )
     srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
     srv._t0 = 0.0
     try:

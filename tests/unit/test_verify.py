@@ -56,8 +56,10 @@ def test_missing_expert_tensor_fails_tensor_set_and_layer_count(copy):
     edit_index(copy, drop=[f"{L0}.mlp.experts.2.up_proj.{s}" for s in ("qweight", "qzeros", "scales")])
     report = verify_checkpoint(copy, tp=1)
     assert any(f"{L0}.mlp.experts.2.up_proj.weight/qweight" in f for f in failures(report, "tensor_set"))
-    assert any("block 0 (DeltaNet) has 20 Linear layers on disk, the config predicts 21" in f
-               for f in failures(report, "layer_counts"))
+    assert any(
+        "block 0 (DeltaNet) has 20 Linear layers on disk, the config predicts 21" in f
+        for f in failures(report, "layer_counts")
+    )
 
 
 def test_unexpected_tensor_fails(copy):
@@ -71,14 +73,17 @@ def test_count_disagreeing_with_autoround_report_fails(good):
     reported = [{"quantized": 18, "total": 21}, {"quantized": 18, "total": 20}]
     report = verify_checkpoint(good, tp=1, reported_blocks=reported)
     assert failures(report, "layer_counts") == [
-        "block 1: AutoRound reported 18/20 quantized, the checkpoint holds 19/20"]
+        "block 1: AutoRound reported 18/20 quantized, the checkpoint holds 19/20"
+    ]
 
 
 def test_index_pointing_at_missing_shard_fails(copy):
     (copy / "model-00002-of-00002.safetensors").unlink()
     report = verify_checkpoint(copy, tp=1)
-    assert any("shard model-00002-of-00002.safetensors listed in the index is missing" in f
-               for f in failures(report, "tensor_set"))
+    assert any(
+        "shard model-00002-of-00002.safetensors listed in the index is missing" in f
+        for f in failures(report, "tensor_set")
+    )
 
 
 def test_quantization_config_must_match_recipe_and_tensors(copy):
@@ -88,7 +93,9 @@ def test_quantization_config_must_match_recipe_and_tensors(copy):
     report = verify_checkpoint(copy, tp=1, expect={"bits": 4, "group_size": 64})
     msgs = failures(report, "quantization_config")
     assert any("group_size is 128, the recipe asked for 64" in m for m in msgs)
-    assert any(f"{L0}.linear_attn.in_proj_a stored in 16-bit but quantization_config does not say so" in m for m in msgs)
+    assert any(
+        f"{L0}.linear_attn.in_proj_a stored in 16-bit but quantization_config does not say so" in m for m in msgs
+    )
 
 
 def test_float16_fails_dtype(copy):
