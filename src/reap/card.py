@@ -53,6 +53,8 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     ]
     if recipe["serve"].get("max_model_len"):
         argv += ["--max-model-len", str(recipe["serve"]["max_model_len"])]
+    if recipe["serve"].get("enforce_eager"):
+        argv.append("--enforce-eager")
     return argv
 
 

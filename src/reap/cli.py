@@ -69,24 +69,39 @@ def reap() -> None:
     show_default=True,
     help="Decoder blocks (every fourth one full attention); more blocks train proportionally longer.",
 )
-def demo_model_cmd(out: Path, steps: int, seed: int, layers: int) -> None:
+@click.option("--experts", type=click.IntRange(min=2), default=8, show_default=True, help="Routed experts per block.")
+@click.option("--top-k", type=click.IntRange(min=1), default=2, show_default=True, help="Experts per token.")
+@click.option(
+    "--aux-loss",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Weight of the routers' load-balancing loss in training (0: none).",
+)
+def demo_model_cmd(out: Path, steps: int, seed: int, layers: int, experts: int, top_k: int, aux_loss: float) -> None:
     """Build and train the tiny Qwen3.5-MoE demo checkpoint into OUT.
 
     \b
     It has the real release layout (VL wrapper, tiny vision tower, sharded safetensors,
     per-expert tensors, tokenizer with chat template, processor files) and is trained in
-    about 2.5 minutes on 2 CPU cores on reap's synthetic tasks (evals/demo).
+    about 2.5 minutes on 2 CPU cores on reap's synthetic tasks (evals/demo). It trains
+    on the first GPU where one is visible.
 
     \b
     Example:
       reap demo-model runs/demo-source
       reap demo-model runs/demo8-source --layers 8   # 8 blocks, e.g. for a block-parallel build
+      reap demo-model runs/wide-source --experts 32 --top-k 4 --aux-loss 0.01 --seed 1   # prune benchmark
     """
     from reap.demo import build_demo_model
 
     if out.exists():
         raise click.UsageError(f"{out} already exists; remove it or choose another folder")
-    report = build_demo_model(out, steps=steps, seed=seed, layers=layers)
+    if top_k > experts:
+        raise click.UsageError(f"--top-k {top_k} is more than --experts {experts}")
+    report = build_demo_model(
+        out, steps=steps, seed=seed, layers=layers, experts=experts, top_k=top_k, aux_loss=aux_loss
+    )
     click.echo(json.dumps(report, indent=2))
 
 

@@ -158,8 +158,9 @@ def train_tokenizer(texts: list[str]):
     return qwen
 
 
-def demo_config(tokenizer, layers: int = 4):
-    """The demo's config; `layers` decoder blocks, every fourth one full attention (as in Qwen3.5)."""
+def demo_config(tokenizer, layers: int = 4, experts: int = 8, top_k: int = 2):
+    """The demo's config; `layers` decoder blocks, every fourth one full attention (as in Qwen3.5), each with
+    `experts` routed experts of which `top_k` serve a token."""
     from transformers import Qwen3_5MoeConfig
 
     vocab = 64 * math.ceil(len(tokenizer) / 64)
@@ -178,8 +179,8 @@ def demo_config(tokenizer, layers: int = 4):
         linear_key_head_dim=64,
         linear_value_head_dim=64,
         linear_conv_kernel_dim=4,
-        num_experts=8,
-        num_experts_per_tok=2,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
         moe_intermediate_size=128,
         shared_expert_intermediate_size=128,
         max_position_embeddings=2048,
@@ -255,7 +256,8 @@ def _examples(tokenizer) -> list[tuple[list[int], int]]:
     return out
 
 
-def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> list[float]:
+def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int, aux_loss: float = 0.0) -> list[float]:
+    """AdamW on the answer tokens; with `aux_loss` > 0 the routers' load-balancing loss is added with that weight."""
     import torch
 
     examples = _examples(tokenizer)
@@ -266,6 +268,9 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> lis
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
+    text_config = model.config.text_config
+    text_config.output_router_logits, text_config.router_aux_loss_coef = aux_loss > 0, aux_loss
+    device = model.device
     model.train()
     losses = []
     for step in range(steps):
@@ -277,7 +282,7 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> lis
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, start : len(seq)] = torch.tensor(seq[start:])
         # Right padding with a causal model: the padded tail never influences the scored tokens.
-        loss = model(input_ids=ids, labels=labels).loss
+        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -286,6 +291,7 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int) -> lis
         losses.append(loss.item())
         if step % 50 == 0 or step == steps - 1:
             log(f"demo-model: step {step + 1}/{steps} loss {losses[-1]:.4f}")
+    text_config.output_router_logits = False  # a training switch; not saved into the release's config
     model.eval()
     return losses
 
@@ -302,7 +308,7 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
             prompt = _encode(tokenizer, prompt_of("larger", row))
             choices = [f" {row['a']}", f" {row['b']}"]
             conts = [_encode(tokenizer, c) for c in choices]
-            seqs = torch.tensor([prompt + c for c in conts])
+            seqs = torch.tensor([prompt + c for c in conts], device=model.device)
             logp = torch.log_softmax(model(input_ids=seqs).logits.float(), dim=-1)
             n = len(conts[0])
             tgt = seqs[:, -n:]
@@ -317,7 +323,7 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
             by_len.setdefault(len(ids), []).append((row, ids))
         correct = 0
         for prompt_len, group in by_len.items():
-            ids = torch.tensor([g[1] for g in group])
+            ids = torch.tensor([g[1] for g in group], device=model.device)
             for _ in range(max(len(r["word"]) for r, _ in group) + 2):
                 nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
@@ -329,9 +335,19 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
 
 
 def build_demo_model(
-    out: Path, steps: int = 380, batch: int = 64, lr: float = 3e-3, seed: int = 0, layers: int = 4
+    out: Path,
+    steps: int = 380,
+    batch: int = 64,
+    lr: float = 3e-3,
+    seed: int = 0,
+    layers: int = 4,
+    experts: int = 8,
+    top_k: int = 2,
+    aux_loss: float = 0.0,
 ) -> dict[str, Any]:
-    """Build, train and save the demo checkpoint into `out` (which must not exist yet)."""
+    """Build, train and save the demo checkpoint into `out` (which must not exist yet). Training runs on the
+    first GPU where one is visible (the same steps; for the wider variants of the prune benchmark), else on
+    the CPU."""
     from reap.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -342,12 +358,13 @@ def build_demo_model(
     torch.manual_seed(seed)
     texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
     tokenizer = train_tokenizer(texts)
-    config = demo_config(tokenizer, layers)
-    model = Qwen3_5MoeForConditionalGeneration(config).to(torch.float32)
+    config = demo_config(tokenizer, layers, experts, top_k)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = Qwen3_5MoeForConditionalGeneration(config).to(device=device, dtype=torch.float32)
     log(f"demo-model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, training {steps} steps")
-    losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed)
+    losses = train(model, tokenizer, steps=steps, batch=batch, lr=lr, seed=seed, aux_loss=aux_loss)
     train_s = time.perf_counter() - t0
-    model = model.to(torch.bfloat16)
+    model = model.to(device="cpu", dtype=torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -360,13 +377,17 @@ def build_demo_model(
     # Score what was written, loaded the way every consumer loads it (Auto classes from the folder).
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
-    loaded = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype=torch.bfloat16)
+    loaded = AutoModelForImageTextToText.from_pretrained(str(tmp), dtype=torch.bfloat16).to(device)
     loaded_tok = AutoTokenizer.from_pretrained(str(tmp))
     accuracy = score_heldout(loaded, loaded_tok)
     log(f"demo-model: held-out accuracy of the saved bf16 checkpoint {accuracy}")
     report = {
         "train_seconds": round(train_s, 1),
         "steps": steps,
+        "seed": seed,
+        "experts": experts,
+        "top_k": top_k,
+        "router_aux_loss_coef": aux_loss,
         "final_loss": round(losses[-1], 4),
         "heldout_accuracy_bf16": accuracy,
         "parameters": sum(p.numel() for p in model.parameters()),

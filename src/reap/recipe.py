@@ -132,6 +132,10 @@ class ServeSection(_Section):
     max_model_len: int | None = Field(None, ge=16)
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     quantization: str | None = Field(None, description="force vLLM's --quantization; leave unset to let vLLM detect")
+    enforce_eager: bool | None = Field(
+        None,
+        description="vLLM's --enforce-eager (no torch.compile warm-up); unset: on for vLLM's CPU build, off on GPUs",
+    )
 
 
 class EvalSection(_Section):

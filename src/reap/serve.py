@@ -157,6 +157,11 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
     quant = opts.quantization or recipe_serve.get("quantization")
     if quant:
         argv += ["--quantization", quant]
+    eager = recipe_serve.get("enforce_eager")
+    # On the CPU build, torch.compile's warm-up (~34 s on 2 cores for the demo) costs more than it saves for the
+    # small models served there; on GPUs the compiled graphs are what makes vLLM fast.
+    if eager or (eager is None and device == "cpu"):
+        argv.append("--enforce-eager")
     return argv + list(opts.extra_args), env
 
 

@@ -36,6 +36,17 @@ def test_gpu_argv_defaults_to_tp4_bf16_language_only_and_no_forced_quantization(
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
     assert argv[argv.index("--served-model-name") + 1] == "qwen-w4a16"
     assert env == {}
+    assert "--enforce-eager" not in argv  # compiled graphs on GPUs unless the recipe says otherwise
+
+
+def test_enforce_eager_is_on_for_the_cpu_build_unless_the_recipe_says(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 4)
+    argv, _ = build_command(target(ckpt, tmp_path), ServeOptions(device="cpu"))
+    assert "--enforce-eager" in argv
+    for device, eager, expected in (("cpu", False, False), ("cuda", True, True), ("cuda", None, False)):
+        manifest = {"recipe": {"serve": {"enforce_eager": eager}}}
+        argv, _ = build_command(target(ckpt, tmp_path, manifest), ServeOptions(device=device))
+        assert ("--enforce-eager" in argv) is expected, (device, eager)
 
 
 def test_gpu_argv_without_console_script_uses_the_module(ckpt, tmp_path, monkeypatch):
