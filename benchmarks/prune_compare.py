@@ -11,11 +11,10 @@ Prints Markdown tables; `--json` also writes every number.
 
     python benchmarks/prune_compare.py runs/demo-source [MORE_SOURCES...] --out runs/prune-compare
         [--ratios 0.25 0.5] [--random-seeds 5] [--limit N] [--json FILE] [--threads 1]
+    python benchmarks/prune_compare.py --merge a.json b.json     # one summary over earlier runs
 
-The sources of docs/benchmarks.md's wide-MoE table (on a GPU, where `reap demo-model` trains there):
-
-    for s in 0 1 2; do reap demo-model runs/wide-$s --experts 32 --top-k 4 --aux-loss 0.01 --seed $s; done
-    python benchmarks/prune_compare.py runs/wide-0 runs/wide-1 runs/wide-2 --out runs/prune-compare
+docs/benchmarks.md's wide-MoE table comes from benchmarks/gpu_prune_compare.sh (three 32-expert top-4 demo
+models trained with a load-balancing loss, one GPU).
 """
 
 from __future__ import annotations
@@ -64,10 +63,28 @@ def summarize(rows: list[dict], sources: list[str], ratios: list[float], methods
     return out
 
 
+def report(unpruned: dict[str, dict], rows: list[dict]) -> tuple[dict, str]:
+    """The summary and its Markdown table, for rows of any number of sources."""
+    sources = list(unpruned)
+    ratios = sorted({r["ratio"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    summary = summarize(rows, sources, ratios, methods)
+    lines = [f"unpruned {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in unpruned[s].items()) for s in sources]
+    lines += ["", "| dropped | method | kept of source: mean ± sd (min-max, n) | REAP minus it, per source |"]
+    lines.append("|---|---|---|---|")
+    for ratio in ratios:
+        for method in methods:
+            s = summary[str(ratio)][method]
+            diff = "" if method == "reap" else spread(s["reap_minus_this"]).replace("%", " pt")
+            lines.append(f"| {ratio:.0%} | {method} | {spread(s['kept'])} | {diff} |")
+    return summary, "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sources", type=Path, nargs="+", help="demo checkpoints (reap demo-model), e.g. several seeds")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the pruned checkpoints")
+    ap.add_argument("sources", type=Path, nargs="*", help="demo checkpoints (reap demo-model), e.g. several seeds")
+    ap.add_argument("--merge", type=Path, nargs="+", help="instead: one summary of the --json files of earlier runs")
+    ap.add_argument("--out", type=Path, help="folder for the pruned checkpoints")
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--methods", nargs="+", default=["reap", "frequency", "ean"])
     ap.add_argument("--random-seeds", type=int, default=5)
@@ -81,6 +98,16 @@ def main() -> None:
         help="torch CPU threads (1: on a busy 2-core machine, 2 threads made scoring ~40x slower)",
     )
     args = ap.parse_args()
+    if args.merge:
+        unpruned, rows = {}, []
+        for f in args.merge:
+            data = json.loads(f.read_text())
+            unpruned.update(data["sources"])
+            rows += data["rows"]
+        print(report(unpruned, rows)[1])
+        return
+    if not args.sources or not args.out:
+        ap.error("give one or more sources and --out (or --merge FILES)")
     if "reap" not in args.methods:
         ap.error("--methods must include reap (the others are compared with it)")
 
@@ -94,11 +121,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     calibration = data_dir("evals") / "demo" / "data" / "calibration.jsonl"
-    methods = [*args.methods, "random"]
-    sources, unpruned, rows = [], {}, []
+    unpruned, rows = {}, []
     for n, src in enumerate(args.sources):
         name = f"{n}:{src.name}"
-        sources.append(name)
         unpruned[name] = score(src, args.limit, device)
         print(f"{name} unpruned: {unpruned[name]}", flush=True)
         for ratio in args.ratios:
@@ -129,25 +154,16 @@ def main() -> None:
                     }
                 )
                 print(f"{name} ratio {ratio} {method:<9} seed {seed}: {acc}", flush=True)
-    summary = summarize(rows, sources, args.ratios, methods)
+                save(args.json, {"sources": unpruned, "rows": rows, "limit": args.limit, "device": device})
+    summary, table = report(unpruned, rows)
+    print(table)
+    save(args.json, {"sources": unpruned, "rows": rows, "summary": summary, "limit": args.limit, "device": device})
 
-    lines = [f"unpruned {s}: " + ", ".join(f"{k} {v:.3f}" for k, v in unpruned[s].items()) for s in sources]
-    lines += ["", "| dropped | method | kept of source: mean ± sd (min-max, n) | REAP minus it, per source |"]
-    lines.append("|---|---|---|---|")
-    for ratio in args.ratios:
-        for method in methods:
-            s = summary[str(ratio)][method]
-            diff = "" if method == "reap" else spread(s["reap_minus_this"]).replace("%", " pt")
-            lines.append(f"| {ratio:.0%} | {method} | {spread(s['kept'])} | {diff} |")
-    print("\n".join(lines))
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"sources": unpruned, "rows": rows, "summary": summary, "limit": args.limit, "device": device},
-                indent=2,
-            )
-            + "\n"
-        )
+
+def save(path: Path | None, data: dict) -> None:
+    """Every number so far (written after each pruned model, so that a run cut short keeps what it measured)."""
+    if path:
+        path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":
