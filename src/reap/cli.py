@@ -455,12 +455,24 @@ def run_cmd(
 def _print_run_summary(run_dir: Path, rows: list[dict]) -> None:
     from reap.card import fmt_seconds
 
-    click.echo(f"{'stage':<8} {'status':<34} {'wall time':>10} {'peak RSS':>10}")
+    table = [["stage", "status", "wall time", "peak RSS"]]
     for r in rows:
         wall = fmt_seconds(r["wall_s"]) if r["wall_s"] is not None else "-"
         rss = f"{r['peak_rss_gb']:.2f} GB" if r["peak_rss_gb"] is not None else "-"
-        click.echo(f"{r['stage']:<8} {r['status']:<34} {wall:>10} {rss:>10}")
+        table.append([r["stage"], r["status"], wall, rss])
+    click.echo(_columns(table, right=(2, 3)))
     click.echo(f"card: {run_dir / 'model' / 'README.md'}")
+
+
+def _columns(table: list[list[str]], right: tuple[int, ...] = ()) -> str:
+    """Rows of cells as aligned text columns, each as wide as its widest cell; `right`: right-aligned columns."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join(
+        " ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in table
+    )
 
 
 @reap.command("publish")

@@ -125,3 +125,23 @@ def test_bad_set_syntax():
 def test_verify_and_card_on_missing_folders(tmp_path):
     one_error_line(run("verify", str(tmp_path / "x")), "not found")
     one_error_line(run("card", str(tmp_path)), "not a reap run folder")
+
+
+def test_run_summary_columns_align_whatever_the_status_text(tmp_path, capsys):
+    from reap.cli import _print_run_summary
+
+    long = "skipped (done, inputs unchanged since 2026-11-30 and outputs exist)"
+    rows = [
+        {"stage": "build", "status": "done", "wall_s": 37.2, "peak_rss_gb": 1.234},
+        {"stage": "eval", "status": long, "wall_s": None, "peak_rss_gb": None},
+        {"stage": "publish", "status": "interrupted", "wall_s": 3723.0, "peak_rss_gb": 12.5},
+    ]
+    _print_run_summary(tmp_path, rows)
+    lines = capsys.readouterr().out.splitlines()[:4]
+    status_at = {
+        line.index(word) for line, word in zip(lines, ["status", "done", "skipped", "interrupted"], strict=True)
+    }
+    assert len(status_at) == 1  # the status column starts at one place on every line
+    ends = {len(line) for line in lines}
+    assert len(ends) == 1, lines  # the right-aligned last column ends at one place: no status pushes it out
+    assert lines[1].endswith("1.23 GB") and lines[2].endswith("-")
