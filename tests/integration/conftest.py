@@ -75,13 +75,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def servable_build(demo_build, demo_source, tmp_path_factory) -> Path:
-    """The demo build if this CPU has an int4 MoE kernel for vLLM (AMX, or AMD + zentorch); else the demo
-    recipe as it is (`routed_experts: auto` keeps the routed experts in 16-bit here, which vLLM's CPU build runs)."""
+def servable_build(request, demo_source, tmp_path_factory) -> Path:
+    """The demo recipe as it is, which vLLM's CPU build serves here: `routed_experts: auto` quantizes the routed
+    experts where that build has an int4 MoE kernel (AMX, or AMD + zentorch: then this is `demo_build`, not built
+    twice) and keeps them 16-bit elsewhere."""
     from reap.serve import cpu_int4_moe_kernel
 
     if cpu_int4_moe_kernel():
-        return demo_build
+        return request.getfixturevalue("demo_build")
     run = tmp_path_factory.mktemp("runs") / "demo-cpu"
     reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run))
     return run

@@ -1,6 +1,7 @@
-"""Block-parallel build on the CPU: an 8-block demo model quantized by 2 worker processes (blocks 0-3 and 4-7,
-the second starting from the inputs the input capture computed in full precision), compared with the
-sequential build of the same recipe; a worker killed mid-run is redone alone by the re-run."""
+"""Block-parallel build on the CPU: the demo model quantized by 2 worker processes (blocks 0-1 and 2-3, the
+second starting from the inputs the input capture computed in full precision), compared with the sequential
+build of the same recipe (the session's `servable_build`: the demo recipe as it is); a worker killed mid-run
+is redone alone by the re-run."""
 
 from __future__ import annotations
 
@@ -15,14 +16,9 @@ import pytest
 
 from reap.checkpoint import Checkpoint, layer_index
 
-from .conftest import DEMO_RECIPE, REAP, demo_model, free_port, manifest, reap_cli
+from .conftest import DEMO_RECIPE, REAP, free_port, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def demo8_source(tmp_path_factory) -> Path:
-    return demo_model(tmp_path_factory, "REAP_DEMO8_SOURCE", "--layers", "8")
 
 
 def _build_args(source: Path, out: Path, workers: int) -> list[str]:
@@ -38,14 +34,11 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def builds(demo8_source, tmp_path_factory) -> dict:
+def builds(demo_source, servable_build, tmp_path_factory) -> dict:
     """The sequential build, and the 2-worker build whose worker 1 was SIGKILLed once, then re-run."""
-    root = tmp_path_factory.mktemp("par")
-    seq = root / "seq"
-    reap_cli(*_build_args(demo8_source, seq, 1))
-    par = root / "par"
+    par = tmp_path_factory.mktemp("par") / "par"
     proc = subprocess.Popen(
-        [*REAP, *_build_args(demo8_source, par, 2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*REAP, *_build_args(demo_source, par, 2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     worker1 = par / ".parallel" / "part-1"
     _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
@@ -60,8 +53,8 @@ def builds(demo8_source, tmp_path_factory) -> dict:
         "part0_blocks": {layer_index(n) for n in Checkpoint.open(part0 / "model").weight_map},
         "model_exists": (par / "model").exists(),
     }
-    rerun = reap_cli(*_build_args(demo8_source, par, 2))
-    return {"seq": seq, "par": par, "first": first, "rerun": rerun}
+    rerun = reap_cli(*_build_args(demo_source, par, 2))
+    return {"seq": servable_build, "par": par, "first": first, "rerun": rerun}
 
 
 def _read(path: Path) -> str:
@@ -76,15 +69,15 @@ def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(bu
     assert first["rc"] == 1 and not first["model_exists"]
     errors = [line for line in first["stderr"].splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in first["stderr"], first["stderr"][-3000:]
-    assert "worker 1 (CPU, blocks 4-7) failed" in errors[0] and "part-1/worker.log" in errors[0]
+    assert "worker 1 (CPU, blocks 2-3) failed" in errors[0] and "part-1/worker.log" in errors[0]
     assert "re-run the build to redo only the rest" in errors[0]
     assert first["manifest"]["stages"]["build"]["status"] == "failed"
     assert first["part0"]["status"] == "done"  # worker 0 finished its range although worker 1 died
-    assert first["part0_blocks"] == {0, 1, 2, 3, None}  # its view held its own blocks only
+    assert first["part0_blocks"] == {0, 1, None}  # its view held its own blocks only
     log = builds["rerun"].stderr
-    assert "worker 0 (CPU, blocks 0-3): kept from an earlier attempt" in log
-    assert "input capture (CPU, full-precision pass through blocks 0-3): kept from an earlier attempt" in log
-    assert "worker 1 (CPU, blocks 4-7): started" in log and "worker 0 (CPU, blocks 0-3): started" not in log
+    assert "worker 0 (CPU, blocks 0-1): kept from an earlier attempt" in log
+    assert "input capture (CPU, full-precision pass through blocks 0-1): kept from an earlier attempt" in log
+    assert "worker 1 (CPU, blocks 2-3): started" in log and "worker 0 (CPU, blocks 0-1): started" not in log
     assert not (builds["par"] / ".parallel").exists()  # removed once the merged checkpoint is in place
 
 
@@ -102,8 +95,8 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
         ):
             ta, tb = a.get_tensor(name), b.get_tensor(name)
         assert ta.dtype == tb.dtype and ta.shape == tb.shape, name
-        if (layer_index(name) or 0) < 4:  # worker 0's range saw the same inputs as the sequential build
-            assert ta.equal(tb), f"{name} differs although blocks 0-3 are computed alike"
+        if (layer_index(name) or 0) < 2:  # worker 0's range saw the same inputs as the sequential build
+            assert ta.equal(tb), f"{name} differs although blocks 0-1 are computed alike"
     build = manifest(builds["par"])["stages"]["build"]
     assert build["verification"]["passed"] and build["status"] == "done"
 
@@ -111,22 +104,22 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
 def test_manifest_and_card_record_each_worker(builds):
     build = manifest(builds["par"])["stages"]["build"]
     workers = build["parallel"]["workers"]
-    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 3]), (1, "cpu", [4, 7])]
+    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 1]), (1, "cpu", [2, 3])]
     assert [w["kept_from_earlier_attempt"] for w in workers] == [True, False]
     for w in workers:
-        assert len(w["block_wall_s"]) == 4 and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
+        assert len(w["block_wall_s"]) == 2 and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
     capture = build["parallel"]["input_capture"]
-    assert capture["forward_blocks"] == [0, 3] and capture["kept_from_earlier_attempt"] and capture["wall_s"] > 0
-    assert [(b["index"], b["worker"]) for b in build["blocks"]] == [(i, 0 if i < 4 else 1) for i in range(8)]
+    assert capture["forward_blocks"] == [0, 1] and capture["kept_from_earlier_attempt"] and capture["wall_s"] > 0
+    assert [(b["index"], b["worker"]) for b in build["blocks"]] == [(i, 0 if i < 2 else 1) for i in range(4)]
     assert all("loss_best" in b for b in build["blocks"])
     assert build["autoround_summary"] == manifest(builds["seq"])["stages"]["build"]["autoround_summary"]
     card = (builds["par"] / "model" / "README.md").read_text()
-    assert "| worker 0 | CPU, blocks 0-3:" in card and "| worker 1 | CPU, blocks 4-7:" in card
-    assert "| input capture | CPU, full-precision pass through blocks 0-3:" in card
+    assert "| worker 0 | CPU, blocks 0-1:" in card and "| worker 1 | CPU, blocks 2-3:" in card
+    assert "| input capture | CPU, full-precision pass through blocks 0-1:" in card
 
 
-def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path):
-    """The inputs the capture saves for blocks 2 and 4 (block 0's from AutoRound, then blocks streamed from
+def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path):
+    """The inputs the capture saves for blocks 2 and 3 (block 0's from AutoRound, then blocks streamed from
     the shards one at a time) are the hidden states transformers' whole model computes for the same tokens."""
     import torch
 
@@ -135,14 +128,14 @@ def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path
     from reap.recipe import load_recipe
     from reap.stats import Clock
 
-    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo8_source), "quantize.nsamples": 4})
-    write_view(demo8_source, tmp_path / "view", 1)
-    files = [tmp_path / "inputs-2.pt", tmp_path / "inputs-4.pt"]
+    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo_source), "quantize.nsamples": 4})
+    write_view(demo_source, tmp_path / "view", 1)
+    files = [tmp_path / "inputs-2.pt", tmp_path / "inputs-3.pt"]
     capture_inputs(
-        Checkpoint.open(demo8_source),
+        Checkpoint.open(demo_source),
         Checkpoint.open(tmp_path / "view"),
         recipe,
-        [2, 4],
+        [2, 3],
         files,
         tmp_path / "log",
         Clock(),
@@ -153,14 +146,14 @@ def test_the_capture_saves_what_the_source_model_computes(demo8_source, tmp_path
     compat.ensure_torchvision_importable()
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(demo8_source), dtype=torch.bfloat16).eval()
+    model = AutoModelForImageTextToText.from_pretrained(str(demo_source), dtype=torch.bfloat16).eval()
     embed = model.get_input_embeddings().weight
     for j, h0 in enumerate(first):
         tokens = (h0[0][:, None, :] == embed[None]).all(-1).int().argmax(-1)  # the embedding rows h0 is made of
         assert embed[tokens].equal(h0[0])
         with torch.no_grad():
             states = model(input_ids=tokens[None], output_hidden_states=True, use_cache=False).hidden_states
-        for c, start in zip(captured, (2, 4), strict=False):
+        for c, start in zip(captured, (2, 3), strict=True):
             assert torch.isfinite(c[j]).all() and c[j].equal(states[start]), f"sample {j}, block {start}"
 
 
