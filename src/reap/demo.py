@@ -303,17 +303,22 @@ def score_heldout(model, tokenizer, limit: int | None = None) -> dict[str, float
     acc = {}
     with torch.no_grad():
         rows = read_task_rows("larger", "test")[:limit]
-        correct = 0
+        # Rows whose prompt and answers have the same token lengths batch without padding, both answers side by side.
+        by_shape: dict[tuple[int, int], list[tuple[int, list[list[int]]]]] = {}
         for row in rows:
             prompt = _encode(tokenizer, prompt_of("larger", row))
-            choices = [f" {row['a']}", f" {row['b']}"]
-            conts = [_encode(tokenizer, c) for c in choices]
-            seqs = torch.tensor([prompt + c for c in conts], device=model.device)
-            logp = torch.log_softmax(model(input_ids=seqs).logits.float(), dim=-1)
-            n = len(conts[0])
-            tgt = seqs[:, -n:]
-            ll = logp[:, -n - 1 : -1].gather(-1, tgt.unsqueeze(-1)).squeeze(-1).sum(-1)
-            correct += int(int(ll.argmax()) == row["label"])
+            a, b = (_encode(tokenizer, f" {row[k]}") for k in ("a", "b"))
+            by_shape.setdefault((len(prompt) + len(a), len(a)), []).append((row["label"], [prompt + a, prompt + b]))
+        correct = 0
+        for (_, n), items in by_shape.items():
+            for i in range(0, len(items), 64):
+                chunk = items[i : i + 64]
+                seqs = torch.tensor([seq for _, pair in chunk for seq in pair], device=model.device)
+                logp = torch.log_softmax(model(input_ids=seqs).logits.float(), dim=-1)
+                ll = logp[:, -n - 1 : -1].gather(-1, seqs[:, -n:].unsqueeze(-1)).squeeze(-1).sum(-1).view(-1, 2)
+                correct += sum(
+                    int(best) == label for best, (label, _) in zip(ll.argmax(-1).tolist(), chunk, strict=True)
+                )
         acc["larger"] = correct / len(rows)
 
         rows = read_task_rows("reverse", "test")[:limit]
