@@ -34,7 +34,7 @@ def test_the_comparison_benchmark_reports_every_method_with_its_spread(demo_sour
     assert proc.returncode == 0, proc.stderr[-4000:]
     data = json.loads((work / "compare.json").read_text())
     assert {(r["source"], r["method"]) for r in data["rows"]} == {
-        (s, m) for s in ("0:source", "1:source") for m in ("reap", "frequency", "random")
+        (s, m) for s in (f"0:{demo_source.name}", f"1:{demo_source.name}") for m in ("reap", "frequency", "random")
     }
     assert all(r["experts_after"] == 4 and 0 <= r["kept"] <= 2 for r in data["rows"])
     summary = data["summary"]["0.5"]
