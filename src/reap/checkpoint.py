@@ -46,11 +46,26 @@ def read_header_and_offset(path: Path) -> tuple[dict[str, Any], int]:
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
-            raise InputError(f"{path} is not a safetensors file (too short)")
+            raise InputError(f"{path} is not a safetensors file (too short); rebuild or re-download it")
         (n,) = struct.unpack("<Q", raw)
         if n > 100_000_000:
-            raise InputError(f"{path} is not a safetensors file (header of {n} bytes)")
-        return json.loads(fh.read(n)), 8 + n
+            raise InputError(f"{path} is not a safetensors file (header of {n} bytes); rebuild or re-download it")
+        text = fh.read(n)
+    try:
+        header = json.loads(text) if len(text) == n else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict) or not all(
+        isinstance(v, dict) and "data_offsets" in v for k, v in header.items() if k != "__metadata__"
+    ):
+        raise InputError(f"{path} has a truncated or corrupt safetensors header; rebuild or re-download it")
+    return header, 8 + n
+
+
+def shard_size(path: Path) -> int:
+    """The size a safetensors file has when complete: 8 + header length + the end of its last tensor."""
+    header, data_start = read_header_and_offset(path)
+    return data_start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
 
 
 def segment_match(pattern: str, name: str) -> bool:
@@ -58,6 +73,13 @@ def segment_match(pattern: str, name: str) -> bool:
     `mlp.gate` matches `model.layers.0.mlp.gate` but not `mlp.gate_proj` nor `mlp.shared_expert_gate`."""
     p, n = pattern.split("."), name.split(".")
     return any(n[i : i + len(p)] == p for i in range(len(n) - len(p) + 1))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}); restore it or rebuild") from None
 
 
 @dataclass
@@ -78,10 +100,10 @@ class Checkpoint:
 
     @cached_property
     def config(self) -> dict[str, Any]:
-        try:
-            return json.loads((self.root / "config.json").read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{self.root}/config.json is not valid JSON ({exc.msg})") from None
+        data = _read_json(self.root / "config.json")
+        if not isinstance(data, dict) or not isinstance(data.get("text_config", {}), dict):
+            raise InputError(f"{self.root}/config.json is not a model config (a JSON object); restore it")
+        return data
 
     @property
     def text_config(self) -> dict[str, Any]:
@@ -104,7 +126,11 @@ class Checkpoint:
     def weight_map(self) -> dict[str, str]:
         index = self.root / "model.safetensors.index.json"
         if index.is_file():
-            return json.loads(index.read_text())["weight_map"]
+            data = _read_json(index)
+            wm = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise InputError(f"{index} has no `weight_map` of tensor -> shard; restore it or rebuild")
+            return wm
         shards = sorted(self.root.glob("*.safetensors"))
         if not shards:
             raise InputError(f"{self.root} has no .safetensors weights")
@@ -124,6 +150,8 @@ class Checkpoint:
                 self.problems.append(f"shard {shard} listed in the index is missing")
                 continue
             header = read_header(path)
+            if (size := path.stat().st_size) != (end := shard_size(path)):
+                self.problems.append(f"shard {shard} has {size} bytes, its header says {end} (truncated or damaged)")
             for key in by_shard.get(shard, []):
                 meta = header.get(key)
                 if meta is None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
 import click
@@ -23,23 +26,58 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"{item!r} is not KEY=VALUE (e.g. quantize.iters=0)", param_hint="--set")
-        out[key] = yaml.safe_load(raw)
+        try:
+            out[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(
+                f"{item!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or 'parse error'}); "
+                "quote it, e.g. --set 'card.tags=[a, b]'",
+                param_hint="--set",
+            ) from None
     return out
 
 
+def _crash_log(exc: BaseException) -> Path | None:
+    """Write the traceback of an unexpected error to a file under the temp folder; its path, or None."""
+    folder = Path(tempfile.gettempdir()) / "reap-errors"
+    path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        folder.mkdir(exist_ok=True)
+        path.write_text("".join(traceback.format_exception(exc)))
+    except OSError:
+        return None
+    return path
+
+
 class ReapGroup(click.Group):
-    """Maps every ReapError to one line on stderr and exit code 1 (a traceback only with REAP_DEBUG=1)."""
+    """Maps every ReapError to one line on stderr and exit code 1; a file system error to one line naming the
+    path; anything else to one line with the file that holds its traceback (REAP_DEBUG=1: the traceback)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ReapError as exc:
-            if os.environ.get("REAP_DEBUG"):
-                raise
-            raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
         except KeyboardInterrupt:
             click.echo("reap: interrupted; finished outputs are kept and the run folder records it", err=True)
             ctx.exit(130)
+        except Exception as exc:
+            if os.environ.get("REAP_DEBUG"):
+                raise
+            raise click.ClickException(_one_line(exc)) from None
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, ReapError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename}; check the path and its permissions"
+    where = _crash_log(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return (
+        f"unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in reap: please report it "
+        f"with the traceback{f' in {where}' if where else ''}; REAP_DEBUG=1 shows it)"
+    )
 
 
 @click.group(cls=ReapGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -60,7 +98,7 @@ def reap() -> None:
 
 @reap.command("demo-model")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--steps", default=380, show_default=True, help="Training steps (batch 64).")
+@click.option("--steps", type=click.IntRange(min=1), default=380, show_default=True, help="Training steps (batch 64).")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--layers",
@@ -112,9 +150,11 @@ def demo_model_cmd(out: Path, steps: int, seed: int, layers: int, experts: int, 
     "--overwrite", is_flag=True, help="Replace an existing build in the run folder (only once the new one verifies)."
 )
 @click.option("--model", "model_path", help="Override model.path.")
-@click.option("--iters", type=int, help="Override quantize.iters (0 = optimized RTN).")
-@click.option("--nsamples", type=int, help="Override quantize.nsamples.")
-@click.option("--tp", type=int, help="Override serve.tensor_parallel_size (checked by the Marlin gate).")
+@click.option("--iters", type=click.IntRange(min=0), help="Override quantize.iters (0 = optimized RTN).")
+@click.option("--nsamples", type=click.IntRange(min=1), help="Override quantize.nsamples.")
+@click.option(
+    "--tp", type=click.IntRange(min=1), help="Override serve.tensor_parallel_size (checked by the Marlin gate)."
+)
 @click.option(
     "--gpus",
     type=click.IntRange(min=1),
@@ -217,7 +257,13 @@ def _print_build_summary(run_dir: Path, record: dict) -> None:
 
 @reap.command("verify")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("--tp", default=4, show_default=True, help="Tensor-parallel size to check the Marlin shape rule for.")
+@click.option(
+    "--tp",
+    type=click.IntRange(min=1),
+    default=4,
+    show_default=True,
+    help="Tensor-parallel size to check the Marlin shape rule for.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 def verify_cmd(model_dir: Path, tp: int, as_json: bool) -> None:
     """Run the verification gates on a quantized checkpoint.
@@ -264,10 +310,14 @@ def card_cmd(run_dir: Path, to_stdout: bool) -> None:
 @reap.command("serve", context_settings={"ignore_unknown_options": True})
 @click.argument("target", type=click.Path(path_type=Path))
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--tp", type=int, help="Tensor-parallel size (GPU; default: the recipe's, else 4).")
-@click.option("--port", default=8000, show_default=True)
+@click.option(
+    "--tp", type=click.IntRange(min=1), help="Tensor-parallel size (GPUs only; default: the recipe's, else 4)."
+)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--max-model-len", type=int, help="vLLM's --max-model-len (default: the recipe's, else vLLM's).")
+@click.option(
+    "--max-model-len", type=click.IntRange(min=16), help="vLLM's --max-model-len (default: the recipe's, else vLLM's)."
+)
 @click.option("--quantization", help="Force vLLM's --quantization (default: let vLLM detect the checkpoint).")
 @click.option("--cpu", "force_cpu", is_flag=True, help="Serve with vLLM's CPU build even where GPUs are visible.")
 @click.option(
@@ -277,7 +327,9 @@ def card_cmd(run_dir: Path, to_stdout: bool) -> None:
 @click.option("--stop", "do_stop", is_flag=True, help="Stop the detached server of this run.")
 @click.option("--dry-run", is_flag=True, help="Print the environment and exact command, start nothing.")
 @click.option("--force", is_flag=True, help="Serve a build that failed verification.")
-@click.option("--timeout", default=900, show_default=True, help="Seconds to wait for readiness.")
+@click.option(
+    "--timeout", type=click.IntRange(min=1), default=900, show_default=True, help="Seconds to wait for readiness."
+)
 def serve_cmd(
     target: Path,
     vllm_args: tuple[str, ...],
@@ -343,12 +395,20 @@ def serve_cmd(
 )
 @click.option("--suite", default="demo", show_default=True, help="A suite of evals/suites/ (demo, standard).")
 @click.option("--tasks", help="Comma-separated lm-eval tasks instead of a suite (task or task:metric).")
-@click.option("--limit", type=int, help="At most N documents per task.")
-@click.option("--num-fewshot", type=int, help="Override the suite's few-shot count.")
-@click.option("--concurrency", default=8, show_default=True, help="Concurrent requests to the server.")
+@click.option("--limit", type=click.IntRange(min=1), help="At most N documents per task.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Override the suite's few-shot count.")
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Concurrent requests to the server.",
+)
 @click.option("--include-path", type=click.Path(path_type=Path), help="A folder of your own lm-eval task YAMLs.")
 @click.option("--baseline", is_flag=True, help="Also serve and evaluate the bf16 source: the card shows recovery.")
-@click.option("--port", default=8000, show_default=True, help="Port for the servers reap starts.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port for the servers reap starts."
+)
 def eval_cmd(
     run_dir: Path,
     endpoint: str | None,
@@ -521,8 +581,12 @@ def publish_cmd(
     required=True,
     help="Output folder: OUT/model/ (the pruned checkpoint) and OUT/manifest.json.",
 )
-@click.option("--ratio", type=float, help="Fraction of the routed experts dropped in every MoE layer, in (0, 1).")
-@click.option("--keep", type=int, help="Routed experts kept in every MoE layer (instead of --ratio).")
+@click.option(
+    "--ratio",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    help="Fraction of the routed experts dropped in every MoE layer, in (0, 1).",
+)
+@click.option("--keep", type=click.IntRange(min=1), help="Routed experts kept in every MoE layer (instead of --ratio).")
 @click.option(
     "--method",
     type=click.Choice(["reap", "frequency", "ean", "random"]),
@@ -535,8 +599,10 @@ def publish_cmd(
     type=click.Path(path_type=Path),
     help='A .jsonl of {"text": ...} rows (needed by every method but random).',
 )
-@click.option("--nsamples", default=64, show_default=True, help="Calibration samples.")
-@click.option("--seqlen", default=512, show_default=True, help="Tokens per calibration sample.")
+@click.option("--nsamples", type=click.IntRange(min=1), default=64, show_default=True, help="Calibration samples.")
+@click.option(
+    "--seqlen", type=click.IntRange(min=8), default=512, show_default=True, help="Tokens per calibration sample."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the random baseline.")
 @click.option("--device", help="Where the observation runs (default: cuda if available, else cpu).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")

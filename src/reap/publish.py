@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from reap.card import fmt_bytes, render_card
-from reap.checkpoint import Checkpoint, read_header, read_header_and_offset
+from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.recipe import PublishSection, check_repo_id, load_section
 from reap.rundir import RunDir, existing_run
@@ -155,12 +155,6 @@ def check_build(run: RunDir, manifest: dict[str, Any]) -> None:
             f"{run.root} has no finished, verified build (status: {build.get('status', 'none')}); "
             "run `reap build` first"
         )
-
-
-def shard_size(path: Path) -> int:
-    """The size a safetensors file has when complete: 8 + header length + the end of its last tensor."""
-    header, data_start = read_header_and_offset(path)
-    return data_start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
 
 
 def check_shards(model_dir: Path) -> None:

@@ -26,12 +26,20 @@ DEFAULT_KEEP_16BIT: dict[str, str] = {
     "mtp": "multi-token-prediction draft layers",
 }
 
+SERVABLE_BITS = (4, 8)
+# A calibration dataset given by name: a Hub id (ORG/NAME) or one of AutoRound's short names, with its
+# `:split=...`/`:num=...` options; several joined by commas.
+DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.+=-]+)*$")
+REVISION_RE = re.compile(
+    r"^(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)(?!.*\.lock$)(?!.*/$)(?!.*\.$)[^\s~^:?*\[\\\x00-\x1f\x7f]{1,200}$"
+)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: `iters: true` or `bits: "4"` is an error, not silently 1 or 4
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSection(_Section):
@@ -43,7 +51,7 @@ class ModelSection(_Section):
 
 
 class QuantizeSection(_Section):
-    bits: Literal[2, 3, 4, 8] = 4
+    bits: int = Field(4, description="weight bits: 4 or 8, the widths vLLM's int kernels load (W4A16, W8A16)")
     group_size: Literal[32, 64, 128] = 128
     sym: bool = True
     format: Literal["auto_round", "auto_gptq"] = "auto_round"
@@ -88,12 +96,20 @@ class QuantizeSection(_Section):
             return {str(p): DEFAULT_KEEP_16BIT.get(str(p), "kept in 16-bit by the recipe") for p in value}
         return value
 
+    @field_validator("bits")
+    @classmethod
+    def _servable_bits(cls, value: int) -> int:
+        if value not in SERVABLE_BITS:
+            raise ValueError(
+                f"{value} bits cannot be served: vLLM, the engine reap targets, loads GPTQ/AutoRound int weights "
+                "of 4 or 8 bits only (Marlin, Machete and its CPU WNA16 kernels); use 4 or 8"
+            )
+        return value
+
     @field_validator("dataset")
     @classmethod
-    def _dataset_exists(cls, value: str) -> str:
-        if value.endswith(".jsonl") and not Path(value).is_file():
-            raise ValueError(f'calibration file {value} not found; give an existing .jsonl of {{"text": ...}} rows')
-        return value
+    def _dataset_named_or_local_jsonl(cls, value: str) -> str:
+        return check_dataset(value)
 
 
 class PruneSection(_Section):
@@ -161,6 +177,45 @@ class CardSection(_Section):
     library_name: str = "transformers"
 
 
+def looks_like_path(value: str) -> bool:
+    return (
+        value.startswith(("/", "./", "../", "~"))
+        or value.endswith(("/", ".jsonl", ".json", ".txt", ".parquet", ".csv"))
+        or Path(value).expanduser().exists()
+    )
+
+
+def check_dataset(value: str) -> str:
+    """Calibration data is exactly what the recipe names: an existing local .jsonl file, or dataset names
+    (never a folder or another local path, which AutoRound would silently replace by NeelNanda/pile-10k)."""
+    if looks_like_path(value):
+        p = Path(value).expanduser()
+        if p.suffix != ".jsonl":
+            raise ValueError(
+                f'{value} is a local path but not a .jsonl file; give a .jsonl of {{"text": ...}} rows '
+                "(folders and other formats are not read)"
+            )
+        if not p.is_file():
+            raise ValueError(f'calibration file {value} not found; give an existing .jsonl of {{"text": ...}} rows')
+        return value
+    bad = [n for n in value.split(",") if not DATASET_NAME_RE.match(n.strip())]
+    if bad:
+        raise ValueError(
+            f"{bad[0]!r} is neither an existing .jsonl file nor a dataset name (ORG/NAME, e.g. NeelNanda/pile-10k)"
+        )
+    return value
+
+
+def check_revision(value: str) -> str:
+    """A branch name the Hub accepts (git's rules: no spaces, `..`, `~^:?*[\\`, not ending in `/`, `.` or .lock)."""
+    if not REVISION_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid branch name (no spaces, '..', '~', '^', ':', '?', '*', '[' or '\\'), "
+            "e.g. v1 or my-branch"
+        )
+    return value
+
+
 def check_repo_id(value: str) -> str:
     """A Hub model repo id, `ORG/NAME` (letters, digits, '.', '_', '-'; no '--' or '..'; not ending in .git)."""
     if not REPO_RE.match(value) or "--" in value or ".." in value or value.endswith(".git"):
@@ -178,6 +233,11 @@ class PublishSection(_Section):
     @classmethod
     def _repo_ok(cls, value: str | None) -> str | None:
         return None if value is None else check_repo_id(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_ok(cls, value: str) -> str:
+        return check_revision(value)
 
 
 class Recipe(_Section):
@@ -234,26 +294,33 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     p = Path(path)
     if not p.is_file():
         raise RecipeError(str(p), ["file not found; pass the path of a recipe YAML such as recipes/demo.yaml"])
+    data = _read_yaml(p)
+    if isinstance(data, dict):
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(data, dotted, value, str(p))
+    return parse_recipe(data, str(p))
+
+
+def _read_yaml(p: Path) -> Any:
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RecipeError(
+            str(p), ["not a text file (not UTF-8); pass a recipe YAML such as recipes/demo.yaml"]
+        ) from None
+    except OSError as exc:
+        raise RecipeError(str(p), [f"cannot be read ({exc.strerror})"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else "somewhere"
         raise RecipeError(str(p), [f"not valid YAML at {where}: {getattr(exc, 'problem', exc)}"]) from None
-    if isinstance(data, dict):
-        for dotted, value in (overrides or {}).items():
-            _set_dotted(data, dotted, value)
-    return parse_recipe(data, str(p))
 
 
 def load_section(path: str | Path, name: str) -> BaseModel:
     """One section of a recipe file (e.g. a run's recipe.yaml), validated on its own: the other sections may
     name files of the machine that built the run. An absent file or section gives the defaults."""
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) if p.is_file() else {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(str(p), [f"not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    data = _read_yaml(p) if p.is_file() else {}
     section = (data if isinstance(data, dict) else {}).get(name) or {}
     try:
         return Recipe.model_fields[name].annotation.model_validate(section)
@@ -261,11 +328,18 @@ def load_section(path: str | Path, name: str) -> BaseModel:
         raise RecipeError(str(p), [_format_error({**e, "loc": (name, *e["loc"])}) for e in exc.errors()]) from None
 
 
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any, path: str) -> None:
     *parents, leaf = dotted.split(".")
+    if not leaf or not all(parents):
+        raise RecipeError(path, [f"--set {dotted}: empty field name; use dotted names like quantize.iters"])
     node = data
-    for key in parents:
-        node = node.setdefault(key, {})
+    for i, key in enumerate(parents):
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            where = ".".join(parents[: i + 1])
+            raise RecipeError(path, [f"--set {dotted}: {where} is a value, not a section; set {where}=VALUE"])
     node[leaf] = value
 
 

@@ -57,11 +57,17 @@ class RunDir:
         if not self.manifest_path.is_file():
             return {"stages": {}}
         try:
-            return json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(
-                f"{self.manifest_path} is not valid JSON ({exc.msg}); restore it or rebuild the run"
+                f"{self.manifest_path} is not valid JSON ({getattr(exc, 'msg', exc)}); restore it or rebuild the run"
             ) from None
+        if not isinstance(data, dict) or not isinstance(data.get("stages", {}), dict):
+            raise InputError(
+                f"{self.manifest_path} is not a reap manifest (a JSON object with `stages`); restore it or rebuild "
+                "the run"
+            )
+        return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
@@ -89,9 +95,25 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_output_dir(path: Path, option: str = "--out") -> None:
+    """Refuse, before anything is read or written, an output folder that cannot be made: an existing file, a
+    folder under a file, or one under a folder this user cannot write to."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder; choose a folder")
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{option} {path} lies under {probe}, which is a file; choose another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(f"{option} {path}: {probe} is not writable by this user; choose another folder")
+
+
 def open_run(path: Path, overwrite: bool = False) -> RunDir:
     """A fresh run folder. An existing one is refused unless `overwrite` (then its model/ is replaced
     only when the new build succeeds: see build.py)."""
+    check_output_dir(path)
     run = RunDir(path)
     if run.model_dir.exists() and not overwrite:
         raise OutputExistsError(f"{path} already holds a build; pass --overwrite to rebuild it or choose another --out")

@@ -46,7 +46,7 @@ def test_missing_and_invalid_recipe(tmp_path):
     one_error_line(run("build", str(tmp_path / "none.yaml")), "file not found")
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {}\nquantize: {bits: 5}\n")
-    one_error_line(run("build", str(bad)), str(bad), "model.path: required", "quantize.bits: allowed")
+    one_error_line(run("build", str(bad)), str(bad), "model.path: required", "quantize.bits: 5 bits cannot be served")
 
 
 def test_model_path_not_found(tmp_path):

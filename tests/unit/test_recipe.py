@@ -50,7 +50,7 @@ def test_every_error_is_reported_at_once_with_file_and_field(tmp_path):
     assert "name: use letters, digits" in msg
     assert "model.path: required field is missing" in msg
     assert "model.pathh: unknown field" in msg
-    assert "quantize.bits: allowed: 2, 3, 4 or 8" in msg
+    assert "quantize.bits: 5 bits cannot be served" in msg and "4 or 8" in msg
     assert "quantize.iters: Input should be greater than or equal to 0" in msg
     assert "quantize.colour: unknown field" in msg
     assert len(err.value.problems) == 6
