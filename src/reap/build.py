@@ -25,8 +25,8 @@ from reap.card import render_card_into
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import PRUNE_FILE, pruning_summary, read_calibration, read_pruning
-from reap.recipe import Recipe, dump_recipe
-from reap.rundir import atomic_write_text, check_free_disk, open_run, swap_into_place
+from reap.recipe import Recipe, dump_recipe, looks_like_path
+from reap.rundir import atomic_write_text, check_free_disk, check_output_dir, open_run, swap_into_place
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -134,9 +134,22 @@ def keep_16bit_layers(src: Checkpoint, recipe: Recipe) -> dict[str, str]:
 
 
 def check_calibration(dataset: str) -> None:
-    """A local .jsonl calibration file is read once before any weight is loaded (Hub ids are AutoRound's)."""
-    if dataset.endswith(".jsonl"):
-        read_calibration(Path(dataset))
+    """Before any weight is loaded: a local .jsonl file is read once; a dataset name must be one AutoRound
+    registers under exactly that name (it otherwise matches names by substring, e.g. `pile` or a
+    misspelt id becomes NeelNanda/pile-10k: the build would calibrate on data the recipe does not name)."""
+    if looks_like_path(dataset):
+        read_calibration(Path(dataset).expanduser())
+        return
+    compat.ensure_torchvision_importable()
+    from auto_round.calib_dataset import CALIB_DATASETS
+
+    unknown = [n.split(":")[0] for n in dataset.split(",") if n.split(":")[0] not in CALIB_DATASETS]
+    if unknown:
+        known = ", ".join(sorted(k for k in CALIB_DATASETS if k != "local"))
+        raise InputError(
+            f"quantize.dataset {unknown[0]!r} is not a dataset AutoRound knows by that name (known: {known}); "
+            'name one of them exactly, or give a local .jsonl of {"text": ...} rows'
+        )
 
 
 def source_license(root: Path) -> str | None:
@@ -249,8 +262,11 @@ def _quantize(
 
 def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | None = None) -> dict[str, Any]:
     """Quantize `recipe.model.path` into `out/model`, verify it and render its card. Returns the build record."""
+    check_output_dir(out)
     src = Checkpoint.open(Path(recipe.model.path))
     src.require_supported_moe()
+    if src.tensors and src.problems:  # every shard header read before anything is written
+        raise InputError(f"the source {src.root} is damaged: {'; '.join(src.problems[:3])}; restore it")
     check_calibration(recipe.quantize.dataset)
     if recipe.quantize.parallel > 1:
         parallel.check_parallel(src, recipe, *parallel.gpus_for(recipe))
@@ -269,7 +285,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
         "argv": argv or sys.argv,
         "source": str(src.root.resolve()),
         "versions": package_versions(),
-        "lineage": {"base": recipe.model.base_model or src.root.name, "pruned_from": recipe.model.pruned_from},
+        "lineage": {"base": recipe.model.base_model, "pruned_from": recipe.model.pruned_from},
         "license": license_,
     }
     pruning = read_pruning(src.root)

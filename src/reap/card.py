@@ -14,7 +14,7 @@ from reap.errors import CardError
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text
 
-REQUIRED_METADATA = ("base_model", "base_model_relation", "library_name", "license", "pipeline_tag", "tags")
+REQUIRED_METADATA = ("base_model_relation", "library_name", "license", "pipeline_tag", "tags")
 
 
 def fmt_seconds(s: float) -> str:
@@ -141,7 +141,8 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "name": manifest["name"],
         "summary": (
             f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
-            f"`{build['lineage']['base']}` made with `reap` and Intel AutoRound, "
+            + (f"`{build['lineage']['base']}`" if build["lineage"]["base"] else "its source checkpoint")
+            + " made with `reap` and Intel AutoRound, "
             "checked by reap's gates against what vLLM needs to load it (see Verification)."
         ),
         "lineage": build["lineage"],

@@ -132,11 +132,13 @@ def demo_model_cmd(out: Path, steps: int, seed: int, layers: int, experts: int, 
       reap demo-model runs/wide-source --experts 32 --top-k 4 --aux-loss 0.01 --seed 1   # prune benchmark
     """
     from reap.demo import build_demo_model
+    from reap.rundir import check_output_dir
 
     if out.exists():
         raise click.UsageError(f"{out} already exists; remove it or choose another folder")
     if top_k > experts:
         raise click.UsageError(f"--top-k {top_k} is more than --experts {experts}")
+    check_output_dir(out, "OUT")
     report = build_demo_model(
         out, steps=steps, seed=seed, layers=layers, experts=experts, top_k=top_k, aux_loss=aux_loss
     )

@@ -36,7 +36,7 @@ from typing import Any
 
 from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint
 from reap.errors import InputError, OutputExistsError, UnsupportedModelError
-from reap.rundir import RunDir, atomic_write_text, check_free_disk, swap_into_place
+from reap.rundir import RunDir, atomic_write_text, check_free_disk, check_output_dir, swap_into_place
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 
 METHODS: dict[str, str] = {
@@ -542,6 +542,7 @@ def prune(
         raise InputError(f"nsamples ({nsamples}) and seqlen ({seqlen}) must be at least 1")
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise InputError(f"--out {out} would replace the source {src}; choose another folder")
+    check_output_dir(out)
     if out.exists() and not overwrite:
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,11 @@ class ModelSection(_Section):
     license: str | None = Field(None, description="license carried into the card; defaults to the source config's")
     trust_remote_code: bool = False
 
+    @field_validator("base_model", "pruned_from")
+    @classmethod
+    def _hub_id(cls, value: str | None) -> str | None:
+        return None if value is None else check_repo_id(value)
+
 
 class QuantizeSection(_Section):
     bits: int = Field(4, description="weight bits: 4 or 8, the widths vLLM's int kernels load (W4A16, W8A16)")

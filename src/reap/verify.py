@@ -9,6 +9,7 @@ rule at the recipe's tensor-parallel size.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from reap.checkpoint import QUANT_SUFFIXES, Checkpoint, generalize, layer_index, segment_match
 from reap.errors import VerificationError
-from reap.recipe import DEFAULT_KEEP_16BIT
+from reap.recipe import DEFAULT_KEEP_16BIT, SERVABLE_BITS
 
 MAX_SHOWN = 5
 
@@ -97,6 +98,40 @@ def declared_16bit(qcfg: dict[str, Any], module: str) -> bool:
         if not any(module.startswith(b + ".") for b in names):
             return True
     return False
+
+
+REGEX_CHARS = set(r"*+?^$()[]{}|\\")
+
+
+def experts_declared_16bit(qcfg: dict[str, Any], fused: str) -> bool | None:
+    """Whether vLLM builds the fused MoE module `fused` (`...layers.N.mlp.experts`, all of a block's routed
+    experts at once) unquantized, decided the way vLLM decides it for that one module; None when vLLM would
+    refuse the config as inconsistent. auto-round: vllm/model_executor/layers/quantization/inc/config_parser.py
+    (an exact key, else the per-expert keys under it, which must agree, else the first regex key found in it,
+    else the default); GPTQ: a `-:` dynamic rule matching the module."""
+    if qcfg.get("quant_method") == "gptq":
+        return any(k.startswith("-:") and re.match(k[2:], fused) for k in (qcfg.get("dynamic") or {}))
+    extra = qcfg.get("extra_config") or {}
+    blocks = qcfg.get("block_name_to_quantize")
+    blocks = [blocks] if isinstance(blocks, str) else blocks or []
+    names = [b.strip() for bl in blocks for b in bl.split(",")]
+    default = qcfg.get("bits", 4) if not names or any(fused.startswith(n) for n in names) else 16
+
+    def bits(spec: dict[str, Any]) -> int:
+        return int(spec.get("bits", default))
+
+    exact = extra.get(fused) or next((v for k, v in extra.items() if fused.endswith(f".{k}")), None)
+    if exact is not None:
+        return bits(exact) >= 16
+    under = {bits(v) for k, v in extra.items() if k.startswith(fused)}
+    if under:
+        return under.pop() >= 16 if len(under) == 1 else None
+    for key, spec in extra.items():
+        if any(c in REGEX_CHARS for c in key):
+            with contextlib.suppress(re.error):
+                if re.search(key, fused):
+                    return bits(spec) >= 16
+    return default >= 16
 
 
 # --- the gates ----------------------------------------------------------------------------------------
@@ -206,23 +241,39 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
             in_features = t["qweight"].shape[0] * 32 // bits
             if t["scales"].shape[0] != -(-in_features // group) or t["scales"].shape[1] != t["qweight"].shape[1]:
                 bad_shape.append(mod)
+    if bits not in SERVABLE_BITS:
+        failures.append(f"quantization_config.bits is {bits}: vLLM loads 4- or 8-bit int weights only")
     experts = ckpt.expert_states()
     mixed = [i for i, states in sorted(experts.items()) if len(states) > 1]
     if mixed:
         failures.append(
             f"blocks {mixed}: routed experts partly quantized; vLLM runs a block's experts all int4 or all 16-bit"
         )
-    if method == "gptq":
-        unruled = [
-            i
-            for i, states in sorted(experts.items())
-            if states == {False} and not declared_16bit(q, f"model.language_model.layers.{i}.mlp.experts")
-        ]
-        if unruled:
-            failures.append(
-                f"blocks {unruled}: 16-bit experts without a module-level `dynamic` skip rule; vLLM "
-                "would treat them as int4 (No WNA16 MoE backend supports the deployment configuration)"
-            )
+    fused = {layer_index(m): m.split(".mlp.experts.")[0] + ".mlp.experts" for m in ckpt.modules if ".mlp.experts." in m}
+    wrong = {"16-bit": [], "int4": [], "inconsistent": []}
+    for i, states in sorted(experts.items()):
+        if len(states) == 1:
+            says = experts_declared_16bit(q, fused[i])
+            if says is None:
+                wrong["inconsistent"].append(i)
+            elif says != (states == {False}):
+                wrong["16-bit" if states == {False} else "int4"].append(i)
+    if wrong["16-bit"]:
+        rule = "a module-level `dynamic` skip rule" if method == "gptq" else "an extra_config entry vLLM applies"
+        failures.append(
+            f"blocks {wrong['16-bit']}: routed experts stored in 16-bit without {rule} to their fused module "
+            "(`...mlp.experts`); vLLM would build them int4 and fail to load (No WNA16 MoE backend / qweight)"
+        )
+    if wrong["int4"]:
+        failures.append(
+            f"blocks {wrong['int4']}: routed experts stored int4 but quantization_config makes vLLM build their "
+            "fused module in 16-bit"
+        )
+    if wrong["inconsistent"]:
+        failures.append(
+            f"blocks {wrong['inconsistent']}: the per-expert extra_config entries disagree on bits; vLLM refuses "
+            "a fused MoE module whose experts are configured differently"
+        )
     if undeclared:
         failures.append(
             f"{_shown(undeclared)} stored in 16-bit but quantization_config does not say so "

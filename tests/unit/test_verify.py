@@ -10,7 +10,7 @@ import pytest
 from reap.errors import InputError, UnsupportedModelError, VerificationError
 from reap.verify import raise_on_failure, verify_checkpoint
 
-from .ckpt_factory import edit_index, make_checkpoint
+from .ckpt_factory import KEEP, edit_index, make_checkpoint
 
 L0 = "model.language_model.layers.0"
 
@@ -125,3 +125,48 @@ def test_quantized_narrow_projection_breaks_keep_list_and_marlin(tmp_path):
     report = verify_checkpoint(ckpt, tp=1)
     assert f"{L0}.linear_attn.in_proj_a" in failures(report, "kept_16bit")[0]
     assert "in_proj_ba with 8/1 rows per shard" in failures(report, "marlin_shapes")[0]
+
+
+def test_truncated_shard_fails_tensor_set(copy):
+    """Issue 15: a shard cut to half its size (an interrupted copy) passed every gate; publish caught it later."""
+    shard = max(copy.glob("*.safetensors"), key=lambda p: p.stat().st_size)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size // 2)
+    report = verify_checkpoint(copy, tp=1)
+    assert not report["passed"]
+    assert f"shard {shard.name} has {size // 2} bytes, its header says {size} (truncated or damaged)" in failures(
+        report, "tensor_set"
+    )
+
+
+def test_16bit_experts_need_a_declaration_vllm_applies_to_the_fused_module(tmp_path):
+    """Issue 15: a merged parallel build passed the gates with 16-bit experts declared per expert by a regex
+    that vLLM never tries on the fused `mlp.experts` module: vLLM built them int4 and failed to load."""
+    L1 = "model.language_model.layers.1"
+    ckpt = make_checkpoint(tmp_path / "c", keep=(*KEEP, "layers.1.mlp.experts"))
+    assert verify_checkpoint(ckpt, tp=1)["passed"]  # per-expert exact entries: vLLM reads them for the module
+    cfg = json.loads((ckpt / "config.json").read_text())
+    extra = cfg["quantization_config"]["extra_config"]
+    for key in [k for k in extra if k.startswith(f"{L1}.mlp.experts.")]:
+        del extra[key]
+    extra[r"model\.language_model\.layers\.1\.mlp\.experts\.\d+\.(gate|up|down)_proj"] = {"bits": 16}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    report = verify_checkpoint(ckpt, tp=1)
+    msg = " ".join(failures(report, "quantization_config"))
+    assert "blocks [1]: routed experts stored in 16-bit without an extra_config entry vLLM applies" in msg
+    # one expert of the block declared otherwise: vLLM refuses the module as inconsistent
+    del extra[r"model\.language_model\.layers\.1\.mlp\.experts\.\d+\.(gate|up|down)_proj"]
+    extra.update({f"{L1}.mlp.experts.{e}.{p}": {"bits": 16} for e in range(4) for p in ("gate_proj", "up_proj")})
+    extra[f"{L1}.mlp.experts.0.down_proj"] = {"bits": 4}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    msg = " ".join(failures(verify_checkpoint(ckpt, tp=1), "quantization_config"))
+    assert "blocks [1]: the per-expert extra_config entries disagree on bits" in msg
+
+
+def test_bit_width_vllm_cannot_load_fails(copy):
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["quantization_config"]["bits"] = 3
+    (copy / "config.json").write_text(json.dumps(cfg))
+    msg = " ".join(failures(verify_checkpoint(copy, tp=1), "quantization_config"))
+    assert "quantization_config.bits is 3: vLLM loads 4- or 8-bit int weights only" in msg
