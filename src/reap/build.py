@@ -25,7 +25,7 @@ from reap.card import render_card_into
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import PRUNE_FILE, pruning_summary, read_calibration, read_pruning
-from reap.recipe import Recipe, dump_recipe, looks_like_path
+from reap.recipe import RECIPE_FILE, Recipe, dump_recipe, looks_like_path
 from reap.rundir import atomic_write_text, check_free_disk, check_output_dir, open_run, swap_into_place
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
@@ -334,7 +334,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
             record.update(status="failed", ended=now(), error="verification failed", rejected=str(rejected))
             run.update_stage("build", record)
             raise_on_failure(report, f"{rejected} (kept for inspection)")
-        atomic_write_text(work / "reap_recipe.yaml", dump_recipe(recipe))
+        atomic_write_text(work / RECIPE_FILE, dump_recipe(recipe))
         if pruning:
             shutil.copy2(src.root / PRUNE_FILE, work / PRUNE_FILE)
         swap_into_place(work, run.model_dir)

@@ -13,6 +13,7 @@ import yaml
 from reap.errors import CardError
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text
+from reap.secrets import hide_local_paths, mask_argv
 
 REQUIRED_METADATA = ("base_model_relation", "library_name", "license", "pipeline_tag", "tags")
 
@@ -39,7 +40,7 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
     if recorded and "serve" in recorded[:4]:  # `vllm serve MODEL ...` or `python -m vllm... serve MODEL ...`
         i = recorded.index("serve")
-        return ["vllm", "serve", target, *recorded[i + 2 :]]
+        return ["vllm", "serve", target, *mask_argv(recorded[i + 2 :])]
     recipe = manifest["recipe"]
     argv = [
         "vllm",
@@ -120,6 +121,11 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
     }
 
 
+def public_recipe_yaml(recipe: dict[str, Any]) -> str:
+    """The recipe as the card and the Hub show it: local paths (model.path, a calibration file) hidden."""
+    return hide_local_paths(yaml.safe_dump(recipe, sort_keys=False, width=1000))
+
+
 def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
     """Everything the template shows, derived from the manifest alone."""
     build = manifest["stages"]["build"]
@@ -155,9 +161,10 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "verification": verification,
         "hardware": manifest["hardware"],
         "runtime": _runtime(build, manifest["hardware"]),
-        "build_command": shlex.join(argv),
-        "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False, width=1000),
-        "serve_command": shlex.join(serve_argv(manifest)),
+        # the card is published: local absolute paths and secrets stay on this machine
+        "build_command": hide_local_paths(shlex.join(mask_argv(argv))),
+        "recipe_yaml": public_recipe_yaml(recipe),
+        "serve_command": hide_local_paths(shlex.join(serve_argv(manifest))),
         "serve_notes": notes,
         "evaluation": _evaluation(manifest),
         "pruning": pruning_context(build["pruning"]) if build.get("pruning") else None,
@@ -227,7 +234,8 @@ def card_metadata(manifest: dict[str, Any]):
             dataset_name=task,
             metric_type=r["metric"],
             metric_value=round(r["value"], 4),
-            dataset_split="test",
+            dataset_split=r.get("split"),  # the split lm-eval scored (validation for hellaswag, winogrande)
+            dataset_args={"num_few_shot": r["num_fewshot"]},
         )
         for task, r in (ev.get("results") or {}).items()
     ]

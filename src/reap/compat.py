@@ -5,6 +5,7 @@ a test that says when it stops being needed (tests/unit/test_compat.py, tests/in
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -251,3 +252,36 @@ def gptq_skip_16bit_moe(dest: Path) -> bool:
     if added:
         (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return added
+
+
+@contextmanager
+def scoped_env(updates: dict[str, str]) -> Iterator[None]:
+    """Environment variables set for the block only; the previous values (or their absence) come back after."""
+    saved = {k: os.environ.get(k) for k in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hub and datasets offline for the block only. huggingface_hub and datasets read HF_HUB_OFFLINE /
+    HF_DATASETS_OFFLINE once, at import, into module constants: an environment variable set for eval would
+    leave a later publish of the same process (`reap run --publish`) with "offline mode is on". So the
+    constants are set and restored with the variables."""
+    import datasets.config as ds_config
+    import huggingface_hub.constants as hub_constants
+
+    saved = (hub_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE)
+    with scoped_env({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}):
+        hub_constants.HF_HUB_OFFLINE = ds_config.HF_HUB_OFFLINE = ds_config.HF_DATASETS_OFFLINE = True
+        try:
+            yield
+        finally:
+            hub_constants.HF_HUB_OFFLINE, ds_config.HF_HUB_OFFLINE, ds_config.HF_DATASETS_OFFLINE = saved

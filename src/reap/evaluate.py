@@ -8,9 +8,11 @@ concurrently. Each task is saved as soon as it finishes, so a failure keeps what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import urllib.parse
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -18,9 +20,11 @@ from typing import Any
 
 import yaml
 
+from reap import compat
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
 from reap.rundir import atomic_write_text, existing_run
+from reap.secrets import redact
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -93,25 +97,39 @@ def prepare_include(paths: tuple[Path, ...], dest: Path) -> Path | None:
 
 
 def normalize_endpoint(url: str) -> tuple[str, str | None]:
-    """(base URL ending in /v1, the API path the user gave if any)."""
-    url = url.rstrip("/")
+    """(base URL ending in /v1, the API path the user gave if any). Refuses what is not an http(s) URL."""
+    parts = urllib.parse.urlsplit(url.strip())
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise InputError(f"--endpoint {url!r} is not an http(s) URL; give the server's, e.g. http://127.0.0.1:8000/v1")
+    url = url.strip().rstrip("/")
     for suffix in ("/chat/completions", "/completions"):
         if url.endswith(suffix):
             return url[: -len(suffix)], suffix
     return url, None
 
 
-def endpoint_models(base_url: str) -> list[dict[str, Any]]:
+def endpoint_models(base_url: str, api_key: str | None) -> list[dict[str, Any]]:
     from reap.serve import http_request
 
-    code, body = http_request(f"{base_url}/models", timeout=10)
-    try:
-        return json.loads(body)["data"]
-    except (KeyError, TypeError, json.JSONDecodeError):
+    code, body = http_request(f"{base_url}/models", timeout=10, api_key=api_key)
+    if code == 401:
         raise EvalError(
-            f"no OpenAI-compatible server answers at {base_url}/models (HTTP {code or 'no answer'}); "
-            "start one with `reap serve RUN --detach` or leave --endpoint out"
-        ) from None
+            f"the server at {base_url} refused the API key (HTTP 401); set VLLM_API_KEY to the key it was started with"
+        )
+    try:
+        models = json.loads(body)["data"]
+        if isinstance(models, list) and all(isinstance(m, dict) for m in models):
+            return models
+    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError):
+        pass
+    raise EvalError(
+        f"no OpenAI-compatible server answers at {base_url}/models (HTTP {code or 'no answer'}); "
+        "start one with `reap serve RUN --detach` or leave --endpoint out"
+    )
 
 
 def model_args(
@@ -141,7 +159,7 @@ def _metric(results: dict[str, Any], task: str, metric: str) -> tuple[float, flo
     raise EvalError(f"lm-eval gave no {metric!r} for {task}; metrics there: {sorted(row)}")
 
 
-def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, out_dir: Path):
+def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, out_dir: Path, api_key: str | None):
     """Everything that can be refused before a request is scored: the endpoint, the served name, chat vs
     loglikelihood, unknown tasks. Returns (TaskManager, max_length)."""
     for spec in suite.tasks:
@@ -150,12 +168,10 @@ def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, 
                 f"{spec.name} is scored by loglikelihood, which chat endpoints cannot return; pass the "
                 f"server's /v1 URL (or /v1/completions) as --endpoint"
             )
-    models = endpoint_models(base_url)
+    models = endpoint_models(base_url, api_key)
     info = next((m for m in models if m.get("id") == served), None)
     if info is None:
         raise EvalError(f"the server at {base_url} serves {[m.get('id') for m in models]}, not {served!r}")
-    if suite.offline:
-        os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
     from lm_eval.tasks import TaskManager
 
     include = prepare_include(suite.include_paths, out_dir / "tasks")
@@ -177,10 +193,46 @@ def run_suite(
     num_fewshot: int | None,
     concurrency: int,
     given_path: str | None,
+    api_key: str | None = None,
     on_task=None,
 ) -> dict[str, Any]:
-    """Evaluate every task of the suite against one endpoint; returns {task: summary}."""
-    manager, max_length = preflight(suite, base_url, served, given_path, out_dir)
+    """Evaluate every task of the suite against one endpoint; returns {task: summary}. An offline suite runs
+    with the Hub offline, and a protected server gets `api_key`, both for this call only (compat.scoped_env):
+    a later stage of the same process (publish) sees neither."""
+    with (
+        compat.hub_offline() if suite.offline else contextlib.nullcontext(),
+        compat.scoped_env({"OPENAI_API_KEY": api_key} if api_key else {}),  # lm-eval's local-completions reads it
+    ):
+        return _run_suite(
+            suite,
+            base_url,
+            served,
+            tokenizer,
+            out_dir,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            concurrency=concurrency,
+            given_path=given_path,
+            api_key=api_key,
+            on_task=on_task,
+        )
+
+
+def _run_suite(
+    suite: Suite,
+    base_url: str,
+    served: str,
+    tokenizer: Path,
+    out_dir: Path,
+    *,
+    limit: int | None,
+    num_fewshot: int | None,
+    concurrency: int,
+    given_path: str | None,
+    api_key: str | None,
+    on_task,
+) -> dict[str, Any]:
+    manager, max_length = preflight(suite, base_url, served, given_path, out_dir, api_key)
     import lm_eval
 
     summary: dict[str, Any] = {}
@@ -205,7 +257,7 @@ def run_suite(
         except Exception as exc:  # lm-eval raises plain exceptions (connection refused, retries exhausted)
             raise EvalError(
                 f"{spec.name} failed against {base_url}: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+                + redact(str(exc).splitlines()[0] if str(exc) else "", (api_key or "",))
             ) from exc
         value, stderr = _metric(res, spec.name, spec.metric)
         samples = res.pop("samples", {})
@@ -214,10 +266,12 @@ def run_suite(
             out_dir / f"{spec.name}.samples.jsonl",
             "".join(json.dumps(s, default=str) + "\n" for s in samples.get(spec.name, [])),
         )
+        task_cfg = (res.get("configs") or {}).get(spec.name) or {}
         summary[spec.name] = {
             "metric": spec.metric,
             "value": value,
             "stderr": stderr,
+            "split": task_cfg.get("test_split") or task_cfg.get("validation_split"),  # the one lm-eval scored
             "num_fewshot": shots or 0,
             "limit": limit,
             "model_type": spec.model_type,
@@ -251,6 +305,9 @@ def evaluate(
     build = manifest.get("stages", {}).get("build", {})
     if build.get("status") != "done":
         raise InputError(f"{run.root} has no finished build; run `reap build` first")
+    given_endpoint = normalize_endpoint(endpoint) if endpoint else None
+    if limit is not None and limit < 1 or concurrency < 1:
+        raise InputError(f"limit ({limit}) and concurrency ({concurrency}) must be at least 1")
     suite = load_suite(suite_name, tasks, include_path)
     name = manifest["name"]
     previous = manifest.get("stages", {}).get("eval") or {}
@@ -282,8 +339,8 @@ def evaluate(
     try:
         for label, model_dir, served in jobs:
             out_dir = run.root / "eval" / label
-            if endpoint and label == "quantized":
-                base, given = normalize_endpoint(endpoint)
+            if given_endpoint and label == "quantized":
+                base, given = given_endpoint
                 record["endpoint"] = base
                 run_suite(
                     suite,
@@ -295,6 +352,7 @@ def evaluate(
                     num_fewshot=num_fewshot,
                     concurrency=concurrency,
                     given_path=given,
+                    api_key=os.environ.get("VLLM_API_KEY"),
                     on_task=save(label),
                 )
                 continue
@@ -310,6 +368,7 @@ def evaluate(
                     num_fewshot=num_fewshot,
                     concurrency=concurrency,
                     given_path=None,
+                    api_key=srv.api_key,
                     on_task=save(label),
                 )
     except BaseException as exc:

@@ -23,7 +23,7 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError
 from reap.recipe import Recipe
-from reap.rundir import RunDir, digest
+from reap.rundir import RunDir, check_output_dir, digest
 from reap.stats import ResourceSampler, log
 
 
@@ -43,6 +43,7 @@ class Stage:
     outputs_exist: Callable[[RunDir], bool]
     wanted: Callable[[Recipe, bool], bool] = lambda recipe, publish: True  # (recipe, --publish given)
     unwanted_why: str = "not asked for by the recipe"
+    how_to_want: str = ""  # what makes an unwanted stage run
 
 
 def source_signature(path: str) -> list[tuple[str, int, int]]:
@@ -169,6 +170,7 @@ STAGES: tuple[Stage, ...] = (
         _prune,
         lambda run: (_pruned_dir(run) / "model" / "config.json").is_file(),
         wanted=lambda r, publish: r.prune is not None,
+        how_to_want="add a prune: section to the recipe",
     ),
     Stage(
         "build",
@@ -191,6 +193,7 @@ STAGES: tuple[Stage, ...] = (
         _eval,
         lambda run: _stage_done(run, "eval"),
         wanted=lambda r, publish: r.eval.enabled,
+        how_to_want="set eval.enabled: true (or --set eval.enabled=true)",
     ),
     Stage(
         "card",
@@ -207,6 +210,7 @@ STAGES: tuple[Stage, ...] = (
         lambda run: _stage_done(run, "publish"),
         wanted=lambda r, publish: publish,
         unwanted_why="not asked for (--publish)",
+        how_to_want="add --publish",
     ),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -247,7 +251,10 @@ def select(wanted: list[str], only: str | None, start: str | None, until: str | 
     names = [n for n in STAGE_NAMES if n in wanted]
     for opt, value in (("--only", only), ("--from", start), ("--until", until)):
         if value is not None and value not in names:
-            raise InputError(f"{opt} {value}: this recipe has no {value} stage (its stages: {', '.join(names)})")
+            stage = next((s for s in STAGES if s.name == value), None)
+            if stage is not None:  # a stage of reap run that is not wanted this time: say why
+                raise InputError(f"{opt} {value}: the {value} stage is {stage.unwanted_why}; {stage.how_to_want}")
+            raise InputError(f"{opt} {value}: no such stage (the stages here: {', '.join(names)})")
     if only:
         return [only], True
     lo = names.index(start) if start else 0
@@ -265,7 +272,10 @@ def plan(
     until: str | None = None,
     publish: bool = False,
 ) -> list[dict[str, Any]]:
-    """What `reap run` would do, stage by stage: run (and why) or skip (and why)."""
+    """What `reap run` would do, stage by stage: run (and why) or skip (and why). Refuses, as the run itself
+    would, a run folder that cannot be made or that another recipe made."""
+    check_output_dir(run.root)
+    check_run_folder(run, recipe)
     check_recipe(recipe, publish)
     wanted = [s.name for s in STAGES if s.wanted(recipe, publish)]
     selected, forced = select(wanted, only, start, until)
@@ -342,7 +352,6 @@ def run_pipeline(
 ) -> list[dict[str, Any]]:
     """Run the stages `plan` says to run; returns the summary rows (stage, status, wall_s, peak_rss_gb)."""
     run = RunDir(out)
-    check_run_folder(run, recipe)
     steps = plan(recipe, run, only, start, until, publish)
     if on_plan:
         on_plan(steps)

@@ -31,11 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reap.card import fmt_bytes, render_card
+from reap.card import fmt_bytes, public_recipe_yaml, render_card
 from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
-from reap.recipe import PublishSection, check_repo_id, load_section
+from reap.prune import PRUNE_FILE
+from reap.recipe import RECIPE_FILE, PublishSection, check_repo_id, check_revision, load_section
 from reap.rundir import RunDir, existing_run
+from reap.secrets import hide_local_paths, mask_argv, redact
 from reap.stats import log, now
 
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
@@ -46,7 +48,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 LOCAL_KEYS = frozenset({"source", "outputs", "rejected", "log", "pid", "env", "base_url", "endpoint"})
 SECRET_KEY_RE = re.compile(r"(^|_)(token|secret|password|api_?key|auth)($|_)", re.IGNORECASE)
 TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
-PATH_RE = re.compile(r"(?<![\w.:/~-])~?/[\w.~-][^\s\"',;)]*")  # absolute paths, not URLs nor `org/name`
 
 
 @dataclass(frozen=True)
@@ -84,14 +85,21 @@ class Remote:
 # --- what goes up -----------------------------------------------------------------------------------------
 
 
-def _scrub(obj: Any) -> Any:
-    """Drop keys that describe this machine or hold secrets; replace absolute paths and Hub tokens in strings."""
+def _scrub(obj: Any, drop_local: bool = True) -> Any:
+    """Drop keys that hold secrets (and, with `drop_local`, keys that describe this machine); replace absolute
+    paths, Hub tokens and known secret values in strings, and mask secret flags in command lines."""
     if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items() if k not in LOCAL_KEYS and not SECRET_KEY_RE.search(k)}
+        return {
+            k: _scrub(v, drop_local)
+            for k, v in obj.items()
+            if not (drop_local and k in LOCAL_KEYS) and not SECRET_KEY_RE.search(k)
+        }
     if isinstance(obj, list):
-        return [_scrub(v) for v in obj]
+        if obj and all(isinstance(v, str) for v in obj):
+            obj = mask_argv(obj)  # a command line: the values of --api-key, --hf-token, ...
+        return [_scrub(v, drop_local) for v in obj]
     if isinstance(obj, str):
-        return TOKEN_RE.sub("<redacted>", PATH_RE.sub("<local path>", obj))
+        return TOKEN_RE.sub("<redacted>", redact(hide_local_paths(obj)))
     return obj
 
 
@@ -128,6 +136,12 @@ def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
         "README.md": card_for(manifest, repo).encode(),
         "reap_manifest.json": _json_bytes(public_manifest(manifest)),
         "eval_results.json": _json_bytes(results) if results else None,
+        RECIPE_FILE: public_recipe_yaml(manifest["recipe"]).encode()
+        if (run.model_dir / RECIPE_FILE).is_file()
+        else None,
+        PRUNE_FILE: _json_bytes(_scrub(json.loads((run.model_dir / PRUNE_FILE).read_text()), drop_local=False))
+        if (run.model_dir / PRUNE_FILE).is_file()
+        else None,
     }
     items = [Item(name, len(data), data=data) for name, data in made.items() if data is not None]
     for p in sorted(run.model_dir.rglob("*")):
@@ -191,11 +205,12 @@ def resolve_settings(
     run: RunDir, *, repo: str | None, private: bool | None, revision: str | None, message: str | None
 ) -> PublishSection:
     """The recipe's `publish:` section (the run's recipe.yaml) with the given values on top."""
-    if repo is not None:
-        try:
-            check_repo_id(repo)
-        except ValueError as exc:
-            raise InputError(str(exc)) from None
+    for option, value, check in (("--repo", repo, check_repo_id), ("--revision", revision, check_revision)):
+        if value is not None:
+            try:
+                check(value)
+            except ValueError as exc:
+                raise InputError(f"{option}: {exc}") from None
     given = {"repo": repo, "private": private, "revision": revision, "message": message}
     section = load_section(run.recipe_path, "publish").model_copy(
         update={k: v for k, v in given.items() if v is not None}
@@ -208,8 +223,9 @@ def resolve_settings(
 # --- the Hub ------------------------------------------------------------------------------------------------
 
 
-def explain(exc: BaseException, repo: str) -> ReapError | None:
-    """The one-line error for a failure of the Hub client, or None when it is none of the known kinds."""
+def explain(exc: BaseException, repo: str, sending: bool = True) -> ReapError | None:
+    """The one-line error for a failure of the Hub client, or None when it is none of the known kinds.
+    `sending`: the upload had begun (else a connection failure means the Hub cannot be reached at all)."""
     import httpx2
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
@@ -240,6 +256,13 @@ def explain(exc: BaseException, repo: str) -> ReapError | None:
             return UploadError(f"the Hub refused the upload to {repo} (HTTP {code}{why}); nothing was committed")
         if isinstance(seen, (httpx2.TransportError, ConnectionError, TimeoutError)):
             first = (str(seen).strip().splitlines() or [""])[0]
+            if not sending:
+                from huggingface_hub import constants
+
+                return UploadError(
+                    f"cannot reach the Hub at {constants.ENDPOINT} ({type(seen).__name__}"
+                    f"{': ' + first if first else ''}); check the network (or HF_ENDPOINT); nothing was sent"
+                )
             return UploadError(
                 f"the upload to {repo} was cut off ({type(seen).__name__}{': ' + first if first else ''}); "
                 "nothing was committed; run the same command again: files the Hub already received "
@@ -250,13 +273,13 @@ def explain(exc: BaseException, repo: str) -> ReapError | None:
 
 
 @contextmanager
-def hub_errors(repo: str) -> Iterator[None]:
+def hub_errors(repo: str, sending: bool = True) -> Iterator[None]:
     try:
         yield
     except ReapError:
         raise
     except Exception as exc:
-        mapped = explain(exc, repo)
+        mapped = explain(exc, repo, sending)
         if mapped is None:
             raise
         raise mapped from exc
@@ -273,8 +296,14 @@ def get_token(token: str | None) -> str:
 
 def check_can_write(me: dict[str, Any], repo: str) -> None:
     """Refuse before hashing or sending anything: a namespace the user is not in, or a read-only token."""
+    if not isinstance(me, dict) or not isinstance(me.get("name"), str):
+        from huggingface_hub import constants
+
+        raise HubAuthError(
+            f"the Hub at {constants.ENDPOINT} answered whoami without a user name; check HF_ENDPOINT and the token"
+        )
     ns = repo.split("/")[0]
-    names = [me["name"], *(o["name"] for o in me.get("orgs") or [])]
+    names = [me["name"], *(o["name"] for o in me.get("orgs") or [] if isinstance(o, dict) and "name" in o)]
     if ns not in names:
         raise RepoAccessError(
             f"you cannot write to {repo}: the token is {me['name']}'s, who is not a member of "
@@ -395,7 +424,7 @@ def publish(
     items = upload_set(run, manifest, s.repo)
     token = get_token(token)
     api = HfApi(token=token)
-    with hub_errors(s.repo):
+    with hub_errors(s.repo, sending=False):
         me = api.whoami()
         check_can_write(me, s.repo)
         check_no_token(items, token)

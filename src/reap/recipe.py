@@ -27,6 +27,7 @@ DEFAULT_KEEP_16BIT: dict[str, str] = {
 }
 
 SERVABLE_BITS = (4, 8)
+RECIPE_FILE = "reap_recipe.yaml"  # the recipe beside the weights of a build
 # A calibration dataset given by name: a Hub id (ORG/NAME) or one of AutoRound's short names, with its
 # `:split=...`/`:num=...` options; several joined by commas.
 DATASET_NAME_RE = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(:[\w.+=-]+)*$")

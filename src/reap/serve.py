@@ -10,6 +10,7 @@ cannot run.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -30,10 +31,10 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
+from reap.secrets import MASK, SECRET_ENV, mask_argv, redact
 from reap.stats import cpu_flags, cpu_vendor, gpu_memory_used_gb, log, visible_gpu_ids
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
-SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN")
 
 
 class ServeError(ReapError):
@@ -52,6 +53,28 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
     ready_timeout: float = 900.0
     force: bool = False
+    api_key: str | None = None  # None: VLLM_API_KEY of the environment, if set
+
+
+def split_api_key(args: list[str]) -> tuple[list[str], str | None]:
+    """vLLM's `--api-key KEY` / `--api-key=KEY` taken out of the flags after `--`: reap hands the key to vLLM in
+    its environment (VLLM_API_KEY), so it is in no command line, log line or record, and uses it for its own
+    readiness probes and for lm-eval."""
+    rest, keys = [], []
+    it = iter(args)
+    for arg in it:
+        if arg == "--api-key":
+            value = next(it, None)
+            if value is None or value.startswith("--"):
+                raise InputError("--api-key after `--` needs a value (or set VLLM_API_KEY)")
+            keys.append(value)
+        elif arg.startswith("--api-key="):
+            keys.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    if len(keys) > 1:
+        raise InputError("more than one --api-key given; pass one (or set VLLM_API_KEY)")
+    return rest, (keys[0] if keys else None)
 
 
 @dataclass
@@ -120,8 +143,16 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
     device = opts.device or ("cuda" if visible_gpus() else "cpu")
     recipe_serve = target.manifest.get("recipe", {}).get("serve", {})
     model = str(target.model_dir)
+    extra, key = split_api_key(list(opts.extra_args))
     env: dict[str, str] = {}
+    if key or opts.api_key:
+        env["VLLM_API_KEY"] = key or opts.api_key
     if device == "cpu":
+        if opts.tp and opts.tp > 1:
+            raise InputError(
+                f"--tp {opts.tp} needs GPUs, and this serves on the CPU "
+                f"({'--cpu given' if opts.device == 'cpu' else 'no GPU is visible'}); leave --tp out"
+            )
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         env["PYTHONPATH"] = os.pathsep.join([str(CPU_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -162,7 +193,7 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
     # small models served there; on GPUs the compiled graphs are what makes vLLM fast.
     if eager or (eager is None and device == "cpu"):
         argv.append("--enforce-eager")
-    return argv + list(opts.extra_args), env
+    return argv + extra, env
 
 
 def port_free(host: str, port: int) -> bool:
@@ -234,10 +265,12 @@ _HINTS = {
 }
 
 
-def http_request(url: str, timeout: float = 2.0, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
-    """(status, body) of a GET (a JSON POST when `body` is given), with VLLM_API_KEY as bearer token when
-    set; status 0 when nothing answers."""
-    api_key = os.environ.get("VLLM_API_KEY")
+def http_request(
+    url: str, timeout: float = 2.0, body: dict[str, Any] | None = None, api_key: str | None = None
+) -> tuple[int, bytes]:
+    """(status, body) of a GET (a JSON POST when `body` is given), with `api_key` (default: VLLM_API_KEY) as
+    bearer token when set; status 0 when nothing answers or what answers does not speak HTTP."""
+    api_key = api_key or os.environ.get("VLLM_API_KEY")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None
     if body is not None:
@@ -248,7 +281,7 @@ def http_request(url: str, timeout: float = 2.0, body: dict[str, Any] | None = N
             return r.status, r.read()
     except urllib.error.HTTPError as e:
         return e.code, b""
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return 0, b""
 
 
@@ -274,6 +307,7 @@ class Server:
     def __init__(self, target: Target, opts: ServeOptions, log_name: str = "serve.log"):
         self.target, self.opts = target, opts
         self.argv, self.env_add = build_command(target, opts)
+        self.api_key = self.env_add.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY")
         self.base_url = f"http://{opts.host}:{opts.port}/v1"
         self.log_path = target.run.logs_dir / log_name
         self.proc: subprocess.Popen | None = None
@@ -293,7 +327,7 @@ class Server:
         self.preflight()
         self.target.run.logs_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, **self.env_add)
-        log(f"serve: {shlex.join(self.argv)}")
+        log(f"serve: {shlex.join(mask_argv(self.argv))}")
         with open(self.log_path, "w") as logf:
             try:
                 self.proc = subprocess.Popen(
@@ -316,9 +350,9 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._fail(f"vLLM exited ({self.proc.returncode})")
-            code, _ = http_request(f"{root}/health")
+            code, _ = http_request(f"{root}/health", api_key=self.api_key)
             if code == 200:
-                code, body = http_request(f"{self.base_url}/models")
+                code, body = http_request(f"{self.base_url}/models", api_key=self.api_key)
                 if code == 200 and self.target.served_name in body.decode(errors="replace"):
                     self._first_token(deadline)
                     self.startup_s = round(time.perf_counter() - self._t0, 1)
@@ -329,14 +363,17 @@ class Server:
     def _first_token(self, deadline: float) -> None:
         probe = {"model": self.target.served_name, "prompt": "Hello", "max_tokens": 1}
         code, _ = http_request(
-            f"{self.base_url}/completions", timeout=max(60.0, deadline - time.monotonic()), body=probe
+            f"{self.base_url}/completions",
+            timeout=max(60.0, deadline - time.monotonic()),
+            body=probe,
+            api_key=self.api_key,
         )
         if code != 200:
             self._fail(f"vLLM started but its first request failed (HTTP {code})")
 
     def _fail(self, what: str) -> None:
         self.stop()
-        cause = log_cause(self.log_path)
+        cause = redact(log_cause(self.log_path), (self.api_key or "",))
         hint = next((h for needle, h in _HINTS.items() if needle in cause), "")
         raise ServeError(f"{what}: {cause}{hint} (log: {self.log_path})")
 
@@ -356,7 +393,7 @@ class Server:
             )
         return {
             "status": "running",
-            "argv": self.argv,
+            "argv": mask_argv(self.argv),
             "env": sorted(self.env_add),
             "vllm_version": vllm_version(),
             "startup_s": self.startup_s,
@@ -411,10 +448,10 @@ def pid_path(target: Target) -> Path:
 
 def dry_run(target: Target, opts: ServeOptions) -> str:
     argv, env = build_command(target, opts)
-    shown = {k: ("***" if k in SECRET_ENV else v) for k, v in env.items()}
-    if os.environ.get("VLLM_API_KEY"):
-        shown["VLLM_API_KEY"] = "*** (from the environment)"
-    return "\n".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())), shlex.join(argv)])
+    shown = {k: (MASK if k in SECRET_ENV else v) for k, v in env.items()}
+    if os.environ.get("VLLM_API_KEY") and "VLLM_API_KEY" not in env:
+        shown["VLLM_API_KEY"] = f"{MASK} (from the environment)"
+    return "\n".join([*(f"{k}={shlex.quote(v)}" for k, v in sorted(shown.items())), shlex.join(mask_argv(argv))])
 
 
 def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
@@ -437,7 +474,10 @@ def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
             )
             return srv
         srv.proc.wait()
-        raise ServeError(f"vLLM exited ({srv.proc.returncode}): {log_cause(srv.log_path)} (log: {srv.log_path})")
+        raise ServeError(
+            f"vLLM exited ({srv.proc.returncode}): {redact(log_cause(srv.log_path), (srv.api_key or '',))} "
+            f"(log: {srv.log_path})"
+        )
     except BaseException:
         srv.stop()
         if target.run.manifest_path.is_file() and "serve" in target.run.read_manifest().get("stages", {}):

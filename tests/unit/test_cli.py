@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def fake_moe(tmp_path: Path) -> Path:
     src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": {"num_experts": 8}}))
-    (src / "model.safetensors").write_bytes(b"\0" * 64)
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}")  # a valid, empty safetensors file
     (src / "README.md").write_text("---\nlicense: mit\n---\n")
     return src
 

@@ -118,8 +118,13 @@ def test_selection_errors(src, tmp_path):
         pipeline.plan(rec, run, only="eval")
     with pytest.raises(InputError, match="comes after"):
         pipeline.plan(rec, run, start="card", until="build")
-    with pytest.raises(InputError, match="no eval stage"):
+    with pytest.raises(InputError, match="the eval stage is not asked for by the recipe; set eval.enabled: true"):
         pipeline.plan(recipe(src, eval={"enabled": False}), run, only="eval")
+    # issue 15: `--only publish` without --publish said "the recipe has no publish stage"
+    with pytest.raises(
+        InputError, match=r"--only publish: the publish stage is not asked for \(--publish\); add --publish"
+    ):
+        pipeline.plan(rec, run, only="publish")
 
 
 def test_disabled_eval_is_skipped(src, tmp_path):
@@ -152,7 +157,7 @@ def test_dry_run_cli_prints_the_plan_and_touches_nothing(src, tmp_path):
     assert lines[0] == ["skip", "prune"] and lines[1] == ["RUN", "build"]
     assert not (tmp_path / "run").exists()
     bad = CliRunner().invoke(reap, ["run", str(path), "--only", "bogus", "--dry-run"])
-    assert bad.exit_code == 1 and "no bogus stage" in bad.output
+    assert bad.exit_code == 1 and "--only bogus: no such stage" in bad.output
 
 
 def test_an_unknown_eval_suite_is_refused_before_anything_runs(src, tmp_path):
