@@ -152,7 +152,7 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
             "checked by reap's gates against what vLLM needs to load it (see Verification)."
         ),
         "lineage": build["lineage"],
-        "quant": dict(q, quant_method=qcfg.get("quant_method")),
+        "quant": dict(q, quant_method=qcfg.get("quant_method"), dataset=hide_local_paths(q["dataset"])),
         "versions": build["versions"],
         "blocks_summary": blocks_summary,
         "autoround_summary": build.get("autoround_summary"),

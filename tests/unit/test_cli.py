@@ -146,3 +146,20 @@ def test_run_summary_columns_align_whatever_the_status_text(tmp_path, capsys):
     ends = {len(line) for line in lines}
     assert len(ends) == 1, lines  # the right-aligned last column ends at one place: no status pushes it out
     assert lines[1].endswith("1.23 GB") and lines[2].endswith("-")
+
+
+def test_an_unexpected_exception_is_one_line_with_the_traceback_file_and_reap_debug_shows_it(monkeypatch):
+    import reap.card
+
+    def boom(run):
+        raise KeyError("stages")
+
+    monkeypatch.setattr(reap.card, "render_card_into", boom)
+    monkeypatch.setattr("reap.rundir.existing_run", lambda path: None)
+    monkeypatch.delenv("REAP_DEBUG", raising=False)
+    line = one_error_line(run("card", "x"), "unexpected KeyError: 'stages'", "a bug in reap", "REAP_DEBUG=1")
+    log = Path(line.split(" in ")[-1].split(";")[0])
+    assert log.is_file() and "Traceback" in log.read_text() and "boom" in log.read_text()
+    monkeypatch.setenv("REAP_DEBUG", "1")
+    result = run("card", "x")
+    assert isinstance(result.exception, KeyError)

@@ -451,3 +451,19 @@ def test_result_lines():
         "create   40 files (model-00001-of-00040.safetensors, model-00002-of-00040.safetensors, "
         "model-00003-of-00040.safetensors, ...)"
     ) in pub.describe_result(record)
+
+
+def test_published_recipe_and_prune_record_carry_no_local_absolute_path(run, manifest):
+    """Issue 15: model.path, the calibration file and reap_prune.json's source/output/argv went up as local
+    absolute paths; the files in the run folder stay as they are."""
+    (run.model_dir / "reap_prune.json").write_text(
+        json.dumps(
+            {"source": "/home/alice/src", "argv": ["reap", "prune", "/home/alice/src", "--api-key", "k3y-v4lue"]}
+        )
+    )
+    by = {i.path: i.read().decode() for i in pub.upload_set(run, manifest, "org/demo-w4a16") if i.data is not None}
+    assert "/home/alice" not in by["reap_recipe.yaml"] and "path: <local path>" in by["reap_recipe.yaml"]
+    prune_rec = json.loads(by["reap_prune.json"])
+    assert prune_rec["source"] == "<local path>" and "k3y-v4lue" not in by["reap_prune.json"]
+    assert all("/home/alice" not in text for text in by.values())
+    assert "/home/alice" in (run.model_dir / "reap_recipe.yaml").read_text()  # local copy unchanged
