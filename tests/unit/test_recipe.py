@@ -99,3 +99,16 @@ def test_routed_experts_choice(tmp_path, monkeypatch, choice, gpus, kernel, kept
     keep = build.keep_patterns(rec)
     assert ("mlp.experts" in keep) is kept
     assert set(rec.quantize.keep_16bit) <= set(keep)
+
+
+def test_calibration_names_must_be_autorounds_exact_names():
+    """Issue 15: AutoRound matches a dataset name by substring (and a folder path ending in `/` matches its
+    first name): the build would calibrate on NeelNanda/pile-10k from the network, not what the recipe names."""
+    from reap.build import check_calibration
+    from reap.errors import InputError
+
+    check_calibration("NeelNanda/pile-10k")
+    check_calibration("NeelNanda/pile-10k:num=100")
+    for name in ("pile", "someone/pile-10k-copy", "NeelNanda/pile-10k,mbp"):
+        with pytest.raises(InputError, match="is not a dataset AutoRound knows by that name"):
+            check_calibration(name)
