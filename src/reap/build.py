@@ -27,6 +27,7 @@ from reap.errors import InputError, ReapError, StageError
 from reap.prune import PRUNE_FILE, pruning_summary, read_calibration, read_pruning
 from reap.recipe import RECIPE_FILE, Recipe, dump_recipe, looks_like_path
 from reap.rundir import atomic_write_text, check_free_disk, check_output_dir, open_run, swap_into_place
+from reap.secrets import hide_local_paths
 from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
 from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -334,7 +335,7 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
             record.update(status="failed", ended=now(), error="verification failed", rejected=str(rejected))
             run.update_stage("build", record)
             raise_on_failure(report, f"{rejected} (kept for inspection)")
-        atomic_write_text(work / RECIPE_FILE, dump_recipe(recipe))
+        atomic_write_text(work / RECIPE_FILE, hide_local_paths(dump_recipe(recipe)))  # published as it is
         if pruning:
             shutil.copy2(src.root / PRUNE_FILE, work / PRUNE_FILE)
         swap_into_place(work, run.model_dir)

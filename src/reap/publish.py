@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reap.card import fmt_bytes, public_recipe_yaml, render_card
+from reap.card import fmt_bytes, render_card
 from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.prune import PRUNE_FILE
@@ -136,7 +136,8 @@ def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
         "README.md": card_for(manifest, repo).encode(),
         "reap_manifest.json": _json_bytes(public_manifest(manifest)),
         "eval_results.json": _json_bytes(results) if results else None,
-        RECIPE_FILE: public_recipe_yaml(manifest["recipe"]).encode()
+        # `reap build` writes it without local paths; an older build's copy is cleaned here
+        RECIPE_FILE: hide_local_paths((run.model_dir / RECIPE_FILE).read_text()).encode()
         if (run.model_dir / RECIPE_FILE).is_file()
         else None,
         PRUNE_FILE: _json_bytes(_scrub(json.loads((run.model_dir / PRUNE_FILE).read_text()), drop_local=False))
