@@ -266,7 +266,8 @@ def build(recipe: Recipe, out: Path, overwrite: bool = False, argv: list[str] | 
     check_output_dir(out)
     src = Checkpoint.open(Path(recipe.model.path))
     src.require_supported_moe()
-    if src.tensors and src.problems:  # every shard header read before anything is written
+    src.tensors  # noqa: B018 - reads every shard's header and size before anything is written
+    if src.problems:
         raise InputError(f"the source {src.root} is damaged: {'; '.join(src.problems[:3])}; restore it")
     check_calibration(recipe.quantize.dataset)
     if recipe.quantize.parallel > 1:

@@ -306,8 +306,6 @@ def evaluate(
     if build.get("status") != "done":
         raise InputError(f"{run.root} has no finished build; run `reap build` first")
     given_endpoint = normalize_endpoint(endpoint) if endpoint else None
-    if limit is not None and limit < 1 or concurrency < 1:
-        raise InputError(f"limit ({limit}) and concurrency ({concurrency}) must be at least 1")
     suite = load_suite(suite_name, tasks, include_path)
     name = manifest["name"]
     previous = manifest.get("stages", {}).get("eval") or {}
