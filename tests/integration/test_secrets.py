@@ -32,7 +32,7 @@ def test_a_fake_key_and_token_appear_nowhere(servable_build, hub, tmp_path):
         return proc
 
     dry = reap("serve", str(run), "--dry-run", "--", "--api-key", key)
-    assert "VLLM_API_KEY=***" in dry.stdout
+    assert "VLLM_API_KEY='***'" in dry.stdout and key not in dry.stdout
     # the server requires the key: reap's readiness probes and lm-eval must both send it
     reap("eval", str(run), "--limit", "4", "--port", str(free_port()))
     assert manifest(run)["stages"]["eval"]["status"] == "done"
