@@ -38,7 +38,7 @@ def test_a_fake_key_and_token_appear_nowhere(servable_build, hub, tmp_path):
     assert manifest(run)["stages"]["eval"]["status"] == "done"
     reap("card", str(run))
     reap("publish", str(run), "--repo", "alice/secrets-w4a16")
-    assert hub.state.commit_count("alice/secrets-w4a16") == 1
+    assert hub.state.commit_count("alice/secrets-w4a16") == 2  # the Hub's initial commit, then the release
 
     files = [p for p in run.rglob("*") if p.is_file()] + [p for p in Path(hub.state.root).rglob("*") if p.is_file()]
     assert any(p.parent.name == "logs" for p in files) and any("blobs" in p.parts for p in files)
