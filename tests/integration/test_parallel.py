@@ -157,10 +157,12 @@ def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path)
             assert torch.isfinite(c[j]).all() and c[j].equal(states[start]), f"sample {j}, block {start}"
 
 
-def test_demo_suite_score_matches_the_sequential_build(builds):
+def test_demo_suite_score_matches_the_sequential_build(builds, demo_server):
     scores = {}
     for name in ("seq", "par"):
-        reap_cli("eval", str(builds[name]), "--port", str(free_port()))
+        # the sequential build is the one the session's shared server serves; the parallel one gets its own
+        where = ["--endpoint", demo_server.base_url] if name == "seq" else ["--port", str(free_port())]
+        reap_cli("eval", str(builds[name]), *where)
         tasks = manifest(builds[name])["stages"]["eval"]["results"]
         scores[name] = {t: r["value"] for t, r in tasks.items()}
     print("demo suite, sequential vs 2 workers:", scores)
