@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -18,6 +17,7 @@ import click
 import yaml
 
 from reap.errors import InputError, ReapError
+from reap.secrets import redact
 
 
 def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
@@ -38,12 +38,15 @@ def _parse_set(values: tuple[str, ...]) -> dict[str, object]:
 
 
 def _crash_log(exc: BaseException) -> Path | None:
-    """Write the traceback of an unexpected error to a file under the temp folder; its path, or None."""
-    folder = Path(tempfile.gettempdir()) / "reap-errors"
+    """Write the traceback of an unexpected error (known secrets masked) to a file only this user can read,
+    under the user's cache folder ($XDG_CACHE_HOME/reap/errors or ~/.cache/reap/errors); its path, or None."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reap" / "errors"
     path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     try:
-        folder.mkdir(exist_ok=True)
-        path.write_text("".join(traceback.format_exception(exc)))
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(redact("".join(traceback.format_exception(exc))))
     except OSError:
         return None
     return path
@@ -68,12 +71,13 @@ class ReapGroup(click.Group):
 
 
 def _one_line(exc: Exception) -> str:
+    """The one line an error becomes, with every known secret masked (the only place errors are redacted)."""
     if isinstance(exc, ReapError):
-        return str(exc)
+        return redact(str(exc))
     if isinstance(exc, OSError) and exc.filename:
-        return f"{exc.strerror or type(exc).__name__}: {exc.filename}; check the path and its permissions"
+        return redact(f"{exc.strerror or type(exc).__name__}: {exc.filename}; check the path and its permissions")
     where = _crash_log(exc)
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    first = redact((str(exc).strip().splitlines() or [""])[0])[:200]
     return (
         f"unexpected {type(exc).__name__}{': ' + first if first else ''} (a bug in reap: please report it "
         f"with the traceback{f' in {where}' if where else ''}; REAP_DEBUG=1 shows it)"

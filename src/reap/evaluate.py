@@ -24,7 +24,6 @@ from reap import compat
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
 from reap.rundir import atomic_write_text, existing_run
-from reap.secrets import redact
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -257,7 +256,7 @@ def _run_suite(
         except Exception as exc:  # lm-eval raises plain exceptions (connection refused, retries exhausted)
             raise EvalError(
                 f"{spec.name} failed against {base_url}: {type(exc).__name__}: "
-                + redact(str(exc).splitlines()[0] if str(exc) else "", (api_key or "",))
+                + (str(exc).splitlines()[0] if str(exc) else "")
             ) from exc
         value, stderr = _metric(res, spec.name, spec.metric)
         samples = res.pop("samples", {})

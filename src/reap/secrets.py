@@ -21,30 +21,47 @@ def is_secret_flag(arg: str) -> bool:
     return any(w in SECRET_WORDS for w in words)
 
 
+# A secret value is looked for in text only when it is at least this long. Real keys and tokens are (an
+# `hf_` token is 37 characters, an `sk-` key longer), while a short value such as `test` is also an ordinary
+# word: replacing it as a substring damaged legitimate text (`"task": "la***"`, `***-model`). A short value
+# given after a secret flag is still masked there, by its position.
+MIN_SECRET_LEN = 8
+_given: set[str] = set()  # secret values reap took from a command line (`-- --api-key K`) in this process
+
+
+def remember(secret: str) -> None:
+    """Treat `secret` as known from now on (redacted like the secret environment variables)."""
+    _given.add(secret)
+
+
 def mask_argv(argv: list[str]) -> list[str]:
-    """`argv` with the value of every flag that names a key, token, secret or password replaced by ***
-    (`--api-key X` and `--api-key=X` alike), and any known secret value wherever it appears."""
+    """`argv` with every value of a flag that names a key, token, secret or password replaced by *** (all of
+    `--api-key K1 K2` up to the next flag, and `--api-key=K`), and any element that holds a known secret
+    masked whole (never cut out of a longer value)."""
+    secrets = known_secrets()
     out: list[str] = []
-    hide_next = False
+    hiding = False
     for arg in argv:
-        if hide_next and not arg.startswith("--"):
-            out.append(MASK)
-        elif is_secret_flag(arg) and "=" in arg:
-            out.append(arg.partition("=")[0] + "=" + MASK)
+        if arg.startswith("-"):
+            flag, eq, value = arg.partition("=")
+            hiding = is_secret_flag(arg) and not eq
+            secret_value = eq and (is_secret_flag(arg) or any(s in value for s in secrets))
+            out.append(flag + "=" + MASK if secret_value else MASK if any(s in arg for s in secrets) else arg)
         else:
-            out.append(redact(arg))
-        hide_next = is_secret_flag(arg) and "=" not in arg
+            out.append(MASK if hiding or any(s in arg for s in secrets) else arg)
     return out
 
 
 def known_secrets() -> list[str]:
-    """The values of the secret environment variables set in this process (at least 4 characters long)."""
-    return [v for k in SECRET_ENV if len(v := os.environ.get(k, "")) >= 4]
+    """The secret values known in this process: those of the secret environment variables and those given
+    on a command line, at least MIN_SECRET_LEN characters long."""
+    values = {*(os.environ.get(k, "") for k in SECRET_ENV), *_given}
+    return [v for v in values if len(v) >= MIN_SECRET_LEN]
 
 
-def redact(text: str, extra: tuple[str, ...] = ()) -> str:
-    """`text` with every known secret value (and `extra` ones) replaced by ***."""
-    for secret in sorted({*known_secrets(), *(e for e in extra if e and len(e) >= 4)}, key=len, reverse=True):
+def redact(text: str) -> str:
+    """`text` with every known secret value replaced by ***."""
+    for secret in sorted(known_secrets(), key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
 

@@ -31,7 +31,7 @@ from typing import Any
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
-from reap.secrets import MASK, SECRET_ENV, mask_argv, redact
+from reap.secrets import MASK, SECRET_ENV, mask_argv, remember
 from reap.stats import cpu_flags, cpu_vendor, gpu_memory_used_gb, log, visible_gpu_ids
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
@@ -53,28 +53,37 @@ class ServeOptions:
     extra_args: list[str] = field(default_factory=list)
     ready_timeout: float = 900.0
     force: bool = False
-    api_key: str | None = None  # None: VLLM_API_KEY of the environment, if set
 
 
 def split_api_key(args: list[str]) -> tuple[list[str], str | None]:
     """vLLM's `--api-key KEY` / `--api-key=KEY` taken out of the flags after `--`: reap hands the key to vLLM in
     its environment (VLLM_API_KEY), so it is in no command line, log line or record, and uses it for its own
-    readiness probes and for lm-eval."""
+    readiness probes and for lm-eval. vLLM's flag takes a list, but VLLM_API_KEY holds one key: every value
+    up to the next flag is taken out, and more than one is refused (without echoing any)."""
     rest, keys = [], []
-    it = iter(args)
-    for arg in it:
+    taking = False
+    for arg in args:
         if arg == "--api-key":
-            value = next(it, None)
-            if value is None or value.startswith("--"):
-                raise InputError("--api-key after `--` needs a value (or set VLLM_API_KEY)")
-            keys.append(value)
+            taking = True
+            keys.append(None)  # the flag, its values follow
         elif arg.startswith("--api-key="):
+            taking = False
             keys.append(arg.partition("=")[2])
+        elif taking and not arg.startswith("-"):
+            keys.append(arg)
         else:
+            taking = False
             rest.append(arg)
-    if len(keys) > 1:
-        raise InputError("more than one --api-key given; pass one (or set VLLM_API_KEY)")
-    return rest, (keys[0] if keys else None)
+    flags, values = keys.count(None), [k for k in keys if k is not None]
+    if flags > len(values) or "" in values:
+        raise InputError("--api-key after `--` needs a value (or set VLLM_API_KEY)")
+    if len(values) > 1:
+        raise InputError(
+            f"{len(values)} API keys given after `--`; vLLM takes one here (VLLM_API_KEY): pass one --api-key"
+        )
+    for key in values:
+        remember(key)
+    return rest, (values[0] if values else None)
 
 
 @dataclass
@@ -145,8 +154,8 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
     model = str(target.model_dir)
     extra, key = split_api_key(list(opts.extra_args))
     env: dict[str, str] = {}
-    if key or opts.api_key:
-        env["VLLM_API_KEY"] = key or opts.api_key
+    if key:
+        env["VLLM_API_KEY"] = key
     if device == "cpu":
         if opts.tp and opts.tp > 1:
             raise InputError(
@@ -268,9 +277,8 @@ _HINTS = {
 def http_request(
     url: str, timeout: float = 2.0, body: dict[str, Any] | None = None, api_key: str | None = None
 ) -> tuple[int, bytes]:
-    """(status, body) of a GET (a JSON POST when `body` is given), with `api_key` (default: VLLM_API_KEY) as
-    bearer token when set; status 0 when nothing answers or what answers does not speak HTTP."""
-    api_key = api_key or os.environ.get("VLLM_API_KEY")
+    """(status, body) of a GET (a JSON POST when `body` is given), with `api_key` as bearer token when given
+    (vLLM's /health needs none); status 0 when nothing answers or what answers does not speak HTTP."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None
     if body is not None:
@@ -307,7 +315,7 @@ class Server:
     def __init__(self, target: Target, opts: ServeOptions, log_name: str = "serve.log"):
         self.target, self.opts = target, opts
         self.argv, self.env_add = build_command(target, opts)
-        self.api_key = self.env_add.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY")
+        self.api_key = self.env_add.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY")  # what vLLM runs with
         self.base_url = f"http://{opts.host}:{opts.port}/v1"
         self.log_path = target.run.logs_dir / log_name
         self.proc: subprocess.Popen | None = None
@@ -373,7 +381,7 @@ class Server:
 
     def _fail(self, what: str) -> None:
         self.stop()
-        cause = redact(log_cause(self.log_path), (self.api_key or "",))
+        cause = log_cause(self.log_path)
         hint = next((h for needle, h in _HINTS.items() if needle in cause), "")
         raise ServeError(f"{what}: {cause}{hint} (log: {self.log_path})")
 
@@ -474,10 +482,7 @@ def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
             )
             return srv
         srv.proc.wait()
-        raise ServeError(
-            f"vLLM exited ({srv.proc.returncode}): {redact(log_cause(srv.log_path), (srv.api_key or '',))} "
-            f"(log: {srv.log_path})"
-        )
+        raise ServeError(f"vLLM exited ({srv.proc.returncode}): {log_cause(srv.log_path)} (log: {srv.log_path})")
     except BaseException:
         srv.stop()
         if target.run.manifest_path.is_file() and "serve" in target.run.read_manifest().get("stages", {}):

@@ -11,6 +11,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from reap.cli import reap
+from reap.errors import ReapError
 from reap.resources import data_dir
 
 DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
@@ -148,18 +149,33 @@ def test_run_summary_columns_align_whatever_the_status_text(tmp_path, capsys):
     assert lines[1].endswith("1.23 GB") and lines[2].endswith("-")
 
 
-def test_an_unexpected_exception_is_one_line_with_the_traceback_file_and_reap_debug_shows_it(monkeypatch):
+def test_an_unexpected_exception_is_one_line_with_the_traceback_file_and_reap_debug_shows_it(monkeypatch, tmp_path):
+    """The traceback goes to a private file under the user's cache folder (before: shared /tmp/reap-errors),
+    and neither it nor the line holds a known secret (before: both printed str(exc) as it was)."""
     import reap.card
 
+    secret = "sk-reap-cli-0123456789"
+
     def boom(run):
-        raise KeyError("stages")
+        raise KeyError(f"stages {secret}")
 
     monkeypatch.setattr(reap.card, "render_card_into", boom)
     monkeypatch.setattr("reap.rundir.existing_run", lambda path: None)
     monkeypatch.delenv("REAP_DEBUG", raising=False)
-    line = one_error_line(run("card", "x"), "unexpected KeyError: 'stages'", "a bug in reap", "REAP_DEBUG=1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VLLM_API_KEY", secret)
+    line = one_error_line(run("card", "x"), "unexpected KeyError: 'stages ***'", "a bug in reap", "REAP_DEBUG=1")
     log = Path(line.split(" in ")[-1].split(";")[0])
-    assert log.is_file() and "Traceback" in log.read_text() and "boom" in log.read_text()
+    assert log.parent == tmp_path / "cache" / "reap" / "errors" and log.stat().st_mode & 0o777 == 0o600
+    text = log.read_text()
+    assert "Traceback" in text and "boom" in text and secret not in text and secret not in line
     monkeypatch.setenv("REAP_DEBUG", "1")
     result = run("card", "x")
     assert isinstance(result.exception, KeyError)
+    monkeypatch.delenv("REAP_DEBUG")
+
+    def bad(run):
+        raise ReapError(f"bad {secret}")
+
+    monkeypatch.setattr(reap.card, "render_card_into", bad)
+    assert one_error_line(run("card", "x")) == "Error: bad ***"

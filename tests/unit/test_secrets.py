@@ -12,8 +12,9 @@ import pytest
 from reap import compat, serve
 from reap import evaluate as ev
 from reap.card import card_metadata, render_card
+from reap.errors import InputError
 from reap.rundir import RunDir
-from reap.secrets import hide_local_paths, mask_argv
+from reap.secrets import hide_local_paths, mask_argv, redact
 from reap.serve import ServeOptions, Server, Target, build_command
 
 from .ckpt_factory import make_checkpoint
@@ -147,3 +148,49 @@ def test_card_commands_and_recipe_show_no_local_absolute_path():
     assert hide_local_paths("path: /a/b, url: http://h/x, repo: org/name") == (
         "path: <local path>, url: http://h/x, repo: org/name"
     )
+
+
+def test_api_key_with_several_values_is_refused_and_every_value_is_masked(ckpt, tmp_path, monkeypatch):
+    """Before: vLLM's --api-key takes a list; `-- --api-key K1 K2` moved K1 to the environment and left K2 in
+    argv, and mask_argv hid only one value after a secret flag, so K2 was printed."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    k2 = KEY[::-1]
+    tgt = Target(ckpt, "m", RunDir(tmp_path / "run"), {})
+    with pytest.raises(InputError) as err:
+        build_command(tgt, ServeOptions(device="cpu", extra_args=["--api-key", KEY, k2, "--enable-prefix-caching"]))
+    assert "one" in str(err.value) and KEY not in str(err.value) and k2 not in str(err.value)
+    assert mask_argv(["vllm", "--hf-token", KEY, k2, "-tp", "2"]) == ["vllm", "--hf-token", "***", "***", "-tp", "2"]
+
+
+def test_mask_argv_stops_hiding_at_a_single_dash_flag():
+    """Before: only a value starting with `--` ended a secret flag's values, so after a switch whose name has a
+    secret word (no value) `-tp` was masked."""
+    assert mask_argv(["--disable-token-stats", "-tp", "2"]) == ["--disable-token-stats", "-tp", "2"]
+
+
+def test_short_secret_values_do_not_damage_ordinary_text(monkeypatch):
+    """Before: VLLM_API_KEY=test turned published results into {"split": "***", "task": "la***"} and
+    `--served-model-name test-model` into `***-model`."""
+    monkeypatch.setenv("VLLM_API_KEY", "test")
+    assert redact('{"split": "test", "task": "latest"}') == '{"split": "test", "task": "latest"}'
+    assert mask_argv(["--served-model-name", "test-model"]) == ["--served-model-name", "test-model"]
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    assert redact(f"Bearer {KEY}.") == "Bearer ***."
+    assert mask_argv(["--served-model-name", f"{KEY}-model", f"--x={KEY}"]) == ["--served-model-name", "***", "--x=***"]
+
+
+def test_a_server_started_under_vllm_api_key_hands_that_key_to_its_probes_and_lm_eval(ckpt, tmp_path, monkeypatch):
+    """Server.api_key is the one place the key a server runs with is resolved (the option that nobody set and
+    http_request's own fallback to the environment are gone): an eval-started server must still pass it on."""
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    srv = Server(Target(ckpt, "m", RunDir(tmp_path / "run"), {}), ServeOptions(device="cpu"))
+    assert srv.api_key == KEY and "VLLM_API_KEY" not in srv.env_add
+    sent = {}
+
+    def urlopen(req, timeout):
+        sent.update(req.headers)
+        raise serve.urllib.error.URLError("refused")
+
+    monkeypatch.setattr(serve.urllib.request, "urlopen", urlopen)
+    serve.http_request("http://127.0.0.1:9/health")
+    assert "Authorization" not in sent
