@@ -139,7 +139,7 @@ def check_calibration(dataset: str) -> None:
     registers under exactly that name (it otherwise matches names by substring, e.g. `pile` or a
     misspelt id becomes NeelNanda/pile-10k: the build would calibrate on data the recipe does not name)."""
     if looks_like_path(dataset):
-        read_calibration(Path(dataset).expanduser())
+        read_calibration(Path(dataset))  # the recipe stores it expanded
         return
     compat.ensure_torchvision_importable()
     from auto_round.calib_dataset import CALIB_DATASETS

@@ -238,6 +238,9 @@ def check_run_folder(run: RunDir, recipe: Recipe) -> None:
 
 def check_recipe(recipe: Recipe, publish: bool) -> None:
     """What contradicts itself or cannot run, refused before any stage starts."""
+    from reap.build import check_calibration
+
+    check_calibration(recipe.quantize.dataset)  # as the build itself would, so a dry run refuses alike
     if publish and not recipe.publish.repo:
         raise InputError("--publish needs publish.repo in the recipe (or --set publish.repo=ORG/NAME)")
     if recipe.eval.enabled:

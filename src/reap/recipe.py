@@ -203,7 +203,7 @@ def check_dataset(value: str) -> str:
             )
         if not p.is_file():
             raise ValueError(f'calibration file {value} not found; give an existing .jsonl of {{"text": ...}} rows')
-        return value
+        return str(p)  # expanded: AutoRound reads the string as it is (`~/x.jsonl` is "Dataset not found")
     bad = [n for n in value.split(",") if not DATASET_NAME_RE.match(n.strip())]
     if bad:
         raise ValueError(

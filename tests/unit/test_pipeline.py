@@ -186,3 +186,10 @@ def test_a_prune_section_adds_the_first_stage_and_its_changes_redo_everything(sr
     assert {a for a, _ in actions(pipeline.plan(pruned, run)).values()} == {"skip"}
     changed = actions(pipeline.plan(recipe(src, prune={"method": "random", "ratio": 0.25}), run))
     assert changed["prune"] == ("run", "inputs changed") and changed["build"] == ("run", "upstream re-ran")
+
+
+def test_dry_run_refuses_a_calibration_name_the_build_refuses(src, tmp_path):
+    """Before: AutoRound's exact-name check ran only inside build(), so `reap run --dry-run` planned a run
+    with `quantize.dataset: pile` that the build then refused."""
+    with pytest.raises(InputError, match="'pile' is not a dataset AutoRound knows by that name"):
+        pipeline.plan(recipe(src, quantize={"dataset": "pile"}), RunDir(tmp_path / "run"))

@@ -112,3 +112,12 @@ def test_calibration_names_must_be_autorounds_exact_names():
     for name in ("pile", "someone/pile-10k-copy", "NeelNanda/pile-10k,mbp"):
         with pytest.raises(InputError, match="is not a dataset AutoRound knows by that name"):
             check_calibration(name)
+
+
+def test_a_calibration_file_under_home_is_stored_expanded(tmp_path, monkeypatch):
+    """Before: `~/calib.jsonl` passed the checks (they expand `~`) but AutoRound got the raw string and failed
+    late with "Dataset not found", after the weights were loaded."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "calib.jsonl").write_text('{"text": "a"}\n')
+    rec = parse_recipe({"name": "x", "model": {"path": "m"}, "quantize": {"dataset": "~/calib.jsonl"}}, "r.yaml")
+    assert rec.quantize.dataset == str(tmp_path / "calib.jsonl")
