@@ -115,23 +115,30 @@ def experts_declared_16bit(qcfg: dict[str, Any], fused: str) -> bool | None:
     blocks = qcfg.get("block_name_to_quantize")
     blocks = [blocks] if isinstance(blocks, str) else blocks or []
     names = [b.strip() for bl in blocks for b in bl.split(",")]
-    default = qcfg.get("bits", 4) if not names or any(fused.startswith(n) for n in names) else 16
+    inside = not names or any(fused.startswith(n) for n in names)
+    default = (qcfg.get("bits", 4), qcfg.get("group_size"), qcfg.get("sym", True)) if inside else (16, -1, True)
 
-    def bits(spec: dict[str, Any]) -> int:
-        return int(spec.get("bits", default))
+    def spec(entry: dict[str, Any]) -> tuple[int, Any, bool]:
+        """(bits, group_size, sym): what vLLM requires a fused module's experts to agree on."""
+        group = entry.get("group_size", default[1])
+        group = tuple(group) if isinstance(group, list) else group
+        return int(entry.get("bits", default[0])), group, entry.get("sym", default[2])
+
+    def bits(entry: dict[str, Any]) -> int:
+        return spec(entry)[0]
 
     exact = extra.get(fused) or next((v for k, v in extra.items() if fused.endswith(f".{k}")), None)
     if exact is not None:
         return bits(exact) >= 16
-    under = {bits(v) for k, v in extra.items() if k.startswith(fused)}
+    under = {spec(v) for k, v in extra.items() if k.startswith(fused)}
     if under:
-        return under.pop() >= 16 if len(under) == 1 else None
-    for key, spec in extra.items():
+        return under.pop()[0] >= 16 if len(under) == 1 else None
+    for key, entry in extra.items():
         if any(c in REGEX_CHARS for c in key):
             with contextlib.suppress(re.error):
                 if re.search(key, fused):
-                    return bits(spec) >= 16
-    return default >= 16
+                    return bits(entry) >= 16
+    return default[0] >= 16
 
 
 # --- the gates ----------------------------------------------------------------------------------------
@@ -271,8 +278,8 @@ def gate_quantization_config(ckpt: Checkpoint, linears: frozenset[str], expect: 
         )
     if wrong["inconsistent"]:
         failures.append(
-            f"blocks {wrong['inconsistent']}: the per-expert extra_config entries disagree on bits; vLLM refuses "
-            "a fused MoE module whose experts are configured differently"
+            f"blocks {wrong['inconsistent']}: the per-expert extra_config entries disagree on (bits, group_size, sym); "
+            "vLLM refuses a fused MoE module whose experts are configured differently"
         )
     if undeclared:
         failures.append(

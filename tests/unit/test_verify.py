@@ -161,7 +161,7 @@ def test_16bit_experts_need_a_declaration_vllm_applies_to_the_fused_module(tmp_p
     extra[f"{L1}.mlp.experts.0.down_proj"] = {"bits": 4}
     (ckpt / "config.json").write_text(json.dumps(cfg))
     msg = " ".join(failures(verify_checkpoint(ckpt, tp=1), "quantization_config"))
-    assert "blocks [1]: the per-expert extra_config entries disagree on bits" in msg
+    assert "blocks [1]: the per-expert extra_config entries disagree on (bits, group_size, sym)" in msg
 
 
 def test_bit_width_vllm_cannot_load_fails(copy):
@@ -170,3 +170,39 @@ def test_bit_width_vllm_cannot_load_fails(copy):
     (copy / "config.json").write_text(json.dumps(cfg))
     msg = " ".join(failures(verify_checkpoint(copy, tp=1), "quantization_config"))
     assert "quantization_config.bits is 3: vLLM loads 4- or 8-bit int weights only" in msg
+
+
+def test_a_fused_moe_modules_experts_must_agree_on_bits_group_size_and_sym():
+    """vLLM refuses a fused MoE module whose per-expert entries differ in any of (bits, group_size, sym)
+    (inc/config_parser.py); before, only bits were compared, so 16-bit entries with mixed group sizes passed."""
+    from reap.verify import experts_declared_16bit
+
+    fused = f"{L0}.mlp.experts"
+    q = {"quant_method": "auto-round", "bits": 4, "group_size": 128, "sym": True}
+    same = {f"{fused}.{e}.{p}": {"bits": 16} for e in range(2) for p in ("gate_proj", "down_proj")}
+    assert experts_declared_16bit({**q, "extra_config": same}, fused) is True
+    for key, value in (("group_size", 32), ("sym", False)):
+        differ = {**same, f"{fused}.1.down_proj": {"bits": 16, key: value}}
+        assert experts_declared_16bit({**q, "extra_config": differ}, fused) is None, key
+    # an entry's missing field is the config's default, as in vLLM: explicit 128 agrees with the default 128
+    agree = {**same, f"{fused}.1.down_proj": {"bits": 16, "group_size": 128}}
+    assert experts_declared_16bit({**q, "extra_config": agree}, fused) is True
+
+
+def test_gptq_experts_are_16bit_only_by_a_skip_rule_matching_the_fused_module():
+    from reap.verify import experts_declared_16bit
+
+    q = {"quant_method": "gptq", "bits": 4, "dynamic": {r"-:.*layers\.1\.mlp\.experts": {}, r"+:.*layers\.0\.": {}}}
+    assert experts_declared_16bit(q, "model.language_model.layers.1.mlp.experts") is True
+    assert experts_declared_16bit(q, "model.language_model.layers.0.mlp.experts") is False
+    assert experts_declared_16bit({**q, "dynamic": None}, "model.language_model.layers.1.mlp.experts") is False
+
+
+def test_int4_experts_declared_16bit_fail(copy):
+    """The checkpoint stores block 0's experts int4 but quantization_config tells vLLM to build the fused
+    module in 16-bit: vLLM would look for 16-bit weights that are not there."""
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["quantization_config"].setdefault("extra_config", {})[f"{L0}.mlp.experts"] = {"bits": 16}
+    (copy / "config.json").write_text(json.dumps(cfg))
+    msg = " ".join(failures(verify_checkpoint(copy, tp=1), "quantization_config"))
+    assert "blocks [0]: routed experts stored int4 but quantization_config makes vLLM build their fused" in msg
