@@ -67,7 +67,7 @@ def redact(text: str) -> str:
 
 
 LOCAL_PATH = "<local path>"
-PATH_RE = re.compile(r"(?<![\w.:/~<-])~?/[\w.~-][^\s\"',;)>]*")  # absolute paths, not URLs nor `org/name`
+PATH_RE = re.compile(r"(?<![\w.:/~<-])~?/[\w.~-][^\s\"'`,;)>]*")  # absolute paths, not URLs nor `org/name`
 
 
 def hide_local_paths(text: str) -> str:

@@ -194,3 +194,8 @@ def test_a_server_started_under_vllm_api_key_hands_that_key_to_its_probes_and_lm
     monkeypatch.setattr(serve.urllib.request, "urlopen", urlopen)
     serve.http_request("http://127.0.0.1:9/health")
     assert "Authorization" not in sent
+
+
+def test_hide_local_paths_keeps_a_closing_backtick():
+    """Before: "`/v1/completions`" became "`<local path>": the path swallowed the closing backtick."""
+    assert hide_local_paths("POST `/v1/completions` to `/srv/x`.") == "POST `<local path>` to `<local path>`."
