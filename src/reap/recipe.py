@@ -53,7 +53,7 @@ class ModelSection(_Section):
     @field_validator("base_model", "pruned_from")
     @classmethod
     def _hub_id(cls, value: str | None) -> str | None:
-        return None if value is None else check_repo_id(value)
+        return None if value is None else check_repo_id(value, org_required=False)
 
 
 class QuantizeSection(_Section):
@@ -222,10 +222,13 @@ def check_revision(value: str) -> str:
     return value
 
 
-def check_repo_id(value: str) -> str:
-    """A Hub model repo id, `ORG/NAME` (letters, digits, '.', '_', '-'; no '--' or '..'; not ending in .git)."""
-    if not REPO_RE.match(value) or "--" in value or ".." in value or value.endswith(".git"):
-        raise ValueError(f"{value!r} is not a Hub repo id: use ORG/NAME (letters, digits, '.', '_', '-')")
+def check_repo_id(value: str, org_required: bool = True) -> str:
+    """A Hub model repo id, `ORG/NAME` (letters, digits, '.', '_', '-'; no '--' or '..'; not ending in .git);
+    without `org_required`, also a bare `NAME` (an existing model such as `gpt2`; a repo reap creates has an org)."""
+    shaped = REPO_RE.match(value) or (not org_required and NAME_RE.match(value))
+    if not shaped or "--" in value or ".." in value or value.endswith(".git"):
+        use = "ORG/NAME" if org_required else "ORG/NAME or NAME"
+        raise ValueError(f"{value!r} is not a Hub repo id: use {use} (letters, digits, '.', '_', '-')")
     return value
 
 

@@ -121,3 +121,15 @@ def test_a_calibration_file_under_home_is_stored_expanded(tmp_path, monkeypatch)
     (tmp_path / "calib.jsonl").write_text('{"text": "a"}\n')
     rec = parse_recipe({"name": "x", "model": {"path": "m"}, "quantize": {"dataset": "~/calib.jsonl"}}, "r.yaml")
     assert rec.quantize.dataset == str(tmp_path / "calib.jsonl")
+
+
+def test_base_model_may_be_a_hub_id_without_an_org():
+    """Before: model.base_model required ORG/NAME, so existing Hub models such as `gpt2` were refused."""
+    for value in ("gpt2", "Qwen/Qwen3.5-397B-A17B"):
+        rec = parse_recipe({"name": "x", "model": {"path": "m", "base_model": value, "pruned_from": value}}, "r.yaml")
+        assert rec.model.base_model == rec.model.pruned_from == value
+    for bad in ("/data/x", "a--b", "x.git"):
+        with pytest.raises(RecipeError, match="not a Hub repo id: use ORG/NAME or NAME"):
+            parse_recipe({"name": "x", "model": {"path": "m", "base_model": bad}}, "r.yaml")
+    with pytest.raises(RecipeError, match="not a Hub repo id: use ORG/NAME "):
+        parse_recipe({"name": "x", "model": {"path": "m"}, "publish": {"repo": "gpt2"}}, "r.yaml")
