@@ -64,7 +64,10 @@ def read_header_and_offset(path: Path) -> tuple[dict[str, Any], int]:
 
 def shard_size(path: Path) -> int:
     """The size a safetensors file has when complete: 8 + header length + the end of its last tensor."""
-    header, data_start = read_header_and_offset(path)
+    return complete_size(*read_header_and_offset(path))
+
+
+def complete_size(header: dict[str, Any], data_start: int) -> int:
     return data_start + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
 
 
@@ -149,8 +152,8 @@ class Checkpoint:
             if not path.is_file():
                 self.problems.append(f"shard {shard} listed in the index is missing")
                 continue
-            header = read_header(path)
-            if (size := path.stat().st_size) != (end := shard_size(path)):
+            header, data_start = read_header_and_offset(path)
+            if (size := path.stat().st_size) != (end := complete_size(header, data_start)):
                 self.problems.append(f"shard {shard} has {size} bytes, its header says {end} (truncated or damaged)")
             for key in by_shard.get(shard, []):
                 meta = header.get(key)

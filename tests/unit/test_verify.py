@@ -206,3 +206,16 @@ def test_int4_experts_declared_16bit_fail(copy):
     (copy / "config.json").write_text(json.dumps(cfg))
     msg = " ".join(failures(verify_checkpoint(copy, tp=1), "quantization_config"))
     assert "blocks [0]: routed experts stored int4 but quantization_config makes vLLM build their fused" in msg
+
+
+def test_checkpoint_tensors_reads_each_shard_header_once(good, monkeypatch):
+    """Before: Checkpoint.tensors read every shard's header twice (once for the tensors, once for its size)."""
+    from reap import checkpoint
+
+    reads = []
+    real = checkpoint.read_header_and_offset
+    monkeypatch.setattr(checkpoint, "read_header_and_offset", lambda p: reads.append(p.name) or real(p))
+    ckpt = checkpoint.Checkpoint.open(good)
+    reads.clear()
+    assert ckpt.tensors and not ckpt.problems
+    assert sorted(reads) == sorted({p.name for p in good.glob("*.safetensors")})
