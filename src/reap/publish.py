@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, Up
 from reap.prune import PRUNE_FILE
 from reap.recipe import RECIPE_FILE, PublishSection, check_repo_id, check_revision, load_section
 from reap.rundir import RunDir, existing_run
-from reap.secrets import hide_local_paths, mask_argv, redact
+from reap.secrets import hide_local_paths, mask_argv, names_secret, redact
 from reap.stats import log, now
 
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
@@ -46,8 +45,6 @@ LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json")
 # Manifest keys that describe this machine, not the model: left out of the public manifest.
 LOCAL_KEYS = frozenset({"source", "outputs", "rejected", "log", "pid", "env", "base_url", "endpoint"})
-SECRET_KEY_RE = re.compile(r"(^|_)(token|secret|password|api_?key|auth)($|_)", re.IGNORECASE)
-TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
 
 
 @dataclass(frozen=True)
@@ -92,14 +89,14 @@ def _scrub(obj: Any, drop_local: bool = True) -> Any:
         return {
             k: _scrub(v, drop_local)
             for k, v in obj.items()
-            if not (drop_local and k in LOCAL_KEYS) and not SECRET_KEY_RE.search(k)
+            if not (drop_local and k in LOCAL_KEYS) and not names_secret(k)
         }
     if isinstance(obj, list):
         if obj and all(isinstance(v, str) for v in obj):
             obj = mask_argv(obj)  # a command line: the values of --api-key, --hf-token, ...
         return [_scrub(v, drop_local) for v in obj]
     if isinstance(obj, str):
-        return TOKEN_RE.sub("<redacted>", redact(hide_local_paths(obj)))
+        return redact(hide_local_paths(obj))
     return obj
 
 

@@ -9,16 +9,22 @@ import re
 
 MASK = "***"
 SECRET_ENV = ("VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY")
-# A flag names a secret when one of its dash/underscore-separated words is one of these (`--api-key`,
-# `--hf-token`, `--client-secret`), not merely contains one (`--tokenizer`, `--max-num-batched-tokens`).
-SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials"})
+# A flag or a record key names a secret when one of its dash/underscore-separated words is one of these
+# (`--api-key`, `--hf-token`, `client_secret`), not merely contains one (`--tokenizer`, `max_num_batched_tokens`).
+SECRET_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "credential", "credentials", "auth"}
+)
+HUB_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")  # a Hub token, whether or not this process knows it
+
+
+def names_secret(name: str) -> bool:
+    """Whether a flag (`--api-key`, `--hf-token=X`) or a record key (`api_key`) names a secret."""
+    words = re.split(r"[-_]+", name.lstrip("-").partition("=")[0].lower())
+    return any(w in SECRET_WORDS for w in words)
 
 
 def is_secret_flag(arg: str) -> bool:
-    if not arg.startswith("-"):
-        return False
-    words = re.split(r"[-_]+", arg.lstrip("-").partition("=")[0].lower())
-    return any(w in SECRET_WORDS for w in words)
+    return arg.startswith("-") and names_secret(arg)
 
 
 # A secret value is looked for in text only when it is at least this long. Real keys and tokens are (an
@@ -60,10 +66,10 @@ def known_secrets() -> list[str]:
 
 
 def redact(text: str) -> str:
-    """`text` with every known secret value replaced by ***."""
+    """`text` with every known secret value, and anything shaped like a Hub token, replaced by ***."""
     for secret in sorted(known_secrets(), key=len, reverse=True):
         text = text.replace(secret, MASK)
-    return text
+    return HUB_TOKEN_RE.sub(MASK, text)
 
 
 LOCAL_PATH = "<local path>"

@@ -145,6 +145,8 @@ def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest)
         "pid": 4242,
         "log": "/home/alice/runs/demo/logs/serve.log",
         "hf_token": TOKEN,
+        "db_passwd": "x",  # before: publish's own key pattern knew fewer secret words than the flags' one
+        "credentials": "y",
         "note": f"started with {TOKEN} (~/x)",
     }
     manifest["stages"]["publish"] = {"repo": "org/x", "commit": "abc"}
@@ -154,7 +156,7 @@ def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest)
     serve = public["stages"]["serve"]
     assert set(serve) == {"argv", "vllm_version", "startup_s", "kernels", "note"}
     assert serve["argv"][4] == "<local path>" and serve["kernels"] == {"linear_kernel": "CPUWNA16LinearKernel"}
-    assert serve["note"] == "started with <redacted> (<local path>)"
+    assert serve["note"] == "started with *** (<local path>)"
     build = public["stages"]["build"]
     assert build["versions"] == manifest["stages"]["build"]["versions"]
     assert build["verification"] == manifest["stages"]["build"]["verification"]

@@ -199,3 +199,9 @@ def test_a_server_started_under_vllm_api_key_hands_that_key_to_its_probes_and_lm
 def test_hide_local_paths_keeps_a_closing_backtick():
     """Before: "`/v1/completions`" became "`<local path>": the path swallowed the closing backtick."""
     assert hide_local_paths("POST `/v1/completions` to `/srv/x`.") == "POST `<local path>` to `<local path>`."
+
+
+def test_a_hub_token_is_masked_in_an_error_line_even_when_this_process_does_not_know_it():
+    """Before: only publish knew the shape of a Hub token; an error line carrying one printed it."""
+    token = "hf_" + "a1B2" * 9
+    assert redact(f"401 for token {token}") == "401 for token ***"
