@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from reap.errors import DiskSpaceError, InputError, OutputExistsError
+from reap.secrets import redact
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -70,7 +71,9 @@ class RunDir:
         return data
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
-        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        """Written with every known secret masked: the manifest is, like the CLI's error line, a boundary that
+        failure messages of other libraries (lm-eval, vLLM) cross."""
+        atomic_write_text(self.manifest_path, redact(json.dumps(manifest, indent=2, sort_keys=False)) + "\n")
 
     def update_stage(
         self, stage: str, record: dict[str, Any], *, section: str = "stages", replace: bool = False, **top: Any

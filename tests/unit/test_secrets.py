@@ -205,3 +205,13 @@ def test_a_hub_token_is_masked_in_an_error_line_even_when_this_process_does_not_
     """Before: only publish knew the shape of a Hub token; an error line carrying one printed it."""
     token = "hf_" + "a1B2" * 9
     assert redact(f"401 for token {token}") == "401 for token ***"
+
+
+def test_a_failure_message_recorded_in_the_manifest_holds_no_known_secret(tmp_path, monkeypatch):
+    """The ad-hoc redaction of lm-eval's failure line is gone (errors are redacted where they are shown):
+    the manifest, where eval records that line as the stage's error, masks known secrets itself."""
+    monkeypatch.setenv("VLLM_API_KEY", KEY)
+    run = RunDir(tmp_path)
+    run.update_stage("eval", {"status": "partial", "error": f"EvalError: 401 with key {KEY}"})
+    assert KEY not in run.manifest_path.read_text()
+    assert run.read_manifest()["stages"]["eval"]["error"] == "EvalError: 401 with key ***"
