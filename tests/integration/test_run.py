@@ -128,7 +128,7 @@ def test_run_refuses_contradictions_in_one_line(demo_source, tmp_path):
         check=False,
     )
     assert res.returncode == 1 and res.stderr.strip().count("\n") == 0
-    assert "no prune stage" in res.stderr
+    assert "the prune stage is not asked for by the recipe; add a prune: section" in res.stderr
     other = tmp_path / "other"
     other.mkdir()
     (other / "manifest.json").write_text('{"name": "someone-else", "recipe": {"model": {"path": "x"}}, "stages": {}}')
