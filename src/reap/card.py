@@ -1,5 +1,10 @@
 """The model card: `templates/*.md.j2` rendered with a strict Jinja environment (a missing value is an
-error, never an empty cell) into a huggingface_hub `ModelCard`. A pure function of the run's manifest."""
+error, never an empty cell) into a huggingface_hub `ModelCard`. A pure function of the run's manifest.
+
+Only records of the current checkpoint are shown (`rundir.current`: same `model_id` as the build): an
+evaluation or a serve record of an earlier build is left out, from the tables and from `model-index`. A
+quantized score is paired with a source score only when both were measured the same way (task, metric,
+limit, few-shot count, request type) and the source is the build's (its `model_id`)."""
 
 from __future__ import annotations
 
@@ -11,8 +16,9 @@ from typing import Any
 import yaml
 
 from reap.errors import CardError
+from reap.recipe import METADATA_FIELDS, RECIPE_FILE
 from reap.resources import data_dir
-from reap.rundir import RunDir, atomic_write_text
+from reap.rundir import RunDir, atomic_write_text, current
 from reap.secrets import hide_local_paths, mask_argv
 
 REQUIRED_METADATA = ("base_model_relation", "library_name", "license", "pipeline_tag", "tags")
@@ -37,7 +43,7 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     """The GPU command of `reap serve` as recorded in the run (model path replaced by the published name),
     else the one reap would build for this checkpoint on GPUs. A CPU serve record is not a recipe for users."""
     target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
-    recorded = manifest.get("stages", {}).get("serve", {}).get("argv")
+    recorded = (current(manifest, "serve") or {}).get("argv")
     if recorded and "serve" in recorded[:4]:  # `vllm serve MODEL ...` or `python -m vllm... serve MODEL ...`
         i = recorded.index("serve")
         return ["vllm", "serve", target, *mask_argv(recorded[i + 2 :])]
@@ -99,10 +105,9 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
         )
     for w in par.get("workers", []):
         times = w["block_wall_s"]
-        line = (
-            f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all, "
-            f"{len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}"
-        )
+        line = f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all"
+        if times:  # AutoRound logs no per-block line in RTN mode (iters 0)
+            line += f", {len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}"
         if w["blocks"][0] > 0 and w.get("started_after_s"):
             line += f", started at {fmt_seconds(w['started_after_s'])} (its inputs from the capture)"
         if w.get("peak_vram_gb") is not None:
@@ -147,11 +152,11 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "name": manifest["name"],
         "summary": (
             f"W{q['bits']}A16 (int{q['bits']} weights, 16-bit activations) quantization of "
-            + (f"`{build['lineage']['base']}`" if build["lineage"]["base"] else "its source checkpoint")
+            + (f"`{lineage(manifest)['base']}`" if lineage(manifest)["base"] else "its source checkpoint")
             + " made with `reap` and Intel AutoRound, "
             "checked by reap's gates against what vLLM needs to load it (see Verification)."
         ),
-        "lineage": build["lineage"],
+        "lineage": lineage(manifest),
         "quant": dict(q, quant_method=qcfg.get("quant_method"), dataset=hide_local_paths(q["dataset"])),
         "versions": build["versions"],
         "blocks_summary": blocks_summary,
@@ -198,11 +203,34 @@ def pruning_context(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def lineage(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Base model and pruned-from, from the recipe's metadata fields (card inputs, not build inputs)."""
+    model = manifest["recipe"]["model"]
+    return {"base": model.get("base_model"), "pruned_from": model.get("pruned_from")}
+
+
+SAME_MEASURE = ("metric", "limit", "num_fewshot", "model_type")
+
+
+def paired_baseline(manifest: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+    """{task: source result} for the tasks whose source score was measured like the quantized one, on the
+    build's source checkpoint."""
+    base = ev.get("baseline") or {}
+    source_id = manifest["stages"]["build"].get("source_id")
+    if source_id is None or base.get("model_id") != source_id:
+        return {}
+    return {
+        task: b
+        for task, b in (base.get("results") or {}).items()
+        if task in ev["results"] and all(b.get(k) == ev["results"][task].get(k) for k in SAME_MEASURE)
+    }
+
+
 def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    ev = manifest.get("stages", {}).get("eval")
+    ev = current(manifest, "eval")
     if not ev or not ev.get("results"):
         return None
-    base = (ev.get("baseline") or {}).get("results") or {}
+    base = paired_baseline(manifest, ev)
     rows = []
     for task, r in ev["results"].items():
         row = {"task": task, "metric": r["metric"], "num_fewshot": r["num_fewshot"], "value": f"{r['value']:.4f}"}
@@ -215,8 +243,8 @@ def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
         "has_baseline": bool(base),
         "suite": ev["suite"],
         "lm_eval_version": ev["lm_eval_version"],
-        "partial": ev.get("status") == "partial",
-        "error": ev.get("error", ""),
+        "partial": ev.get("status") != "done",
+        "error": ev.get("error", ev.get("status", "")),
         "limit": next(iter(ev["results"].values())).get("limit"),
     }
 
@@ -226,7 +254,7 @@ def card_metadata(manifest: dict[str, Any]):
 
     build = manifest["stages"]["build"]
     card = manifest["recipe"]["card"]
-    ev = manifest.get("stages", {}).get("eval") or {}
+    ev = current(manifest, "eval") or {}
     results = [
         EvalResult(
             task_type="text-generation",
@@ -240,10 +268,10 @@ def card_metadata(manifest: dict[str, Any]):
         for task, r in (ev.get("results") or {}).items()
     ]
     data = ModelCardData(
-        base_model=build["lineage"]["base"],
+        base_model=lineage(manifest)["base"],
         base_model_relation="quantized",
         library_name=card["library_name"],
-        license=build["license"],
+        license=manifest["recipe"]["model"].get("license") or build["source_license"],
         pipeline_tag=card["pipeline_tag"],
         tags=list(card["tags"]),
         model_name=manifest["name"] if results else None,
@@ -293,10 +321,35 @@ def render_pruned_card(summary: dict[str, Any], license_: str | None) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n"
 
 
-def render_card_into(run: RunDir) -> Path:
+def adopt_metadata(run: RunDir, recipe: dict[str, Any]) -> None:
+    """Take the card's inputs from `recipe` (a recipe as JSON): its `card:` section and the model's metadata
+    fields (license, base_model, pruned_from), which change no weight. They go into the manifest's recipe, the
+    run's recipe.yaml and the recipe saved beside the weights, so that all three stay the release's recipe."""
+    manifest = run.read_manifest()
+    kept = manifest["recipe"]
+    model = recipe.get("model") or {}
+    updated = dict(
+        kept,
+        card=recipe.get("card", kept["card"]),
+        model=dict(kept["model"], **{k: model.get(k) for k in METADATA_FIELDS}),
+    )
+    if updated == kept:
+        return
+    text = yaml.safe_dump(updated, sort_keys=False)
+    atomic_write_text(run.recipe_path, text)
+    atomic_write_text(run.model_dir / RECIPE_FILE, hide_local_paths(text))  # published as it is
+    run.write_manifest(dict(manifest, recipe=updated))
+
+
+def render_card_into(run: RunDir, recipe: dict[str, Any] | None = None) -> Path:
+    """Render the card into model/README.md from the manifest, after adopting the card section and metadata
+    fields of `recipe` (a recipe as JSON) when given."""
     manifest = run.read_manifest()
     if manifest.get("stages", {}).get("build", {}).get("status") != "done":
         raise CardError(f"{run.root} has no finished build; run `reap build` first")
+    if recipe is not None:
+        adopt_metadata(run, recipe)
+        manifest = run.read_manifest()
     card = render_card(manifest)
     atomic_write_text(run.card_path, str(card))
     return run.card_path

@@ -13,6 +13,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from reap.errors import InputError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5_moe", "qwen3_5_moe_text")
@@ -227,3 +229,15 @@ def generalize(module: str) -> str:
     `model.language_model.layers.12.mlp.experts.7.up_proj` -> `model.language_model.layers.*.mlp.experts.*.up_proj`.
     """
     return re.sub(r"\.(\d+)(?=\.|$)", ".*", module)
+
+
+def source_license(root: Path) -> str | None:
+    """The `license` of the source's own card (README.md front matter), carried into ours."""
+    readme = root / "README.md"
+    if not readme.is_file():
+        return None
+    text = readme.read_text()
+    if not text.startswith("---"):
+        return None
+    meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    return meta.get("license")

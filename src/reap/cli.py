@@ -17,6 +17,7 @@ import click
 import yaml
 
 from reap.errors import InputError, ReapError
+from reap.rundir import sigterm_as_interrupt
 from reap.secrets import redact
 
 
@@ -54,11 +55,13 @@ def _crash_log(exc: BaseException) -> Path | None:
 
 class ReapGroup(click.Group):
     """Maps every ReapError to one line on stderr and exit code 1; a file system error to one line naming the
-    path; anything else to one line with the file that holds its traceback (REAP_DEBUG=1: the traceback)."""
+    path; anything else to one line with the file that holds its traceback (REAP_DEBUG=1: the traceback).
+    SIGTERM ends a command like Ctrl-C (exit 130), so that every stage records it and stops what it started."""
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except KeyboardInterrupt:
@@ -297,20 +300,29 @@ def verify_cmd(model_dir: Path, tp: int, as_json: bool) -> None:
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--stdout", "to_stdout", is_flag=True, help="Print the card instead of writing RUN_DIR/model/README.md.")
 def card_cmd(run_dir: Path, to_stdout: bool) -> None:
-    """Re-render the model card from the run folder alone (manifest.json).
+    """Re-render the model card from the run folder alone (manifest.json and recipe.yaml).
+
+    \b
+    The card's own inputs are read from RUN_DIR/recipe.yaml: its card: section and model.license,
+    model.base_model, model.pruned_from. Edit them there and re-run `reap card`; no weight changes.
 
     \b
     Example:
       reap card runs/demo
     """
     from reap.card import render_card, render_card_into
+    from reap.recipe import load_section
     from reap.rundir import existing_run
 
     run = existing_run(run_dir)
     if to_stdout:
         click.echo(str(render_card(run.read_manifest())))
-    else:
-        click.echo(str(render_card_into(run)))
+        return
+    recipe = None
+    if run.recipe_path.is_file():
+        load_section(run.recipe_path, "card")  # an invalid card section is refused in one line
+        recipe = yaml.safe_load(run.recipe_path.read_text())
+    click.echo(str(render_card_into(run, recipe)))
 
 
 @reap.command("serve", context_settings={"ignore_unknown_options": True})
@@ -611,7 +623,7 @@ def publish_cmd(
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of the random baseline.")
 @click.option("--device", help="Where the observation runs (default: cuda if available, else cpu).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (only once the new one is complete).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/model (only once the new one is complete).")
 def prune_cmd(
     src: Path,
     out: Path,

@@ -10,12 +10,9 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES
-
-if TYPE_CHECKING:
-    from reap.checkpoint import Checkpoint
+from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint
 
 _TORCHVISION_LIB = None  # keeps the op schemas registered for the life of the process
 
@@ -235,8 +232,6 @@ def gptq_skip_16bit_moe(dest: Path) -> bool:
     decides for the fused MoE module as a whole (prefix `...layers.N.mlp.experts`), finds no rule, treats
     the experts as int4 and fails (`No WNA16 MoE backend supports the deployment configuration`). Add a
     module-level skip rule for each block whose routed experts are all 16-bit. Returns True when needed."""
-    from reap.checkpoint import Checkpoint
-
     cfg = json.loads((dest / "config.json").read_text())
     q = cfg.get("quantization_config") or {}
     if q.get("quant_method") != "gptq":

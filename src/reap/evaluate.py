@@ -3,7 +3,8 @@
 Multiple-choice (loglikelihood) tasks go to `/v1/completions` (`local-completions`: chat endpoints cannot
 return prompt logprobs); the tokenizer is the local model folder (not a Hub lookup by the served name);
 `max_length` is the server's max model length (lm-eval's default 2048 silently truncates); requests run
-concurrently. Each task is saved as soon as it finishes, so a failure keeps what was done, marked partial.
+concurrently. Each task is saved as soon as it finishes, so a failure keeps what was done (the record then
+says `failed` or `interrupted`, and the card marks the results partial).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import yaml
 from reap import compat
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
-from reap.rundir import atomic_write_text, existing_run
+from reap.rundir import RunDir, atomic_write_text, existing_run
+from reap.serve import ServeOptions, Server, Target, http_request
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -112,8 +114,6 @@ def normalize_endpoint(url: str) -> tuple[str, str | None]:
 
 
 def endpoint_models(base_url: str, api_key: str | None) -> list[dict[str, Any]]:
-    from reap.serve import http_request
-
     code, body = http_request(f"{base_url}/models", timeout=10, api_key=api_key)
     if code == 401:
         raise EvalError(
@@ -158,9 +158,11 @@ def _metric(results: dict[str, Any], task: str, metric: str) -> tuple[float, flo
     raise EvalError(f"lm-eval gave no {metric!r} for {task}; metrics there: {sorted(row)}")
 
 
-def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, out_dir: Path, api_key: str | None):
-    """Everything that can be refused before a request is scored: the endpoint, the served name, chat vs
-    loglikelihood, unknown tasks. Returns (TaskManager, max_length)."""
+def check_endpoint(
+    suite: Suite, base_url: str, served: str, given_path: str | None, api_key: str | None
+) -> dict[str, Any]:
+    """The endpoint answers, serves `served`, and can score the suite (chat vs loglikelihood); returns what
+    /v1/models says of the served model."""
     for spec in suite.tasks:
         if given_path == "/chat/completions" and spec.model_type == "local-completions":
             raise EvalError(
@@ -171,6 +173,13 @@ def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, 
     info = next((m for m in models if m.get("id") == served), None)
     if info is None:
         raise EvalError(f"the server at {base_url} serves {[m.get('id') for m in models]}, not {served!r}")
+    return info
+
+
+def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, out_dir: Path, api_key: str | None):
+    """Everything that can be refused before a request is scored: the endpoint, the served name, chat vs
+    loglikelihood, unknown tasks. Returns (TaskManager, max_length)."""
+    info = check_endpoint(suite, base_url, served, given_path, api_key)
     from lm_eval.tasks import TaskManager
 
     include = prepare_include(suite.include_paths, out_dir / "tasks")
@@ -283,6 +292,17 @@ def _run_suite(
     return summary
 
 
+def targets(run: RunDir, manifest: dict[str, Any], baseline: bool) -> list[tuple[str, Any]]:
+    """(label, what is served) for the quantized build and, with `baseline`, its bf16 source: both served with
+    the recipe's `serve:` section (tensor parallel size, max_model_len, ...)."""
+    name, build = manifest["name"], manifest["stages"]["build"]
+    out = [("quantized", Target(run.model_dir, name, run, manifest))]
+    if baseline:
+        serve_only = {"recipe": {"serve": manifest.get("recipe", {}).get("serve", {})}}
+        out.append(("baseline", Target(Path(build["source"]), f"{name}-source", run, serve_only)))
+    return out
+
+
 def evaluate(
     run_path: Path,
     *,
@@ -296,9 +316,9 @@ def evaluate(
     baseline: bool = False,
     port: int = 8000,
 ) -> dict[str, Any]:
-    """Evaluate a run's checkpoint (and with `baseline`, its bf16 source) and record it in the manifest."""
-    from reap.serve import ServeOptions, Server, Target
-
+    """Evaluate a run's checkpoint (and with `baseline`, its bf16 source) as the run's `eval` stage: the record
+    names the checkpoint measured (`model_id`; the baseline's, the source's). A baseline measured before on
+    the same source is kept when `baseline` is not asked for again."""
     run = existing_run(run_path)
     manifest = run.read_manifest()
     build = manifest.get("stages", {}).get("build", {})
@@ -306,35 +326,30 @@ def evaluate(
         raise InputError(f"{run.root} has no finished build; run `reap build` first")
     given_endpoint = normalize_endpoint(endpoint) if endpoint else None
     suite = load_suite(suite_name, tasks, include_path)
-    name = manifest["name"]
-    previous = manifest.get("stages", {}).get("eval") or {}
-    record: dict[str, Any] = {
-        "status": "running",
-        "suite": suite.name,
-        "lm_eval_version": metadata.version("lm_eval"),
-        "concurrency": concurrency,
-        "results": {},
-    }
-    if previous.get("suite") == suite.name and previous.get("baseline") and not baseline:
-        record["baseline"] = previous["baseline"]  # the source did not change: keep its scores
-    elif baseline:
-        record["baseline"] = {}
+    if given_endpoint:  # a server that is not there, or serves another model, is refused before the stage opens
+        check_endpoint(suite, given_endpoint[0], manifest["name"], given_endpoint[1], os.environ.get("VLLM_API_KEY"))
+    previous = (manifest.get("stages", {}).get("eval") or {}).get("baseline") or {}
+    with run.stage(
+        "eval",
+        checkpoint=run.model_id(),
+        suite=suite.name,
+        lm_eval_version=metadata.version("lm_eval"),
+        concurrency=concurrency,
+        results={},
+    ) as record:
+        if baseline:
+            record["baseline"] = {"model_id": build.get("source_id"), "results": {}}
+        elif previous.get("results") and previous.get("model_id") == build.get("source_id"):
+            record["baseline"] = previous  # the source did not change: keep its scores
 
-    produced: list[str] = []
+        def save(label: str):
+            def on_task(summary: dict[str, Any]) -> None:
+                (record["baseline"] if label == "baseline" else record)["results"] = dict(summary)
+                record.save()
 
-    def save(label: str):
-        def on_task(summary: dict[str, Any]) -> None:
-            produced.append(label)
-            (record["baseline"] if label == "baseline" else record)["results"] = dict(summary)
-            run.update_stage("eval", record)
+            return on_task
 
-        return on_task
-
-    jobs = [("quantized", run.model_dir, name)]
-    if baseline:
-        jobs.append(("baseline", Path(build["source"]), f"{name}-source"))
-    try:
-        for label, model_dir, served in jobs:
+        for label, target in targets(run, manifest, baseline):
             out_dir = run.root / "eval" / label
             if given_endpoint and label == "quantized":
                 base, given = given_endpoint
@@ -342,8 +357,8 @@ def evaluate(
                 run_suite(
                     suite,
                     base,
-                    served,
-                    model_dir,
+                    target.served_name,
+                    target.model_dir,
                     out_dir,
                     limit=limit,
                     num_fewshot=num_fewshot,
@@ -353,13 +368,12 @@ def evaluate(
                     on_task=save(label),
                 )
                 continue
-            target = Target(model_dir, served, run, manifest if label == "quantized" else {})
             with Server(target, ServeOptions(port=port), log_name=f"serve-{label}.log") as srv:
                 run_suite(
                     suite,
                     srv.base_url,
-                    served,
-                    model_dir,
+                    target.served_name,
+                    target.model_dir,
                     out_dir,
                     limit=limit,
                     num_fewshot=num_fewshot,
@@ -368,11 +382,4 @@ def evaluate(
                     api_key=srv.api_key,
                     on_task=save(label),
                 )
-    except BaseException as exc:
-        if produced:  # keep what finished, marked partial; an earlier complete record stays otherwise
-            record.update(status="partial", error=str(exc) or type(exc).__name__)
-            run.update_stage("eval", record)
-        raise
-    record["status"] = "done"
-    run.update_stage("eval", record)
     return record

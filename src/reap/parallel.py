@@ -12,7 +12,8 @@ needs none). More workers than GPUs queue, one per GPU; `quantize.workers_at_onc
 `merge_parts` numbers each worker's blocks back and joins the workers' quantization configs into one, so
 the result has the tensor names and `quantization_config` of a sequential build. The usual gates then run.
 
-A finished range, and the capture, are kept (`result.json` with a fingerprint of their inputs): a re-run
+A finished range, and the capture, are kept (the `worker` stage record in the part's own `manifest.json`,
+written by the same stage lifecycle as every command, with a fingerprint of their inputs): a re-run
 after a failure or Ctrl-C redoes only what is missing. `python -m reap.parallel SPEC.json` is the entry
 point of the worker and capture processes.
 """
@@ -32,9 +33,10 @@ from typing import Any
 
 import psutil
 
-from reap import compat
+from reap import compat, engine, procs
 from reap.checkpoint import Checkpoint, layer_index, shift_layer
 from reap.errors import InputError, ReapError, StageError
+from reap.prune import decoder_layer, moe_layout, text_config
 from reap.recipe import Recipe
 from reap.rundir import RunDir, atomic_write_text, digest
 from reap.stats import GB, Clock, ResourceSampler, gpu_inventory, log, visible_gpu_ids
@@ -217,8 +219,9 @@ class Part:
         return self.root / "model"
 
     @property
-    def result_path(self) -> Path:
-        return self.root / "result.json"
+    def run(self) -> RunDir:
+        """The part's folder as a run folder: its `manifest.json` holds the `worker` stage record."""
+        return RunDir(self.root)
 
     @property
     def log_path(self) -> Path:
@@ -226,8 +229,8 @@ class Part:
 
     def result(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.result_path.read_text())
-        except (OSError, ValueError):
+            return self.run.read_manifest()["stages"].get("worker")
+        except (OSError, ReapError):
             return None
 
     def describe(self) -> str:
@@ -338,7 +341,6 @@ class _Launcher:
             "index": part.index,
             "device": part.device,
             "fingerprint": self.fingerprints[part.index],
-            "result": str(part.result_path),
             "log": str(part.log_path),
         }
         if part.index == CAPTURE:  # AutoRound gives block 0's inputs: its view ends after block 0
@@ -359,17 +361,17 @@ class _Launcher:
         log(f"{part.describe()}: started (log {part.log_path})")
         self.started_at[part.index] = time.time()
         with open(part.root / "stdout.log", "w") as out:
-            self.procs[part.index] = subprocess.Popen(
+            self.procs[part.index] = procs.start_group(
                 [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
                 env=_worker_env(part, self.at_once),
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
 
     def _collect(self, part: Part, results: dict[int, dict[str, Any]]) -> None:
         """The ended process's result (a failure as one line naming it) goes into `results`."""
         proc = self.procs[part.index]
+        procs.release(proc)
         res = part.result() or {}
         log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
         if res.get("status") == "done":
@@ -384,11 +386,8 @@ class _Launcher:
         results[part.index] = res
 
     def stop_all(self) -> None:
-        from reap.serve import stop_group
-
         for proc in self.procs.values():
-            if proc.poll() is None:
-                stop_group(proc.pid, grace=10, child=proc)
+            procs.stop(proc, grace=10)
 
 
 def _reusable(part: Part, fingerprint: str, outputs: list[Path]) -> bool:
@@ -522,11 +521,9 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
 def quantize_parallel(
     src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock, sampler: ResourceSampler
 ) -> dict[str, Any]:
-    """Run the workers, merge their checkpoints into `work`; returns what `build._quantize` returns, plus
+    """Run the workers, merge their checkpoints into `work`; returns what `engine.quantize` returns, plus
     the per-worker record (each worker's peak GPU memory from the build's `sampler`, which NVML numbers as
     CUDA does by default)."""
-    from reap.build import keep_16bit_layers
-
     gpus, _ = gpus_for(recipe)
     n_blocks = int(src.text_config["num_hidden_layers"])
     parts = plan_parts(run, n_blocks, recipe, gpus)
@@ -567,7 +564,7 @@ def quantize_parallel(
             "kept_from_earlier_attempt": captured["kept"],
             "log": str(cap.log_path),
         }
-    kept = keep_16bit_layers(src, recipe)
+    kept = engine.keep_16bit_layers(src, recipe)
     return {
         "blocks": blocks,
         "fixes_applied": sorted({f for r in results for f in r["fixes_applied"]}),
@@ -603,13 +600,11 @@ def capture_inputs(
     each block in `starts` go to its file in `files`. Host RAM: one block and the activations."""
     import torch
 
-    from reap.build import autoround_session, keep_16bit_layers
-    from reap.prune import decoder_layer, moe_layout, text_config
-
     fixes: list[str] = []
     first = files[0].with_name("inputs-0.pt")
     unused = files[0].parent / "autoround-output"  # AutoRound is stopped before it writes anything
-    with autoround_session(view, recipe, keep_16bit_layers(view, recipe), logfile, clock, fixes) as (ar, _, _):
+    kept = engine.keep_16bit_layers(view, recipe)
+    with engine.autoround_session(view, recipe, kept, logfile, clock, fixes) as (ar, _, _):
         with clock.span("calibration_caching"), compat.autoround_captures_block_inputs(first):
             ar.quantize_and_save(str(unused), format=recipe.quantize.format)
     shutil.rmtree(unused, ignore_errors=True)
@@ -639,23 +634,16 @@ def capture_inputs(
 
 
 def worker_main(spec_path: Path) -> int:
-    """One worker (quantize its range view with AutoRound) or the input capture; writes result.json."""
-    from reap.build import _quantize
-
+    """One worker (quantize its range view with AutoRound) or the input capture, as the `worker` stage of its
+    part folder. SIGTERM (the parent stopping it) marks it interrupted; exit code 1 unless done."""
     spec = json.loads(spec_path.read_text())
-    result: dict[str, Any] = {
-        "status": "running",
-        "fingerprint": spec["fingerprint"],
-        "pid": os.getpid(),
-        "device": spec["device"],
-    }
-    result_path = Path(spec["result"])
-    atomic_write_text(result_path, json.dumps(result))
-    clock, t0 = Clock(), time.perf_counter()
+    clock = Clock()
     try:
-        recipe = Recipe.model_validate(spec["recipe"])
-        view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
-        with ResourceSampler() as sampler:
+        with RunDir(spec_path.parent).stage(
+            "worker", fingerprint=spec["fingerprint"], pid=os.getpid(), device=spec["device"]
+        ) as rec:
+            recipe = Recipe.model_validate(spec["recipe"])
+            view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
             if spec["index"] == CAPTURE:
                 out = capture_inputs(
                     Checkpoint.open(Path(spec["source"])),
@@ -667,7 +655,7 @@ def worker_main(spec_path: Path) -> int:
                     clock,
                 )
             else:
-                out = _quantize(
+                out = engine.quantize(
                     view,
                     recipe,
                     Path(spec["out"]),
@@ -675,19 +663,10 @@ def worker_main(spec_path: Path) -> int:
                     clock,
                     block_inputs=Path(spec["inputs"]) if spec["inputs"] else None,
                 )
-        result.update(
-            out,
-            status="done",
-            substages=clock.spans,
-            wall_s=round(time.perf_counter() - t0, 3),
-            peak_rss_gb=sampler.summary()["peak_rss_gb"],
-        )
-    except ReapError as exc:
-        result.update(status="failed", error=str(exc))
-    except Exception as exc:  # noqa: BLE001 - the parent reports it in one line with the log's path
-        result.update(status="failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    atomic_write_text(result_path, json.dumps(result, indent=2))
-    return 0 if result["status"] == "done" else 1
+            rec.update(out, substages=clock.spans)
+    except (Exception, KeyboardInterrupt):  # recorded in one line by the stage; the parent reports it
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,28 +3,42 @@
 Stages: prune (when the recipe has `prune:`), build, verify, eval, card, publish (with `--publish`). Each is
 the same library function the single command calls (prune.prune, build.build, verify.verify_checkpoint,
 evaluate.evaluate, card.render_card_into, publish.publish). A stage is done when its record in `manifest.json` under
-`pipeline.stages` says `done` with the fingerprint of its current inputs (the recipe sections it reads and
+`pipeline.stages` says `done` with the fingerprint of its current inputs (the recipe fields it reads and
 the fingerprints of the stages it depends on) and its outputs exist. A re-run skips such stages and redoes
 a stage whose inputs changed, and everything downstream of a stage that ran. The fingerprint is written
-only after the stage finished, so an interrupted or failed stage is never mistaken for done.
+only after the stage finished (`RunDir.stage`), so an interrupted or failed stage is never mistaken for done;
+an attempt that did not finish is kept beside an earlier done record (`last_attempt`), and that record still
+counts for the inputs it was made with: a killed rebuild with changed settings leaves the earlier build done
+for the recipe it was made from. A stage's record also names the checkpoint in model/ when it ended: a build
+that `reap build` replaced since is not this pipeline's, and eval and verify count only for the checkpoint
+there now.
+
+The recipe is recorded as given, prune section and source path included (the build quantizes what the
+prune stage wrote): the recipe saved with the model reproduces the release when run again. The model's
+metadata fields (license, base_model, pruned_from) and the `card:` section are inputs of the card stage
+only: changing them re-renders the card and quantizes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reap.build import build
+from reap.card import render_card_into
 from reap.checkpoint import Checkpoint
+from reap.engine import keep_patterns
 from reap.errors import InputError
-from reap.recipe import Recipe
-from reap.rundir import RunDir, check_output_dir, digest
-from reap.stats import ResourceSampler, log
+from reap.evaluate import evaluate, load_suite
+from reap.prune import prune
+from reap.publish import publish
+from reap.recipe import METADATA_FIELDS, Recipe
+from reap.rundir import RunDir, check_output_dir, current, digest
+from reap.stats import log
+from reap.verify import raise_on_failure, verify_checkpoint
 
 
 @dataclass(frozen=True)
@@ -57,11 +71,18 @@ def source_signature(path: str) -> list[tuple[str, int, int]]:
     return Checkpoint(root).file_signature()
 
 
-def _build_inputs(recipe: Recipe) -> dict[str, Any]:
-    from reap.build import keep_patterns
+def _model_inputs(recipe: Recipe) -> dict[str, Any]:
+    """The model section as the weights see it (its metadata fields are the card's inputs)."""
+    return recipe.model.model_dump(mode="json", exclude=set(METADATA_FIELDS))
 
+
+def _card_inputs(recipe: Recipe) -> dict[str, Any]:
+    return {"card": recipe.card.model_dump(mode="json"), "model": recipe.model.model_dump(include=set(METADATA_FIELDS))}
+
+
+def _build_inputs(recipe: Recipe) -> dict[str, Any]:
     return {
-        "model": recipe.model.model_dump(mode="json"),
+        "model": _model_inputs(recipe),
         "quantize": recipe.quantize.model_dump(mode="json"),
         "keep_16bit_resolved": keep_patterns(recipe),
         "tp": recipe.serve.tensor_parallel_size,
@@ -74,8 +95,6 @@ def _pruned_dir(run: RunDir) -> Path:
 
 
 def _prune(ctx: Context) -> None:
-    from reap.prune import prune
-
     p = ctx.recipe.prune
     prune(
         Path(ctx.recipe.model.path),
@@ -93,41 +112,28 @@ def _prune(ctx: Context) -> None:
 
 
 def _build(ctx: Context) -> None:
-    from reap.build import build
-
-    recipe = ctx.recipe
-    if recipe.prune is not None:  # quantize what the prune stage wrote
-        recipe = recipe.model_copy(
-            update={"model": recipe.model.model_copy(update={"path": str(_pruned_dir(ctx.run) / "model")})}
-        )
-    build(recipe, ctx.run.root, overwrite=True, argv=ctx.argv)
+    pruned = _pruned_dir(ctx.run) / "model" if ctx.recipe.prune is not None else None  # what prune wrote
+    build(ctx.recipe, ctx.run.root, overwrite=True, argv=ctx.argv, source=pruned, card=False)
 
 
 def _verify(ctx: Context) -> None:
-    from reap.build import keep_patterns
-    from reap.verify import raise_on_failure, verify_checkpoint
-
     q = ctx.recipe.quantize
-    report = verify_checkpoint(
-        ctx.run.model_dir,
-        tp=ctx.recipe.serve.tensor_parallel_size,
-        expect={"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
-        reasons=keep_patterns(ctx.recipe),
-    )
-    ctx.run.update_stage(
-        "verify",
-        {
-            "passed": report["passed"],
-            "tensor_parallel_size": report["tensor_parallel_size"],
-            "gates": {k: g["passed"] for k, g in report["gates"].items()},
-        },
-    )
-    raise_on_failure(report, str(ctx.run.model_dir))
+    with ctx.run.stage("verify", checkpoint=ctx.run.model_id(), keep_done=False) as rec:
+        report = verify_checkpoint(
+            ctx.run.model_dir,
+            tp=ctx.recipe.serve.tensor_parallel_size,
+            expect={"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
+            reasons=keep_patterns(ctx.recipe),
+        )
+        rec.update(
+            passed=report["passed"],
+            tensor_parallel_size=report["tensor_parallel_size"],
+            gates={k: g["passed"] for k, g in report["gates"].items()},
+        )
+        raise_on_failure(report, str(ctx.run.model_dir))
 
 
 def _eval(ctx: Context) -> None:
-    from reap.evaluate import evaluate
-
     e = ctx.recipe.eval
     evaluate(
         ctx.run.root,
@@ -142,14 +148,10 @@ def _eval(ctx: Context) -> None:
 
 
 def _card(ctx: Context) -> None:
-    from reap.card import render_card_into
-
-    render_card_into(ctx.run)
+    render_card_into(ctx.run, ctx.recipe.model_dump(mode="json"))
 
 
 def _publish(ctx: Context) -> None:
-    from reap.publish import publish
-
     p = ctx.recipe.publish
     publish(ctx.run.root, repo=p.repo, private=p.private, revision=p.revision, message=p.message)
 
@@ -158,12 +160,24 @@ def _stage_done(run: RunDir, name: str) -> bool:
     return run.read_manifest().get("stages", {}).get(name, {}).get("status") == "done"
 
 
+def _built_here(run: RunDir) -> bool:
+    """model/ holds the checkpoint this pipeline's build stage made (not one `reap build` put there since)."""
+    built = run.read_manifest().get("pipeline", {}).get("stages", {}).get("build", {}).get("model_id")
+    return built is not None and built == run.model_id()
+
+
+def _current_done(run: RunDir, name: str) -> bool:
+    """`stages.<name>` is done and describes the checkpoint in model/ now."""
+    rec = current(run.read_manifest(), name) or {}
+    return rec.get("status") == "done" and rec.get("model_id") == run.model_id()
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
         "prune",
         (),
         lambda r: {
-            "model": r.model.model_dump(mode="json"),
+            "model": _model_inputs(r),
             "prune": r.prune.model_dump(mode="json"),
             "source": source_signature(r.model.path),
         },
@@ -177,28 +191,28 @@ STAGES: tuple[Stage, ...] = (
         ("prune",),
         _build_inputs,
         _build,
-        lambda run: _stage_done(run, "build") and (run.model_dir / "config.json").is_file(),
+        lambda run: _stage_done(run, "build") and _built_here(run),
     ),
     Stage(
         "verify",
         ("build",),
         lambda r: {"tp": r.serve.tensor_parallel_size},
         _verify,
-        lambda run: _stage_done(run, "build"),
+        lambda run: _current_done(run, "verify"),
     ),
     Stage(
         "eval",
         ("build",),
         lambda r: r.eval.model_dump(mode="json", exclude={"port"}),
         _eval,
-        lambda run: _stage_done(run, "eval"),
+        lambda run: _current_done(run, "eval"),
         wanted=lambda r, publish: r.eval.enabled,
         how_to_want="set eval.enabled: true (or --set eval.enabled=true)",
     ),
     Stage(
         "card",
         ("build", "verify", "eval"),
-        lambda r: r.card.model_dump(mode="json"),
+        _card_inputs,
         _card,
         lambda run: run.card_path.is_file(),
     ),
@@ -216,10 +230,9 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
 
-def fingerprint(stage: Stage, recipe: Recipe, upstream: dict[str, str]) -> str:
-    return digest(
-        {"stage": stage.name, "inputs": stage.inputs(recipe), "after": {u: upstream.get(u) for u in stage.after}}
-    )
+def fingerprint_inputs(stage: Stage, recipe: Recipe, upstream: dict[str, str]) -> dict[str, Any]:
+    """What a stage's fingerprint is a digest of: its recipe inputs and the fingerprints of the stages before it."""
+    return {"stage": stage.name, "inputs": stage.inputs(recipe), "after": {u: upstream.get(u) for u in stage.after}}
 
 
 def check_run_folder(run: RunDir, recipe: Recipe) -> None:
@@ -244,8 +257,6 @@ def check_recipe(recipe: Recipe, publish: bool) -> None:
     if publish and not recipe.publish.repo:
         raise InputError("--publish needs publish.repo in the recipe (or --set publish.repo=ORG/NAME)")
     if recipe.eval.enabled:
-        from reap.evaluate import load_suite
-
         load_suite(recipe.eval.suite, ",".join(recipe.eval.tasks) if recipe.eval.tasks else None, None)
 
 
@@ -289,7 +300,8 @@ def plan(
         if stage.name not in wanted:
             steps.append({"stage": stage.name, "action": "skip", "why": stage.unwanted_why})
             continue
-        fp = fps[stage.name] = fingerprint(stage, recipe, fps)
+        inputs = fingerprint_inputs(stage, recipe, fps)
+        fp = fps[stage.name] = digest(inputs)
         rec = recorded.get(stage.name, {})
         done = rec.get("status") == "done" and rec.get("fingerprint") == fp and stage.outputs_exist(run)
         if stage.name not in selected:
@@ -306,14 +318,14 @@ def plan(
                 else "upstream re-ran"
                 if upstream_ran
                 else "inputs changed"
-                if rec.get("fingerprint") not in (None, fp)
+                if rec.get("fingerprint") not in (None, fp) and "last_attempt" not in rec
                 else {
                     "interrupted": "resumes (was interrupted)",
                     "failed": "retries (failed last time)",
                     "running": "resumes (the last attempt was killed)",
-                }.get(rec.get("status"), "not done yet")
+                }.get((rec.get("last_attempt") or rec).get("status"), "not done yet")
             )
-            steps.append({"stage": stage.name, "action": "run", "why": why, "fingerprint": fp})
+            steps.append({"stage": stage.name, "action": "run", "why": why, "fingerprint": fp, "inputs": inputs})
             ran.add(stage.name)
         else:
             steps.append({"stage": stage.name, "action": "skip", "why": "done, inputs unchanged", "fingerprint": fp})
@@ -326,20 +338,6 @@ def _downstream(name: str) -> set[str]:
         if name in stage.after or out & set(stage.after):
             out.add(stage.name)
     return out
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM ends the run like Ctrl-C: the stage is marked interrupted, finished outputs stay."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def run_pipeline(
@@ -362,36 +360,19 @@ def run_pipeline(
     ctx = Context(recipe, run, argv or ["reap", *sys.argv[1:]])
     by_name = {s.name: s for s in STAGES}
     rows = []
-    with _sigterm_as_interrupt():
-        for step in steps:
-            name = step["stage"]
-            if step["action"] == "skip":
-                rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
-                continue
-            run.update_stage(name, {"status": "running", "fingerprint": None}, section="pipeline.stages")
-            log(f"run: {name} started ({step['why']})")
-            t0 = time.perf_counter()
-            status = "failed"
-            try:
-                with ResourceSampler() as sampler:
-                    by_name[name].execute(ctx)
-                status = "done"
-            except KeyboardInterrupt:
-                status = "interrupted"
-                raise
-            finally:
-                wall = round(time.perf_counter() - t0, 2)
-                peak = sampler.summary()["peak_rss_gb"] if status == "done" else None
-                run.update_stage(
-                    name,
-                    {
-                        "status": status,
-                        "wall_s": wall,
-                        "peak_rss_gb": peak,
-                        "fingerprint": step["fingerprint"] if status == "done" else None,
-                    },
-                    section="pipeline.stages",
-                )
-                log(f"run: {name} {status} in {wall:.1f} s")
-            rows.append({"stage": name, "status": "done", "wall_s": wall, "peak_rss_gb": peak})
+    for step in steps:
+        name = step["stage"]
+        if step["action"] == "skip":
+            rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
+            continue
+        log(f"run: {name} started ({step['why']})")
+        try:
+            with run.stage(name, inputs=step["inputs"], section="pipeline.stages") as rec:
+                by_name[name].execute(ctx)
+                rec["model_id"] = run.model_id()  # the checkpoint in model/ once the stage ended
+        except BaseException:
+            log(f"run: {name} {rec['status']} after {rec['wall_s']:.1f} s")
+            raise
+        log(f"run: {name} done in {rec['wall_s']:.1f} s")
+        rows.append({"stage": name, "status": "done", "wall_s": rec["wall_s"], "peak_rss_gb": rec["peak_rss_gb"]})
     return rows

@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint
+from reap.card import render_pruned_card
+from reap.checkpoint import PROCESSOR_FILES, TOKENIZER_FILES, Checkpoint, source_license
 from reap.errors import InputError, OutputExistsError, UnsupportedModelError
-from reap.rundir import RunDir, atomic_write_text, check_free_disk, check_output_dir, swap_into_place
-from reap.stats import Clock, ResourceSampler, hardware_inventory, log, now, package_versions
+from reap.rundir import RunDir, atomic_write_text, check_free_disk, check_output_dir, swap_into_place, usual_modes
+from reap.stats import Clock, hardware_inventory, log, package_versions
 
 METHODS: dict[str, str] = {
     "reap": "mean router-weighted expert output norm over the tokens routed to the expert (REAP, arXiv 2510.13999)",
@@ -526,7 +527,8 @@ def prune(
 ) -> dict[str, Any]:
     """Prune `src` into the folder `out` (`out/model/` the checkpoint, `out/manifest.json` with `stages.prune`).
     Returns the prune record: settings, per-layer report (scores, kept, dropped), stage times, peak memory.
-    Every input is checked before any weight is read; `out` appears only when complete."""
+    Every input is checked before any weight is read; `out/model` appears (or is replaced) only when
+    complete, and a failed or interrupted attempt leaves an earlier one and its record the current ones."""
     src, out = Path(src), Path(out)
     if method not in METHODS:
         raise InputError(f"unknown pruning method {method!r}; use one of {', '.join(METHODS)}")
@@ -543,41 +545,38 @@ def prune(
     if out.resolve() == src.resolve() or out.resolve() in src.resolve().parents:
         raise InputError(f"--out {out} would replace the source {src}; choose another folder")
     check_output_dir(out)
-    if out.exists() and not overwrite:
+    run = RunDir(out)
+    if not overwrite and (run.model_dir.exists() or (out.exists() and not run.manifest_path.is_file())):
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
     check_free_disk(out.parent, int(ckpt.bytes_on_disk() * n_keep / layout.num_experts) + 50_000_000)
 
-    work = out.with_name(out.name + ".partial")
+    work = out / "model.partial"
     shutil.rmtree(work, ignore_errors=True)
-    run = RunDir(work)
-    run.model_dir.mkdir(parents=True)
-    record: dict[str, Any] = {
-        "status": "running",
-        "started": now(),
-        "argv": argv or sys.argv,
-        "source": str(src.resolve()),
-        "output": str(out.resolve()),
-        "method": method,
-        "method_description": METHODS[method],
-        "ratio": ratio,
-        "keep": keep,
-        "dropped_fraction": round(1 - n_keep / layout.num_experts, 4),
-        "experts_before": layout.num_experts,
-        "experts_after": n_keep,
-        "top_k": layout.top_k,
-        "moe_layers": len(layout.moe_layers),
-        "seed": seed,
-        "versions": package_versions(),
-    }
+    work.mkdir(parents=True)
     log(
         f"prune {src} -> {out}: {method}, {layout.num_experts} -> {n_keep} experts in each of "
         f"{len(layout.moe_layers)} MoE layers"
     )
     clock = Clock()
-    t0 = time.perf_counter()
-    try:
-        with ResourceSampler() as sampler:
+    with run.stage(
+        "prune",
+        argv=argv or sys.argv,
+        source=str(src.resolve()),
+        output=str(out.resolve()),
+        method=method,
+        method_description=METHODS[method],
+        ratio=ratio,
+        keep=keep,
+        dropped_fraction=round(1 - n_keep / layout.num_experts, 4),
+        experts_before=layout.num_experts,
+        experts_after=n_keep,
+        top_k=layout.top_k,
+        moe_layers=len(layout.moe_layers),
+        seed=seed,
+        versions=package_versions(),
+    ) as record:
+        try:
             if texts is None:
                 rng = random.Random(seed)
                 scores = {i: [rng.random() for _ in range(layout.num_experts)] for i in layout.moe_layers}
@@ -617,30 +616,30 @@ def prune(
                 layers.append(row)
             log("writing the pruned checkpoint")
             with clock.span("slicing"):
-                sliced = slice_checkpoint(ckpt, layout, kept, run.model_dir)
+                sliced = slice_checkpoint(ckpt, layout, kept, work)
                 atomic_write_text(
-                    run.model_dir / "config.json",
+                    work / "config.json",
                     json.dumps(pruned_config(ckpt.config, n_keep, sliced["dropped_mtp"] > 0), indent=2) + "\n",
                 )
                 for name in (*TOKENIZER_FILES, *PROCESSOR_FILES):
                     if (src / name).is_file():
-                        shutil.copy2(src / name, run.model_dir / name)
-        record.update(
-            layers=layers,
-            tensors=sliced,
-            mtp="dropped" if sliced["dropped_mtp"] else "none in the source",
-            substages=clock.spans,
-            wall_s=round(time.perf_counter() - t0, 3),
-            **sampler.summary(),
-        )
-        record.update(status="done", ended=now())
-        _write_card(src, record, run.model_dir)
-        atomic_write_text(run.model_dir / PRUNE_FILE, json.dumps(record, indent=2) + "\n")
-        run.update_stage("prune", record, name=out.name, hardware=hardware_inventory())
-        swap_into_place(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+                        shutil.copy2(src / name, work / name)
+            record.update(
+                layers=layers,
+                tensors=sliced,
+                mtp="dropped" if sliced["dropped_mtp"] else "none in the source",
+                substages=clock.spans,
+            )
+            record.measure()
+            done = dict(record, status="done")
+            _write_card(src, done, work)
+            atomic_write_text(work / PRUNE_FILE, json.dumps(done, indent=2) + "\n")
+            usual_modes(work)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        swap_into_place(work, run.model_dir)
+        record.top.update(name=out.name, hardware=hardware_inventory())
     return record
 
 
@@ -679,7 +678,5 @@ def read_pruning(model_dir: Path) -> dict[str, Any] | None:
 
 
 def _write_card(src: Path, record: dict[str, Any], model_dir: Path) -> None:
-    from reap.build import source_license
-    from reap.card import render_pruned_card
 
     atomic_write_text(model_dir / "README.md", render_pruned_card(pruning_summary(record), source_license(src)))

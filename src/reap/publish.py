@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -30,14 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reap.card import fmt_bytes, render_card
+from reap.card import fmt_bytes, paired_baseline, render_card
 from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.prune import PRUNE_FILE
 from reap.recipe import RECIPE_FILE, PublishSection, check_repo_id, check_revision, load_section
-from reap.rundir import RunDir, existing_run
+from reap.rundir import CHECKPOINT_STAGES, RunDir, current, existing_run
 from reap.secrets import hide_local_paths, mask_argv, names_secret, redact
-from reap.stats import log, now
+from reap.stats import log
 
 LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"
 # Remote files of these kinds that the new upload does not have are deleted: a stale shard or index left
@@ -101,18 +100,34 @@ def _scrub(obj: Any, drop_local: bool = True) -> Any:
 
 
 def public_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The manifest without this machine: stats, versions, kernels, verification, hardware, the recipe. The
-    eval stage goes to eval_results.json; the publish stage is this command's own record."""
-    out = {k: v for k, v in manifest.items() if k != "stages"}
-    out["stages"] = {k: v for k, v in manifest.get("stages", {}).items() if k not in ("eval", "publish")}
+    """The manifest without this machine: stats, versions, kernels, verification, hardware, the recipe, of the
+    checkpoint that is published (records of an earlier build are left out). The eval stage goes to
+    eval_results.json; the publish stage is this command's own record; `reap run`'s own bookkeeping
+    (`pipeline`) says what ran here, not what the model is."""
+    out = {k: v for k, v in manifest.items() if k not in ("stages", "pipeline")}
+    stages = manifest.get("stages", {})
+    out["stages"] = {
+        k: v
+        for k, v in stages.items()
+        if k not in ("eval", "publish") and (k not in CHECKPOINT_STAGES or current(manifest, k))
+    }
     out = _scrub(out)
-    out["stages"].get("serve", {}).pop("status", None)  # whether a server runs on this machine now
+    for key in ("status", "server"):  # whether a server runs on this machine now
+        out["stages"].get("serve", {}).pop(key, None)
+    for rec in out["stages"].values():
+        rec.pop("last_attempt", None)  # an attempt that did not replace the published record
     return out
 
 
 def eval_results(manifest: dict[str, Any]) -> dict[str, Any] | None:
-    ev = manifest.get("stages", {}).get("eval")
-    return _scrub(ev) if ev and ev.get("results") else None
+    ev = current(manifest, "eval")
+    if not ev or not ev.get("results"):
+        return None
+    paired = paired_baseline(manifest, ev)
+    ev = {k: v for k, v in ev.items() if k not in ("baseline", "last_attempt")}
+    if paired:
+        ev["baseline"] = dict(manifest["stages"]["eval"]["baseline"], results=paired)
+    return _scrub(ev)
 
 
 def card_for(manifest: dict[str, Any], repo: str) -> str:
@@ -413,7 +428,6 @@ def publish(
     from huggingface_hub import HfApi
     from huggingface_hub import __version__ as hub_version
 
-    t0 = time.perf_counter()
     run = existing_run(Path(run_dir))
     manifest = run.read_manifest()
     s = resolve_settings(run, repo=repo, private=private, revision=revision, message=message)
@@ -450,9 +464,8 @@ def publish(
             "requested_private": s.private,
             "plan": rows,
         }
-    record.update(status="running", started=now())
-    run.update_stage("publish", record, replace=True)  # whole: a failed run claims no earlier commit
-    try:
+    # the whole record is replaced: a failed attempt claims no earlier commit
+    with run.stage("publish", keep_done=False, checkpoint=manifest["stages"]["build"].get("model_id"), **record) as rec:
         with hub_errors(s.repo):
             if not remote.exists:
                 log(f"publish: creating {'private' if s.private else 'public'} repo {s.repo}")
@@ -475,27 +488,14 @@ def publish(
                 commit, commit_url = info.oid, info.commit_url
             else:
                 commit, commit_url = remote.head, f"{api.endpoint}/{s.repo}/commit/{remote.head}"
-    except BaseException as exc:
-        record.update(
-            status="interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
-            ended=now(),
-            wall_s=round(time.perf_counter() - t0, 3),
-            error=str(explain(exc, s.repo) or type(exc).__name__),
+        rec.update(
+            commit=commit,
+            commit_url=commit_url,
+            committed=bool(changed),
+            changed={a: [r["path"] for r in rows if r["action"] == a] for a in ("create", "replace", "delete")},
+            bytes_changed=sum(r["size"] for r in rows if r["action"] in ("create", "replace")),
         )
-        run.update_stage("publish", record, replace=True)
-        raise
-    record.update(
-        status="done",
-        ended=now(),
-        wall_s=round(time.perf_counter() - t0, 3),
-        commit=commit,
-        commit_url=commit_url,
-        committed=bool(changed),
-        changed={a: [r["path"] for r in rows if r["action"] == a] for a in ("create", "replace", "delete")},
-        bytes_changed=sum(r["size"] for r in rows if r["action"] in ("create", "replace")),
-    )
-    run.update_stage("publish", record, replace=True)
-    return record
+    return rec
 
 
 # --- what the command prints --------------------------------------------------------------------------------

@@ -43,6 +43,11 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# model fields that only describe the release (card, lineage): changing them re-renders the card, never
+# re-quantizes
+METADATA_FIELDS = ("base_model", "pruned_from", "license")
+
+
 class ModelSection(_Section):
     path: str = Field(description="local folder of the source checkpoint (bf16), or `demo` for the built-in model")
     base_model: str | None = Field(None, description="Hub id of the original base model, for the card's lineage")

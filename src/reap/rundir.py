@@ -1,33 +1,72 @@
-"""The run folder: its paths and `manifest.json`, always written atomically (temp file + rename)."""
+"""The run folder: its paths, `manifest.json` (always written atomically: temp file + rename) and the life of
+every stage record (`RunDir.stage`).
+
+A stage record is opened `running`, timed and sampled (RSS of the process tree, GPU memory), and closed
+`done` (with the fingerprint of its inputs), `failed` (with a one-line error) or `interrupted` (Ctrl-C,
+SIGTERM). When it does not end `done`, every process group started inside it is stopped first. An attempt
+that does not end `done` never replaces a `done` record: it is kept beside it as `last_attempt`, so a failed
+or killed rebuild leaves the earlier build, its recipe and its results the current ones.
+
+Records that describe a checkpoint (build, verify, serve, eval) carry its `model_id` (`checkpoint_id`). A
+record whose `model_id` is not the current build's is stale: `current` leaves it out, and a new build marks
+it `stale` in the manifest.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reap.errors import DiskSpaceError, InputError, OutputExistsError
+from reap import procs
+from reap.errors import DiskSpaceError, InputError, OutputExistsError, ReapError
 from reap.secrets import redact
+from reap.stats import ResourceSampler, now
+
+CHECKPOINT_STAGES = ("verify", "serve", "eval")  # records of a checkpoint, stale once another one is built
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` so that readers see the old file or the new one, never a torn one."""
+    """Write `text` to `path` so that readers see the old file or the new one, never a torn one; the file gets
+    the usual mode (0666 less the umask: 0644 under umask 022), not mkstemp's 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
+            os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def usual_modes(root: Path) -> None:
+    """Give `root`, its folders and files the modes `mkdir` and `open` give (0777 and 0666 less the umask):
+    files copied from a source keep the source's mode otherwise (e.g. 0600 shards)."""
+    mask = _umask()
+    for path in [Path(root), *Path(root).rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 @dataclass(frozen=True)
@@ -91,6 +130,143 @@ class RunDir:
         manifest.update(top)
         self.write_manifest(manifest)
         return manifest
+
+    def model_id(self) -> str | None:
+        """The identity of the checkpoint in model/ now (None when there is none)."""
+        return checkpoint_id(self.model_dir) if (self.model_dir / "config.json").is_file() else None
+
+    @contextlib.contextmanager
+    def stage(
+        self,
+        name: str,
+        *,
+        inputs: Any = None,
+        checkpoint: str | None = None,
+        section: str = "stages",
+        keep_done: bool = True,
+        **fields: Any,
+    ) -> Iterator[StageRecord]:
+        """The life of one stage record: `running` -> `done` / `failed` / `interrupted`, timed and sampled;
+        SIGTERM is handled like Ctrl-C; the process groups started inside are stopped when it does not end
+        `done`. `inputs` (JSON-able) gives the record's `fingerprint`, `checkpoint` its `model_id`; `fields`
+        go into the record at once. The command fills in the yielded record (`rec.save()` writes it now) and
+        `rec.top` (manifest top-level keys written only when the stage ends `done`). With `keep_done`, an
+        attempt that does not end `done` is kept as `last_attempt` beside an earlier `done` record."""
+        prior = self.read_manifest()
+        for key in section.split("."):
+            prior = prior.get(key, {})
+        keep = keep_done and prior.get(name, {}).get("status") == "done"
+        rec = StageRecord(self, name, section, keep, {"status": "running", "started": now(), **fields})
+        rec.t0 = time.perf_counter()
+        if checkpoint is not None:
+            rec["model_id"] = checkpoint
+        rec.save()
+        before = procs.started()
+        with sigterm_as_interrupt() as shield:
+            try:
+                with ResourceSampler() as rec.sampler:
+                    yield rec
+            except BaseException as exc:
+                shield()  # a second SIGTERM must not cut the clean-up short
+                procs.stop_started(before)
+                if isinstance(exc, KeyboardInterrupt):
+                    rec.update(status="interrupted")
+                else:
+                    rec.update(status="failed", error=one_line(exc))
+                rec.update(ended=now(), wall_s=round(time.perf_counter() - rec.t0, 3))
+                rec.save()
+                raise
+        if "wall_s" not in rec:  # else measured by the command itself, before it wrote its outputs
+            rec.measure()
+        rec.update(status="done", ended=now())
+        if inputs is not None:
+            rec["fingerprint"] = digest(inputs)
+        rec.keep = False
+        rec.save(**rec.top)
+
+    def mark_stale(self, model_id: str) -> list[str]:
+        """Label the checkpoint records measured on another checkpoint than `model_id`; returns their names."""
+        manifest = self.read_manifest()
+        stale = []
+        for name in CHECKPOINT_STAGES:
+            rec = manifest.get("stages", {}).get(name)
+            if rec and rec.get("model_id") != model_id and not rec.get("stale"):
+                rec["stale"] = f"measured on checkpoint {rec.get('model_id') or 'unknown'}, not the current {model_id}"
+                stale.append(name)
+        if stale:
+            self.write_manifest(manifest)
+        return stale
+
+
+class StageRecord(dict):
+    """A stage's record while it runs (see `RunDir.stage`)."""
+
+    def __init__(self, run: RunDir, name: str, section: str, keep: bool, fields: dict[str, Any]):
+        super().__init__(fields)
+        self.run, self.name, self.section, self.keep = run, name, section, keep
+        self.top: dict[str, Any] = {}
+        self.sampler: ResourceSampler | None = None
+        self.t0 = 0.0
+
+    def measure(self) -> None:
+        """Wall time since the stage opened and the peak memory so far, into the record."""
+        self.sampler.sample()
+        self.update(wall_s=round(time.perf_counter() - self.t0, 3), **self.sampler.summary())
+
+    def save(self, **top: Any) -> None:
+        if self.keep:  # the earlier done record stays the current one; this attempt is kept beside it
+            self.run.update_stage(self.name, {"last_attempt": dict(self)}, section=self.section)
+        else:
+            self.run.update_stage(self.name, dict(self), section=self.section, replace=True, **top)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as one line: a ReapError's message, else its type and the first line of its message."""
+    if isinstance(exc, ReapError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[Any]:
+    """SIGTERM ends the stage like Ctrl-C; yields a function that ignores it from then on (while cleaning up).
+    Only the main thread can take signals: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: None
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def current(manifest: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """`stages.<name>` when it describes the current build's checkpoint (same `model_id`), else None."""
+    rec = manifest.get("stages", {}).get(name)
+    build_id = manifest.get("stages", {}).get("build", {}).get("model_id")
+    if not rec or build_id is None or rec.get("model_id") != build_id:
+        return None
+    return rec
+
+
+def checkpoint_id(model_dir: Path) -> str:
+    """A checkpoint's identity: a digest of its config.json, its index and the names and sizes of its shards.
+    Cheap (no weight is read); a new build, a resharding or a changed config give a new one."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    return digest(
+        {
+            "config": (model_dir / "config.json").read_text(),
+            "index": index.read_text() if index.is_file() else None,
+            "shards": sorted((p.name, p.stat().st_size) for p in model_dir.glob("*.safetensors")),
+        }
+    )
 
 
 def digest(obj: Any) -> str:

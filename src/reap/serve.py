@@ -9,14 +9,12 @@ cannot run.
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +26,7 @@ from importlib import metadata, util
 from pathlib import Path
 from typing import Any
 
+from reap import procs
 from reap.checkpoint import Checkpoint
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
@@ -333,13 +332,17 @@ class Server:
 
     def start(self) -> None:
         self.preflight()
+        self.launch()
+
+    def launch(self) -> None:
+        """Start vLLM in its own process group (registered with reap.procs until stopped or detached)."""
         self.target.run.logs_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, **self.env_add)
         log(f"serve: {shlex.join(mask_argv(self.argv))}")
         with open(self.log_path, "w") as logf:
             try:
-                self.proc = subprocess.Popen(
-                    self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=os.getcwd()
+                self.proc = procs.start_group(
+                    self.argv, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd()
                 )
             except FileNotFoundError:
                 raise ServeError(
@@ -386,10 +389,8 @@ class Server:
         raise ServeError(f"{what}: {cause}{hint} (log: {self.log_path})")
 
     def stop(self, grace: float = 30.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        stop_group(self.proc.pid, grace, self.proc)
-        self.proc.wait()
+        if self.proc is not None:
+            procs.stop(self.proc, grace)
 
     def record(self) -> dict[str, Any]:
         text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
@@ -400,7 +401,6 @@ class Server:
                 f"linear kernel {kernels['linear_kernel']} and MoE backend {kernels['moe_backend']}"
             )
         return {
-            "status": "running",
             "argv": mask_argv(self.argv),
             "env": sorted(self.env_add),
             "vllm_version": vllm_version(),
@@ -426,27 +426,6 @@ class Server:
         self.stop()
 
 
-def stop_group(pid: int, grace: float = 30.0, child: subprocess.Popen | None = None) -> None:
-    """SIGTERM the process group of `pid`, then SIGKILL what is left after `grace` seconds. When `pid` is our
-    own `child`, it is reaped while waiting: an unreaped (zombie) leader keeps its group alive."""
-    try:
-        pgid = os.getpgid(pid)
-    except ProcessLookupError:
-        return
-    os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if child is not None:
-            child.poll()
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
 # --- the command's three modes ---------------------------------------------------------------------------
 
 
@@ -463,53 +442,87 @@ def dry_run(target: Target, opts: ServeOptions) -> str:
 
 
 def start(target: Target, opts: ServeOptions, detach: bool) -> Server:
-    """Start and wait ready; record `stages.serve`. Detached: write the pid file and return; else block
-    until vLLM exits or Ctrl-C, then stop the whole process group."""
+    """Start and wait ready, as the `serve` stage of the run (its record names the checkpoint served).
+    Detached: write the pid file (pid, start time, command line) and return, the server keeps running; else
+    block until vLLM exits, Ctrl-C or SIGTERM, then stop the whole process group."""
     srv = Server(target, opts)
-    srv.start()
-    try:
+    srv.preflight()  # refused before the run records anything
+    model_id = target.run.model_id() if target.manifest else None
+    with target.run.stage("serve", checkpoint=model_id, keep_done=False) as rec:
+        srv.launch()
         srv.wait_ready()
-        record = srv.record()
-        target.run.update_stage("serve", record)
+        rec.update(srv.record())
+        rec.save()
         log(
             f"serve: ready in {srv.startup_s} s at {srv.base_url} as {target.served_name!r}; "
-            f"kernels {json.dumps({k: v for k, v in record['kernels'].items() if v})}"
+            f"kernels {json.dumps({k: v for k, v in rec['kernels'].items() if v})}"
         )
         if detach:
-            atomic_write_text(
-                pid_path(target),
-                json.dumps({"pid": srv.proc.pid, "base_url": srv.base_url, "served_name": target.served_name}) + "\n",
-            )
+            procs.release(srv.proc)  # it outlives this command: `reap serve --stop` ends it
+            info = procs.identity(srv.proc.pid) | {"base_url": srv.base_url, "served_name": target.served_name}
+            atomic_write_text(pid_path(target), json.dumps(info) + "\n")
+            rec["server"] = "running"
             return srv
         srv.proc.wait()
         raise ServeError(f"vLLM exited ({srv.proc.returncode}): {log_cause(srv.log_path)} (log: {srv.log_path})")
-    except BaseException:
-        srv.stop()
-        if target.run.manifest_path.is_file() and "serve" in target.run.read_manifest().get("stages", {}):
-            target.run.update_stage("serve", {"status": "stopped"})
-        raise
+
+
+def read_pid_file(target: Target) -> dict[str, Any] | None:
+    """The detached server's identity from the pid file (None when there is none); a file reap did not
+    write, or a damaged one, is refused in one line."""
+    p = pid_path(target)
+    if not p.is_file():
+        return None
+    try:
+        info = json.loads(p.read_text())
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("pid"), int)
+            and info["pid"] > 0
+            and isinstance(info.get("create_time"), (int, float))
+            and isinstance(info.get("cmdline"), list)
+        ):
+            raise ValueError
+    except (ValueError, OSError):
+        raise InputError(
+            f"{p} is not a pid file written by `reap serve --detach` (it needs pid, create_time and cmdline); "
+            "nothing was signalled; remove it if no server of this run is running"
+        ) from None
+    return info
+
+
+def _server_ended(target: Target, info: dict[str, Any]) -> None:
+    """The pid file names a process that is gone (or a pid now used by another process): drop the file, and
+    record that the server ended (not that it was stopped)."""
+    pid_path(target).unlink(missing_ok=True)
+    rec = target.run.read_manifest().get("stages", {}).get("serve", {}) if target.run.manifest_path.is_file() else {}
+    if rec.get("pid") == info["pid"]:
+        target.run.update_stage("serve", {"server": "ended"})
 
 
 def status(target: Target) -> dict[str, Any]:
-    p = pid_path(target)
-    if not p.is_file():
+    info = read_pid_file(target)
+    if info is None:
         return {"running": False, "reason": "no pid file"}
-    info = json.loads(p.read_text())
-    try:
-        os.kill(info["pid"], 0)
-    except ProcessLookupError:
-        return {"running": False, "reason": f"process {info['pid']} is gone", **info}
+    shown = {k: info.get(k) for k in ("pid", "base_url", "served_name")}
+    if not procs.is_alive(info):
+        return {"running": False, "reason": f"process {info['pid']} has ended (stale pid file)", **shown}
     code, _ = http_request(info["base_url"].removesuffix("/v1") + "/health")
-    return {"running": True, "healthy": code == 200, **info}
+    return {"running": True, "healthy": code == 200, **shown}
 
 
 def stop(target: Target) -> dict[str, Any]:
-    p = pid_path(target)
-    if not p.is_file():
+    info = read_pid_file(target)
+    if info is None:
         raise InputError(f"no detached server recorded in {target.run.root} (no serve.pid)")
-    info = json.loads(p.read_text())
-    stop_group(info["pid"])
-    p.unlink()
+    if not procs.is_alive(info):
+        _server_ended(target, info)
+        raise InputError(
+            f"the detached server of {target.run.root} is not running (process {info['pid']} has ended, "
+            "nothing was signalled); removed its stale pid file"
+        )
+    procs.stop_group(info["pid"])
+    pid_path(target).unlink()
     if target.run.manifest_path.is_file():
-        target.run.update_stage("serve", {"status": "stopped"})
+        target.run.update_stage("serve", {"server": "stopped"})
     return info

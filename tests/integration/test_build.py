@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from unittest.mock import ANY
 
 import pytest
 
@@ -140,7 +141,12 @@ def test_failed_rebuild_keeps_the_previous_build(demo_build, demo_source, tmp_pa
     assert r.returncode == 1 and "verification failed" in r.stderr and "marlin_shapes" in r.stderr
     assert (run / "model" / "model.safetensors").read_bytes() == before
     assert (run / "model.rejected" / "config.json").is_file() and not (run / "model.partial").exists()
-    assert manifest(run)["stages"]["build"]["status"] == "failed"
+    after = manifest(run)
+    assert after["stages"]["build"] == dict(manifest(demo_build)["stages"]["build"], last_attempt=ANY)
+    attempt = after["stages"]["build"]["last_attempt"]
+    assert attempt["status"] == "failed" and attempt["verification"]["passed"] is False
+    assert after["recipe"] == manifest(demo_build)["recipe"]  # the recipe of the build in model/, not --tp 4
+    assert (run / "recipe.yaml").read_text() == (demo_build / "recipe.yaml").read_text()
 
 
 def test_text_only_path_when_processor_files_are_missing(demo_source, tmp_path):

@@ -42,14 +42,14 @@ def builds(demo_source, servable_build, tmp_path_factory) -> dict:
     )
     worker1 = par / ".parallel" / "part-1"
     _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
-    os.kill(json.loads((worker1 / "result.json").read_text())["pid"], signal.SIGKILL)
+    os.kill(manifest(worker1)["stages"]["worker"]["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     part0 = par / ".parallel" / "part-0"
     first = {
         "rc": proc.returncode,
         "stderr": err,
         "manifest": manifest(par),
-        "part0": json.loads((part0 / "result.json").read_text()),
+        "part0": manifest(part0)["stages"]["worker"],
         "part0_blocks": {layer_index(n) for n in Checkpoint.open(part0 / "model").weight_map},
         "model_exists": (par / "model").exists(),
     }

@@ -215,6 +215,7 @@ def test_republish_after_eval_updates_the_card_and_results_only(hub, demo_build,
         "eval",
         {
             "status": "done",
+            "model_id": rd.model_id(),
             "suite": "demo",
             "lm_eval_version": "0.4.13",
             "concurrency": 8,
@@ -400,7 +401,8 @@ def test_a_run_that_failed_verification_or_has_no_card_is_not_sent(hub, demo_bui
     )
     run = copy_run(demo_build, tmp_path / "no-card")
     m = manifest(run)
-    m["stages"]["build"]["license"] = None
+    m["stages"]["build"]["source_license"] = None
+    m["recipe"]["model"]["license"] = None
     RunDir(run).write_manifest(m)
     one_error(publish(hub, run, "--repo", "alice/no-card"), "card metadata lacks license")
     run = copy_run(demo_build, tmp_path / "truncated")

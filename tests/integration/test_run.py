@@ -65,7 +65,8 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     first = manifest(run)
-    assert first["pipeline"]["stages"]["build"] == {"status": "running", "fingerprint": None}
+    assert first["pipeline"]["stages"]["build"]["status"] == "running"
+    assert "fingerprint" not in first["pipeline"]["stages"]["build"]
     assert not (run / "model").exists(), "a half-done build must not look like a checkpoint"
 
     # 2. Restarted: the plan says the build resumes; the run ends with every stage done.

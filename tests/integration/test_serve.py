@@ -57,28 +57,50 @@ def test_detach_status_stop_and_manifest(servable_build):
     assert status["running"] and status["healthy"]
     rec = manifest(servable_build)["stages"]["serve"]
     assert len(group_members(rec["pid"])) >= 2  # API server + engine core
-    assert rec["status"] == "running" and rec["served_name"] == "demo" and rec["base_url"].endswith(f":{port}/v1")
+    assert rec["status"] == "done" and rec["server"] == "running" and rec["served_name"] == "demo"
+    assert (
+        rec["base_url"].endswith(f":{port}/v1")
+        and rec["model_id"] == manifest(servable_build)["stages"]["build"]["model_id"]
+    )
     assert "--language-model-only" in rec["argv"] and "--quantization" not in rec["argv"]
     assert rec["kernels"]["linear_kernel"] == "CPUWNA16LinearKernel" and rec["gpu_memory_after_load_gb"] is None
     assert rec["startup_s"] > 0 and rec["vllm_version"]
     reap_cli("serve", str(servable_build), "--stop")
     assert json.loads(reap_cli("serve", str(servable_build), "--status").stdout)["running"] is False
-    assert manifest(servable_build)["stages"]["serve"]["status"] == "stopped"
+    assert manifest(servable_build)["stages"]["serve"]["server"] == "stopped"
     time.sleep(1)
     assert group_members(rec["pid"]) == []
 
 
-def test_foreground_ctrl_c_stops_the_whole_process_group(servable_build, tmp_path):
+def test_foreground_sigterm_and_ctrl_c_stop_the_whole_process_group(servable_build, tmp_path):
     port = free_port()
+    argv = [*REAP, "serve", str(servable_build), "--port", str(port), "--max-model-len", "512"]
     # SIGINT as a terminal delivers it, also when the test runner itself was started in the background
     # (a shell's `&` makes SIGINT ignored, and Python keeps an ignored SIGINT ignored)
-    proc = subprocess.Popen(
-        [*REAP, "serve", str(servable_build), "--port", str(port), "--max-model-len", "512"],
+    popen = dict(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    # 1. SIGTERM while vLLM is still starting: the stage is interrupted and vLLM's whole group is gone.
+    proc = subprocess.Popen(argv, **popen)
+    deadline = time.monotonic() + 300
+    vllm: list[psutil.Process] = []
+    while time.monotonic() < deadline and not vllm:
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        vllm = [p for p in psutil.Process(proc.pid).children() if "vllm" in " ".join(p.cmdline())]
+        time.sleep(0.5)
+    time.sleep(3)  # vLLM is importing and loading
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err[-2000:]
+    assert manifest(servable_build)["stages"]["serve"]["status"] == "interrupted"
+    time.sleep(1)
+    assert group_members(vllm[0].pid) == []
+
+    # 2. The same command serves; Ctrl-C once it answers stops it the same way.
+    proc = subprocess.Popen(argv, **popen)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # reap records the server once it answers
         rec = manifest(servable_build)["stages"].get("serve", {})
@@ -92,6 +114,7 @@ def test_foreground_ctrl_c_stops_the_whole_process_group(servable_build, tmp_pat
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "Traceback" not in err
+    assert manifest(servable_build)["stages"]["serve"]["status"] == "interrupted"
     time.sleep(1)
     assert group_members(pgid) == []
 

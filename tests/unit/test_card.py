@@ -44,7 +44,7 @@ def test_sections_without_data_are_left_out_and_gpu_rows_appear_with_data(manife
         for i in range(8)
     ]
     gpu["stages"]["build"]["peak_vram_gb"] = {str(i): 60.5 + i for i in range(8)}
-    gpu["stages"]["build"]["lineage"]["pruned_from"] = "Qwen/Qwen3.5-397B-A17B"
+    gpu["recipe"]["model"]["pruned_from"] = "Qwen/Qwen3.5-397B-A17B"
     text = str(render_card(gpu))
     assert "| peak GPU memory | GPU0 60.5 GB, GPU1 61.5 GB" in text and "8x NVIDIA H100 80GB HBM3" in text
     assert "| pruned (REAP) from | `Qwen/Qwen3.5-397B-A17B` |" in text
@@ -62,9 +62,11 @@ def test_missing_value_is_an_error_not_an_empty_cell(manifest):
 
 
 def test_missing_license_is_an_error(manifest):
-    manifest["stages"]["build"]["license"] = None
+    manifest["stages"]["build"]["source_license"] = None
     with pytest.raises(CardError, match="license"):
         render_card(manifest)
+    manifest["recipe"]["model"]["license"] = "mit"  # the recipe's license, a card input only
+    assert render_card(manifest).data.license == "mit"
 
 
 def test_render_into_a_run_and_refuse_an_unfinished_build(manifest, tmp_path):
@@ -77,9 +79,11 @@ def test_render_into_a_run_and_refuse_an_unfinished_build(manifest, tmp_path):
         render_card_into(run)
 
 
-def test_evaluation_table_with_recovery_and_model_index(manifest):
+def evaluated(manifest: dict) -> dict:
+    """The golden manifest with an evaluation of its checkpoint and of its source."""
     manifest["stages"]["eval"] = {
         "status": "done",
+        "model_id": manifest["stages"]["build"]["model_id"],
         "suite": "demo",
         "lm_eval_version": "0.4.13",
         "results": {
@@ -87,12 +91,18 @@ def test_evaluation_table_with_recovery_and_model_index(manifest):
             "demo_reverse": {"metric": "exact_match", "value": 0.9, "stderr": 0.02, "num_fewshot": 0},
         },
         "baseline": {
+            "model_id": manifest["stages"]["build"]["source_id"],
             "results": {
                 "demo_larger": {"metric": "acc", "value": 1.0, "num_fewshot": 0},
                 "demo_reverse": {"metric": "exact_match", "value": 0.96, "num_fewshot": 0},
-            }
+            },
         },
     }
+    return manifest
+
+
+def test_evaluation_table_with_recovery_and_model_index(manifest):
+    manifest = evaluated(manifest)
     card = render_card(manifest)
     text = str(card)
     assert "| demo_larger | acc | 0 | 1.0000 | 0.9500 | 95.0 % |" in text
@@ -103,15 +113,47 @@ def test_evaluation_table_with_recovery_and_model_index(manifest):
         ("demo_reverse", "exact_match", 0.9),
     ]
     assert "model-index:" in text
-    manifest["stages"]["eval"]["status"] = "partial"
+    manifest["stages"]["eval"]["status"] = "failed"
     manifest["stages"]["eval"]["error"] = "server died"
     del manifest["stages"]["eval"]["baseline"]
     text = str(render_card(manifest))
     assert "**partial: server died**" in text and "recovery" not in text
 
 
+def test_an_evaluation_of_an_earlier_checkpoint_is_not_shown(manifest):
+    manifest = evaluated(manifest)
+    manifest["stages"]["eval"]["model_id"] = "an-earlier-build"
+    card = render_card(manifest)
+    assert "## Evaluation" not in str(card) and "model-index" not in str(card) and not card.data.eval_results
+    assert str(render_card(evaluated(manifest))).count("0.9500") == 1  # measured on this one: shown
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"limit": 20},  # quantized on 20 documents, the source on all
+        {"num_fewshot": 5},
+        {"metric": "acc_norm"},
+    ],
+)
+def test_recovery_pairs_only_results_measured_the_same_way(manifest, change):
+    manifest = evaluated(manifest)
+    manifest["stages"]["eval"]["baseline"]["results"]["demo_larger"].update(change)
+    text = str(render_card(manifest))
+    assert "| demo_larger | acc | 0 | n/a | 0.9500 | n/a |" in text
+    assert "| demo_reverse | exact_match | 0 | 0.9600 | 0.9000 | 93.8 % |" in text
+
+
+def test_recovery_needs_the_baseline_of_the_build_source(manifest):
+    manifest = evaluated(manifest)
+    manifest["stages"]["eval"]["baseline"]["model_id"] = "another-source"
+    text = str(render_card(manifest))
+    assert "recovery" not in text and "| demo_larger | acc | 0 | 0.9500 |" in text
+
+
 def test_serve_command_comes_from_the_recorded_gpu_argv_without_local_paths(manifest):
     manifest["stages"]["serve"] = {
+        "model_id": manifest["stages"]["build"]["model_id"],
         "argv": [
             "/usr/bin/python3",
             "-m",
@@ -122,7 +164,7 @@ def test_serve_command_comes_from_the_recorded_gpu_argv_without_local_paths(mani
             "4",
             "--dtype",
             "bfloat16",
-        ]
+        ],
     }
     text = str(render_card(manifest))
     assert "vllm serve demo --tensor-parallel-size 4 --dtype bfloat16\n" in text and "/home/me" not in text
@@ -130,3 +172,37 @@ def test_serve_command_comes_from_the_recorded_gpu_argv_without_local_paths(mani
     assert "vllm serve demo --tensor-parallel-size 1 --dtype bfloat16 --language-model-only" in str(
         render_card(manifest)
     )
+
+
+def test_card_inputs_come_from_the_runs_recipe_and_change_no_weight(manifest, tmp_path):
+    import yaml
+    from click.testing import CliRunner
+
+    from reap.cli import reap
+
+    run = RunDir(tmp_path)
+    run.model_dir.mkdir()
+    run.write_manifest(manifest)
+    edited = dict(manifest["recipe"], card=dict(manifest["recipe"]["card"], tags=["mine"]))
+    edited["model"] = dict(edited["model"], license="mit")
+    run.recipe_path.write_text(yaml.safe_dump(edited, sort_keys=False))
+    r = CliRunner().invoke(reap, ["card", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    card = run.card_path.read_text()
+    assert "license: mit" in card and "- mine" in card
+    saved = yaml.safe_load((run.model_dir / "reap_recipe.yaml").read_text())
+    assert saved["card"]["tags"] == ["mine"] and run.read_manifest()["recipe"]["model"]["license"] == "mit"
+    assert run.read_manifest()["stages"]["build"] == manifest["stages"]["build"]
+
+
+def test_parallel_rtn_build_has_no_per_block_times(manifest):
+    """AutoRound logs no per-block line in RTN mode: a block-parallel RTN build's workers have no block times."""
+    manifest["stages"]["build"]["parallel"] = {
+        "workers": [
+            {"index": i, "device": "cpu", "blocks": [2 * i, 2 * i + 1], "wall_s": 28.4, "block_wall_s": []}
+            for i in range(2)
+        ],
+        "input_capture": None,
+    }
+    text = str(render_card(manifest))
+    assert "| worker 0 | CPU, blocks 0-1: 28.4 s in all |" in text and "blocks of mean" not in text

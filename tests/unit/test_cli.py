@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from reap.cli import reap
 from reap.errors import ReapError
 from reap.resources import data_dir
+from reap.rundir import RunDir
 
 DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
 
@@ -156,11 +157,11 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_file_and_reap_de
 
     secret = "sk-reap-cli-0123456789"
 
-    def boom(run):
+    def boom(run, recipe=None):
         raise KeyError(f"stages {secret}")
 
     monkeypatch.setattr(reap.card, "render_card_into", boom)
-    monkeypatch.setattr("reap.rundir.existing_run", lambda path: None)
+    monkeypatch.setattr("reap.rundir.existing_run", lambda path: RunDir(Path("no-such-run")))
     monkeypatch.delenv("REAP_DEBUG", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("VLLM_API_KEY", secret)
@@ -174,7 +175,7 @@ def test_an_unexpected_exception_is_one_line_with_the_traceback_file_and_reap_de
     assert isinstance(result.exception, KeyError)
     monkeypatch.delenv("REAP_DEBUG")
 
-    def bad(run):
+    def bad(run, recipe=None):
         raise ReapError(f"bad {secret}")
 
     monkeypatch.setattr(reap.card, "render_card_into", bad)

@@ -58,6 +58,7 @@ def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeyp
     run.write_manifest(manifest)
     (tmp_path / "model").mkdir()
     monkeypatch.setattr(ev, "preflight", lambda *a, **k: (None, 1024))
+    monkeypatch.setattr(ev, "check_endpoint", lambda *a, **k: {"id": "demo", "max_model_len": 1024})
     calls = []
 
     def fake_evaluate(**kw):  # stands in for lm-eval: the first task finishes, then the server dies
@@ -75,7 +76,7 @@ def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeyp
     with pytest.raises(ev.EvalError, match="demo_reverse failed against http://127.0.0.1:8000/v1: ConnectionError"):
         ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1")
     rec = run.read_manifest()["stages"]["eval"]
-    assert rec["status"] == "partial" and "ConnectionError" in rec["error"]
+    assert rec["status"] == "failed" and "ConnectionError" in rec["error"]
     assert rec["results"]["demo_larger"]["value"] == 0.9 and "demo_reverse" not in rec["results"]
     assert (tmp_path / "eval" / "quantized" / "demo_larger.json").is_file()
 
@@ -88,3 +89,23 @@ def test_a_run_refused_before_any_result_leaves_the_previous_record(tmp_path, mo
     with pytest.raises(ev.EvalError, match="no OpenAI-compatible server answers"):
         ev.evaluate(tmp_path, endpoint="http://127.0.0.1:9/v1")
     assert run.read_manifest()["stages"]["eval"]["status"] == "done"
+
+
+def test_the_baseline_is_served_with_the_recipes_serve_section(tmp_path, monkeypatch):
+    from reap import serve
+    from reap.serve import ServeOptions, build_command
+
+    from .ckpt_factory import make_checkpoint
+
+    source = make_checkpoint(tmp_path / "source")
+    make_checkpoint(tmp_path / "run" / "model")
+    manifest = json.loads((DATA / "golden_manifest.json").read_text())
+    manifest["stages"]["build"]["source"] = str(source)
+    manifest["recipe"]["serve"].update(tensor_parallel_size=2, max_model_len=777)
+    run = RunDir(tmp_path / "run")
+    monkeypatch.setattr(serve, "visible_gpus", lambda: 2)
+    for label, target in ev.targets(run, manifest, baseline=True):
+        argv, _ = build_command(target, ServeOptions(device="cuda"))
+        assert argv[argv.index("--tensor-parallel-size") + 1] == "2", label
+        assert argv[argv.index("--max-model-len") + 1] == "777", label
+    assert [t.served_name for _, t in ev.targets(run, manifest, baseline=True)] == ["demo", "demo-source"]

@@ -196,7 +196,7 @@ def test_a_worker_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "reap.parallel"])
     try:
         parts[1].root.mkdir(parents=True)
-        parts[1].result_path.write_text(json.dumps({"status": "running", "pid": orphan.pid}))
+        parts[1].run.write_manifest({"stages": {"worker": {"status": "running", "pid": orphan.pid}}})
         (parts[1].root / "keep").write_text("the running worker's")
         with pytest.raises(
             InputError,

@@ -37,10 +37,10 @@ def finish(run: RunDir, steps, rec) -> None:
     manifest = {
         "name": rec.name,
         "recipe": rec.model_dump(mode="json"),
-        "stages": {"build": {"status": "done"}, "eval": {"status": "done"}},
+        "stages": {name: {"status": "done", "model_id": run.model_id()} for name in ("build", "verify", "eval")},
         "pipeline": {
             "stages": {
-                s["stage"]: {"status": "done", "fingerprint": s["fingerprint"], "attempt": s["fingerprint"]}
+                s["stage"]: {"status": "done", "fingerprint": s["fingerprint"], "model_id": run.model_id()}
                 for s in steps
                 if s["action"] == "run"
             }
@@ -193,3 +193,32 @@ def test_dry_run_refuses_a_calibration_name_the_build_refuses(src, tmp_path):
     with `quantize.dataset: pile` that the build then refused."""
     with pytest.raises(InputError, match="'pile' is not a dataset AutoRound knows by that name"):
         pipeline.plan(recipe(src, quantize={"dataset": "pile"}), RunDir(tmp_path / "run"))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"card": {"tags": ["mine"]}},
+        {"model": {"license": "mit"}},
+        {"model": {"base_model": "org/base"}},
+        {"model": {"pruned_from": "org/bigger"}},
+    ],
+)
+def test_card_and_metadata_fields_rerender_the_card_only(src, tmp_path, change):
+    rec, run = recipe(src), RunDir(tmp_path / "run")
+    finish(run, pipeline.plan(rec, run), rec)
+    sections = {k: v for k, v in change.items() if k != "model"}
+    model = {"path": str(src), **change.get("model", {})}
+    changed = actions(pipeline.plan(parse_recipe({"name": "demo", "model": model, **sections}, "r.yaml"), run))
+    assert {s for s, (a, _) in changed.items() if a == "run"} == {"card"}, changed
+    assert changed["card"] == ("run", "inputs changed")
+
+
+def test_a_prune_recipe_runs_again_in_its_own_folder(src, tmp_path):
+    """The run records the recipe as given (source path, prune section), not the intermediate pruned path."""
+    run = RunDir(tmp_path / "run")
+    pruned = recipe(src, prune={"method": "random", "ratio": 0.5})
+    finish(run, pipeline.plan(pruned, run), pruned)
+    pipeline.check_run_folder(run, pruned)
+    with pytest.raises(InputError, match="made by another recipe"):
+        pipeline.check_run_folder(run, recipe(tmp_path, prune={"method": "random", "ratio": 0.5}))

@@ -507,7 +507,9 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
         prune(src, out, ratio=0.5, method="random")
     assert (out / "keep.txt").is_file()
     record = prune(src, out, ratio=0.5, method="random", overwrite=True)
-    assert not (out / "keep.txt").exists() and record["mtp"] == "dropped"
+    assert record["mtp"] == "dropped" and (out / "model" / "config.json").is_file()
+    with pytest.raises(OutputExistsError, match="--overwrite"):  # now a pruned model is there
+        prune(src, out, ratio=0.5, method="random")
     for target in (src, tmp_path):  # the source itself, or a folder holding it
         with pytest.raises(InputError, match="would replace the source"):
             prune(src, target, ratio=0.5, method="random", overwrite=True)

@@ -113,6 +113,7 @@ def test_upload_set_is_the_checkpoint_plus_the_card_for_the_repo_and_the_public_
 def test_eval_results_go_up_once_the_run_was_evaluated(run, manifest):
     manifest["stages"]["eval"] = {
         "status": "done",
+        "model_id": manifest["stages"]["build"]["model_id"],
         "suite": "demo",
         "lm_eval_version": "0.4.13",
         "endpoint": "http://10.1.2.3:8000/v1",
@@ -123,11 +124,16 @@ def test_eval_results_go_up_once_the_run_was_evaluated(run, manifest):
     assert results["results"]["demo_larger"]["value"] == 0.95 and "endpoint" not in results
     assert "model-index:" in by["README.md"].read().decode()
     assert "eval" not in json.loads(by["reap_manifest.json"].read())["stages"]
+    manifest["stages"]["eval"]["model_id"] = "an-earlier-build"  # stale: measured on another checkpoint
+    by = {i.path: i for i in pub.upload_set(run, manifest, "org/x")}
+    assert "eval_results.json" not in by and "model-index:" not in by["README.md"].read().decode()
 
 
 def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest):
     manifest["stages"]["serve"] = {
-        "status": "running",
+        "status": "done",
+        "server": "running",
+        "model_id": manifest["stages"]["build"]["model_id"],
         "argv": [
             "/srv/venv/bin/python3",
             "-m",
@@ -150,11 +156,12 @@ def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest)
         "note": f"started with {TOKEN} (~/x)",
     }
     manifest["stages"]["publish"] = {"repo": "org/x", "commit": "abc"}
+    manifest["pipeline"] = {"stages": {"publish": {"status": "running"}}}  # `reap run`'s bookkeeping
     public = pub.public_manifest(manifest)
     text = json.dumps(public)
     assert "/home/alice" not in text and "/srv/venv" not in text and "~/x" not in text and TOKEN not in text
     serve = public["stages"]["serve"]
-    assert set(serve) == {"argv", "vllm_version", "startup_s", "kernels", "note"}
+    assert set(serve) == {"model_id", "argv", "vllm_version", "startup_s", "kernels", "note"}
     assert serve["argv"][4] == "<local path>" and serve["kernels"] == {"linear_kernel": "CPUWNA16LinearKernel"}
     assert serve["note"] == "started with *** (<local path>)"
     build = public["stages"]["build"]
@@ -163,11 +170,14 @@ def test_public_manifest_keeps_the_measurements_and_drops_this_machine(manifest)
     assert build["substages"] == manifest["stages"]["build"]["substages"] and build["blocks"]
     assert "source" not in build and "outputs" not in build
     assert build["argv"] == ["reap", "build", "<local path>", "--out", "<local path>"]
-    assert build["lineage"]["base"] == "reap/demo-qwen3_5-moe-tiny"  # ORG/NAME is not a path
+    assert public["recipe"]["model"]["base_model"] == "reap/demo-qwen3_5-moe-tiny"  # ORG/NAME is not a path
     assert public["recipe"]["model"]["path"] == "<local path>"
     assert public["recipe"]["quantize"]["dataset"] == "evals/demo/data/calibration.jsonl"
     assert public["hardware"] == manifest["hardware"] and "publish" not in public["stages"]
     assert manifest["stages"]["serve"]["pid"] == 4242  # the run's own manifest is not touched
+    assert "pipeline" not in public
+    manifest["stages"]["serve"]["model_id"] = "an-earlier-build"
+    assert "serve" not in pub.public_manifest(manifest)["stages"]  # a record of another checkpoint
 
 
 # --- gates --------------------------------------------------------------------------------------------------
@@ -208,7 +218,7 @@ def test_every_shard_must_be_complete_and_listed(run):
 
 
 def test_a_card_that_cannot_render_stops_the_upload(run, manifest):
-    manifest["stages"]["build"]["license"] = None
+    manifest["stages"]["build"]["source_license"] = None
     with pytest.raises(CardError, match="license"):
         pub.upload_set(run, manifest, "org/x")
 

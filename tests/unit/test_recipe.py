@@ -91,12 +91,12 @@ def test_overrides_and_list_form_of_keep_16bit(tmp_path):
     ],
 )
 def test_routed_experts_choice(tmp_path, monkeypatch, choice, gpus, kernel, kept):
-    from reap import build, serve
+    from reap import engine, serve
 
     monkeypatch.setattr(serve, "visible_gpus", lambda: gpus)
     monkeypatch.setattr(serve, "cpu_int4_moe_kernel", lambda: kernel)
     rec = parse_recipe({"name": "x", "model": {"path": "m"}, "quantize": {"routed_experts": choice}}, "r.yaml")
-    keep = build.keep_patterns(rec)
+    keep = engine.keep_patterns(rec)
     assert ("mlp.experts" in keep) is kept
     assert set(rec.quantize.keep_16bit) <= set(keep)
 

@@ -58,7 +58,7 @@ def test_api_key_after_dashes_goes_to_vllm_by_environment_never_argv(ckpt, tmp_p
     srv = Server(tgt, ServeOptions(device="cpu", extra_args=["--hf-token", KEY]))
     assert KEY in srv.argv and KEY not in json.dumps(srv.record())
     assert KEY not in serve.dry_run(tgt, ServeOptions(device="cpu", extra_args=["--hf-token", KEY]))
-    monkeypatch.setattr(serve.subprocess, "Popen", lambda *a, **k: None)
+    monkeypatch.setattr(serve.procs, "start_group", lambda *a, **k: None)
     monkeypatch.setattr(serve, "port_free", lambda *a: True)
     monkeypatch.setattr(serve, "check_cpu_can_serve", lambda c: None)
     srv.start()
@@ -120,6 +120,7 @@ def test_model_index_takes_split_and_fewshot_from_the_task_and_base_model_is_a_h
     manifest = json.loads((DATA / "golden_manifest.json").read_text())
     manifest["stages"]["eval"] = {
         "status": "done",
+        "model_id": manifest["stages"]["build"]["model_id"],
         "suite": "standard",
         "lm_eval_version": "0.4.13",
         "results": {
@@ -132,7 +133,7 @@ def test_model_index_takes_split_and_fewshot_from_the_task_and_base_model_is_a_h
         ("hellaswag", "validation", {"num_few_shot": 10}),
         ("mmlu", "test", {"num_few_shot": 5}),
     ]
-    manifest["stages"]["build"]["lineage"]["base"] = None
+    manifest["recipe"]["model"]["base_model"] = None
     text = str(render_card(manifest))
     assert "base_model:" not in text.split("---")[1] and "| base |" not in text
 

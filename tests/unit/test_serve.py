@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,78 @@ def test_ready_means_a_first_token_not_only_health(ckpt, tmp_path):
         httpd.shutdown()
         if srv.proc.poll() is None:
             srv.proc.kill()
+
+
+# --- the pid file of a detached server ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def sleeper():
+    """An unrelated process in its own process group (as the pid file's pid could be after a reboot)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def write_pid_file(t: Target, info) -> None:
+    t.run.root.mkdir(parents=True, exist_ok=True)
+    serve.pid_path(t).write_text(info if isinstance(info, str) else json.dumps(info))
+
+
+def test_stop_never_signals_a_process_that_is_not_the_server(ckpt, tmp_path, sleeper):
+    from reap import procs
+    from reap.errors import InputError
+
+    t = target(ckpt, tmp_path)
+    ident = procs.identity(sleeper.pid)
+    for other in (
+        {"pid": sleeper.pid, "create_time": ident["create_time"] - 100, "cmdline": ident["cmdline"]},  # pid reused
+        {"pid": sleeper.pid, "create_time": ident["create_time"], "cmdline": ["python", "-m", "vllm"]},
+        {"pid": sleeper.pid},  # an old pid file without the server's identity
+    ):
+        write_pid_file(t, dict(other, base_url="http://127.0.0.1:1/v1", served_name="x"))
+        if "create_time" not in other:
+            with pytest.raises(InputError, match="not a pid file written by `reap serve --detach`"):
+                serve.stop(t)
+            assert serve.pid_path(t).is_file()
+            continue
+        assert serve.status(t)["running"] is False
+        with pytest.raises(InputError, match="is not running .* nothing was signalled"):
+            serve.stop(t)
+        assert not serve.pid_path(t).exists()
+    time.sleep(0.2)
+    assert sleeper.poll() is None  # it survived
+
+
+def test_stop_ends_the_server_it_started_and_status_tells_a_gone_one(ckpt, tmp_path, sleeper):
+    from reap import procs
+
+    t = target(ckpt, tmp_path)
+    write_pid_file(t, procs.identity(sleeper.pid) | {"base_url": "http://127.0.0.1:1/v1", "served_name": "x"})
+    st = serve.status(t)
+    assert st["running"] is True and st["healthy"] is False
+    assert serve.stop(t)["pid"] == sleeper.pid
+    assert sleeper.wait(timeout=30) is not None and not serve.pid_path(t).exists()
+    write_pid_file(t, procs.identity(os.getpid()) | {"pid": sleeper.pid, "base_url": "u", "served_name": "x"})
+    st = serve.status(t)
+    assert st["running"] is False and "has ended" in st["reason"]
+
+
+@pytest.mark.parametrize("garbage", ["", "12345", "{not json", '{"pid": "x"}', "[1, 2]"])
+def test_a_garbage_pid_file_is_one_line(tmp_path, garbage):
+    from click.testing import CliRunner
+
+    from reap.cli import reap
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "model" / "config.json").write_text("{}")
+    (run / "manifest.json").write_text('{"name": "demo", "stages": {}}')
+    (run / "serve.pid").write_text(garbage)
+    for flag in ("--stop", "--status"):
+        r = CliRunner().invoke(reap, ["serve", str(run), flag])
+        assert r.exit_code == 1 and r.output.count("\n") == 1 and "not a pid file" in r.output, r.output
