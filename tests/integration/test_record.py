@@ -94,10 +94,10 @@ def test_rebuild_killed_failed_then_done_on_an_evaluated_run(servable_build, dem
     shard = max(broken.glob("*.safetensors"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[:-4096])
     r = reap_cli(*rebuild, "--model", str(broken), check=False)
-    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and "is damaged" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
     after = manifest(run)
-    assert after["stages"]["build"]["last_attempt"]["status"] == "failed"
+    assert after["stages"]["build"]["last_attempt"]["status"] == "interrupted"  # the damaged source: refused first
     assert {k: v for k, v in after["stages"]["build"].items() if k != "last_attempt"} == before["stages"]["build"]
     assert after["recipe"] == before["recipe"] and after["name"] == before["name"]
     assert (run / "recipe.yaml").read_text() == recipe
