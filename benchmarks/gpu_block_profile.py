@@ -82,7 +82,11 @@ def kernel_stats(prof: Any, iterations: int, wall_s: float) -> dict[str, Any]:
     """Kernels per iteration and their time from a torch.profiler run over `iterations` tuning iterations."""
     from torch.autograd import DeviceType
 
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    kernels = [  # not the GPU-side ranges of annotations such as Optimizer.step#SignSGD.step
+        e
+        for e in prof.events()
+        if e.device_type == DeviceType.CUDA and not e.name.startswith(("Optimizer.", "Profiler"))
+    ]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
     busy_us, end = 0.0, float("-inf")
     for a, b in spans:  # union of the kernels' intervals (several streams may overlap)
@@ -123,11 +127,14 @@ def install(ph: Phases, profile_from: int, profile_iters: int, state: dict[str, 
     from auto_round.compressors import utils as cutils
     from auto_round.compressors.base import BaseOrchestrator
 
+    from reap import fastround
+
     ph.wrap(Calibrator, "__call__", "input_caching")
     ph.wrap(orchestrator, "materialize_model_", "materialize")
     ph.wrap(AlgorithmComposer, "dispatch_block", "dispatch_to_device")
     ph.wrap(block_runner.BlockForwardRunner, "__call__", "nograd_forward")
     ph.wrap(sr, "wrapper_block", "wrapping")
+    ph.wrap(fastround, "wrap_experts", "wrapping_stacked")
     ph.wrap(sr, "unwrapper_block", "unwrap_final_qdq")
     ph.wrap(sr.SignRoundQuantizer, "quantize_block", "quantize_block")
     ph.wrap(cutils, "immediate_pack", "pack")
@@ -179,6 +186,7 @@ def main() -> None:
     ap.add_argument("--profile-from", type=int, default=5, help="first profiled tuning iteration")
     ap.add_argument("--profile-iters", type=int, default=3)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--expert-tuning", choices=["autoround", "stacked"], default="autoround")
     ap.add_argument("--keep-slice", action="store_true", help="reuse WORK/slice if it is there")
     args = ap.parse_args()
 
@@ -197,7 +205,7 @@ def main() -> None:
         shutil.rmtree(args.work, ignore_errors=True)
         args.work.mkdir(parents=True)
         report["slice"] = write_slice(slice_dir, 1, args.experts, args.device, tiny=args.tiny)
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a second run (the other path) reuses the slice: --keep-slice
     shutil.rmtree(out.with_name(out.name + ".autoround"), ignore_errors=True)
     cuda = args.device.startswith("cuda")
     recipe = load_recipe(
@@ -211,6 +219,7 @@ def main() -> None:
             "quantize.device_map": 0 if cuda else "cpu",
             "quantize.routed_experts": "quantize",
             "quantize.format": "auto_round",
+            "quantize.expert_tuning": args.expert_tuning,
             "serve.tensor_parallel_size": 1 if args.tiny else 4,
         },
     )
@@ -239,6 +248,7 @@ def main() -> None:
         "dispatch_to_device": ph.total("dispatch_to_device"),
         "fp_outputs (1st no-grad forward)": fwd[0] if fwd else None,
         "wrapping": ph.total("wrapping"),
+        "wrapping_stacked (inside wrapping)": ph.total("wrapping_stacked"),
         "tuning_iterations": round(sum(iters), 3),
         "unwrap_final_qdq": ph.total("unwrap_final_qdq"),
         "q_outputs (later no-grad forwards)": round(sum(fwd[1:]), 3),
@@ -258,6 +268,7 @@ def main() -> None:
         iter_s_first3=iters[:3],
         profile=state.get("profile"),
         blocks=result["blocks"],
+        expert_tuning=result["expert_tuning"],
         peak_gpu_allocated_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
     )
     text = json.dumps(report, indent=2)
