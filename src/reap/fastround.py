@@ -28,7 +28,7 @@ from typing import Any
 
 LOG = logging.getLogger("reap.fastround")
 SLOTS = {"gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
-_COMPILED: dict[str, Any] = {}
+_COMPILED: dict[str, Any] = {}  # per process: compiled kernels, and what failed on this host
 
 
 def _qdq_forward(w: Any, v: Any, scale: Any, maxq: int) -> Any:
@@ -53,19 +53,25 @@ def _qdq_backward(g: Any, w: Any, v: Any, scale: Any, maxq: int) -> tuple[Any, A
 
 
 def _kernel(name: str, device: Any) -> Any:
-    """The eager function, or on CUDA its torch.compile'd fusion (compiled once per process)."""
+    """The eager function, or on CUDA its torch.compile'd fusion (compiled at its first call, once per
+    process; where compiling fails the eager ops, which compute the same, are used from then on)."""
     eager = {"forward": _qdq_forward, "backward": _qdq_backward}[name]
-    if device.type != "cuda":
+    if device.type != "cuda" or _COMPILED.get(name) is eager:
         return eager
     if name not in _COMPILED:
         import torch
 
+        _COMPILED[name] = torch.compile(eager, dynamic=True, fullgraph=True)
+
+    def run(*args: Any) -> Any:
         try:
-            _COMPILED[name] = torch.compile(eager, dynamic=True, fullgraph=True)
-        except Exception as exc:  # no compiler on this host: the eager ops compute the same
-            LOG.warning("torch.compile unavailable for the stacked fake-quantization (%s); eager ops", exc)
+            return _COMPILED[name](*args)
+        except Exception as exc:  # no working compiler on this host
+            LOG.warning("torch.compile failed for the stacked fake-quantization (%s); eager ops", exc)
             _COMPILED[name] = eager
-    return _COMPILED[name]
+            return eager(*args)
+
+    return run
 
 
 def _qdq_function() -> Any:
@@ -210,10 +216,15 @@ def stacked_experts(container: Any, parent: Any, enable_minmax_tuning: bool, dev
             return wq.view(n_exp, out, inp), scale
 
         def _grouped(self, x: Any, w: Any, counts: Any) -> Any:
-            if x.device.type == "cuda":
-                mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
-                offs = counts.cumsum(0).to(torch.int32)
-                return mm(x.to(w.dtype), w.transpose(-2, -1), offs=offs)
+            """x [S, in] sorted by expert @ w[e].T for each expert's rows: one grouped GEMM on CUDA (as
+            AutoRound's grouped path), one GEMM per expert slice elsewhere or where it fails."""
+            mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+            if x.device.type == "cuda" and mm is not None and not _COMPILED.get("no_grouped_mm"):
+                try:
+                    return mm(x.to(w.dtype), w.transpose(-2, -1), offs=counts.cumsum(0).to(torch.int32))
+                except Exception as exc:
+                    LOG.warning("grouped_mm failed (%s); one GEMM per expert", exc)
+                    _COMPILED["no_grouped_mm"] = True
             outs, start = [], 0
             for i, n in enumerate(counts.tolist()):
                 if n:
