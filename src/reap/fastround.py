@@ -160,9 +160,8 @@ def stacked_experts(container: Any, parent: Any, enable_minmax_tuning: bool, dev
             # not submodules: AutoRound's wrapper_block must not find the expert Linears, and named_modules
             # must not list them while they are tuned here
             object.__setattr__(self, "orig_layer", container)
-            object.__setattr__(self, "_parent", parent)
             ref = container[0].gate_proj
-            self.bits, self.group_size, self.scale_dtype = ref.bits, ref.group_size, ref.scale_dtype
+            self.group_size, self.scale_dtype = ref.group_size, ref.scale_dtype
             self.maxq = 2 ** (ref.bits - 1)
             self.q_scale_thresh = 1e-8 if ref.scale_dtype == torch.float32 else 1e-5
             object.__setattr__(self, "act_fn", getattr(container, "act_fn", None) or container[0].act_fn)
@@ -270,7 +269,7 @@ def stacked_experts(container: Any, parent: Any, enable_minmax_tuning: bool, dev
                     for i, e in enumerate(container):
                         lin = getattr(e, p)
                         lin.weight.grad = None
-                        lin.iters = getattr(lin, "iters", 200)
+                        lin.iters = 200  # as WrapperLinear.__init__ sets it (wrapper_block passes no iters)
                         lin.scale = scale[i, rows : rows + n].reshape(n, -1).to("cpu")
                         lin.zp = self.maxq
                     rows += n
