@@ -6,7 +6,10 @@ of 1024, attention 32 heads / 2 KV of 256, DeltaNet 16 key / 64 value heads of 1
 demo tokenizer's (a few hundred tokens) so that the embedding does not dominate: per-block figures are
 what this is for. Weights are random: values change neither kernel choice nor per-block cost much.
 
-    python benchmarks/make_slice.py OUT [--layers 4] [--experts 268] [--device cuda]
+    python benchmarks/make_slice.py OUT [--layers 4] [--experts 268] [--device cuda] [--tiny]
+
+`--tiny` keeps the demo model's widths (hidden 128, 8 experts unless --experts): the same layout and code
+path, small enough to rehearse a GPU benchmark on a CPU.
 """
 
 from __future__ import annotations
@@ -21,11 +24,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--layers", type=int, default=4, help="3 DeltaNet + 1 attention per 4")
-    ap.add_argument("--experts", type=int, default=268)
+    ap.add_argument("--experts", type=int, default=None, help="routed experts per block (268; --tiny: 8)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--calibration-rows", type=int, default=128)
+    ap.add_argument("--tiny", action="store_true", help="the demo model's widths instead of the 212B ones")
     args = ap.parse_args()
+    print(json.dumps(write_slice(args.out, args.layers, args.experts, args.device, args.calibration_rows, args.tiny)))
 
+
+def write_slice(
+    out: Path, layers: int = 4, experts: int | None = None, device: str = "cuda", rows: int = 128, tiny: bool = False
+) -> dict:
+    """Write the slice into `out` (weights, tokenizer, processor files, calibration.jsonl); returns its size."""
     from reap.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -47,12 +57,11 @@ def main() -> None:
     t0 = time.perf_counter()
     texts = [prompt_of(t, r) + answer_of(t, r) + "\n" for t in TASKS for r in read_task_rows(t, "train")]
     tok = train_tokenizer(texts)
-    small = demo_config(tok).to_dict()
+    experts = experts or (8 if tiny else 268)
+    small = demo_config(tok, layers=layers, experts=experts, top_k=min(2 if tiny else 10, experts)).to_dict()
     text = dict(small["text_config"])
-    text.update(
+    wide = dict(
         hidden_size=4096,
-        num_hidden_layers=args.layers,
-        layer_types=[("full_attention" if i % 4 == 3 else "linear_attention") for i in range(args.layers)],
         num_attention_heads=32,
         num_key_value_heads=2,
         head_dim=256,
@@ -60,8 +69,6 @@ def main() -> None:
         linear_num_value_heads=64,
         linear_key_head_dim=128,
         linear_value_head_dim=128,
-        num_experts=args.experts,
-        num_experts_per_tok=min(10, args.experts),
         moe_intermediate_size=1024,
         shared_expert_intermediate_size=1024,
         rope_parameters={
@@ -74,28 +81,31 @@ def main() -> None:
     )
     # the real vision widths (16 heads): vLLM shards the tower by TP even with --language-model-only
     vision = dict(small["vision_config"], hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096)
+    if tiny:
+        vision = small["vision_config"]
+    else:
+        text.update(wide)
+    if "full_attention" not in text["layer_types"]:
+        text["use_cache"] = False  # transformers' hybrid cache needs an attention layer (get_seq_length)
     top = {k: v for k, v in small.items() if k not in ("text_config", "vision_config")}
     cfg = Qwen3_5MoeConfig(**dict(top, text_config=text, vision_config=vision))
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # created in bf16: 8 blocks in fp32 would not fit one 80 GB GPU
-    with torch.device(args.device):
+    with torch.device(device):
         model = Qwen3_5MoeForConditionalGeneration(cfg)
     torch.set_default_dtype(torch.float32)
     model.config.dtype = torch.bfloat16
-    model.save_pretrained(str(args.out), max_shard_size="5GB")
+    model.save_pretrained(str(out), max_shard_size="5GB")
     tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(str(args.out))
-    save_processor(tok, args.out)
-    (args.out / "README.md").write_text(
+    tok.save_pretrained(str(out))
+    save_processor(tok, out)
+    (out / "README.md").write_text(
         "---\nlicense: apache-2.0\n---\n# random-init Qwen3.5-MoE slice (212B layer shapes)\n"
     )
-    long_rows = [
-        "".join(calibration_texts(rows=args.calibration_rows * 4, per_row=12)[i * 4 : (i + 1) * 4])
-        for i in range(args.calibration_rows)
-    ]
-    (args.out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_rows))
+    long_rows = ["".join(calibration_texts(rows=rows * 4, per_row=12)[i * 4 : (i + 1) * 4]) for i in range(rows)]
+    (out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_rows))
     params = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"params_b": round(params / 1e9, 2), "seconds": round(time.perf_counter() - t0, 1)}))
+    return {"params_b": round(params / 1e9, 4), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 if __name__ == "__main__":

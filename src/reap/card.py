@@ -161,6 +161,7 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "versions": build["versions"],
         "blocks_summary": blocks_summary,
         "autoround_summary": build.get("autoround_summary"),
+        "expert_tuning": build.get("expert_tuning"),  # absent in builds made before quantize.expert_tuning
         "size": fmt_bytes(verification["size_bytes"]),
         "kept_16bit": verification["kept_16bit"],
         "verification": verification,

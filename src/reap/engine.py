@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from reap import compat, serve
+from reap import compat, fastround, serve
 from reap.checkpoint import Checkpoint, segment_match
 from reap.errors import ReapError, StageError
 from reap.recipe import Recipe
@@ -37,6 +37,7 @@ class AutoRoundWatcher(logging.Handler):
         self.blocks: list[dict[str, Any]] = []
         self.summary: dict[str, int] | None = None
         self.saved_at: float | None = None
+        self.stacked: dict[str, int] = {}  # blocks / expert Linears tuned by reap.fastround
         self._last = 0.0
         self._file = open(logfile, "a")
 
@@ -148,14 +149,19 @@ def autoround_session(
     src: Checkpoint, recipe: Recipe, kept: dict[str, str], logfile: Path, clock: Clock, fixes: list[str]
 ) -> Iterator[tuple[Any, AutoRoundWatcher, dict[str, Any]]]:
     """AutoRound set up on `src` with the recipe's settings, the modules in `kept` (keep_16bit_layers) in
-    16-bit, and its log watched; yields (AutoRound, watcher, layer_config). Its failures inside the block
-    become StageError; the compatibility fixes applied are appended to `fixes`."""
+    16-bit, and its log watched; yields (AutoRound, watcher, layer_config). With `quantize.expert_tuning:
+    stacked` its SignRound tunes the routed experts through reap.fastround (counted in `watcher.stacked`).
+    Its failures inside the block become StageError; the compatibility fixes applied are appended to `fixes`."""
     layer_config = {name: {"bits": 16, "data_type": "float"} for name in kept}
     with AutoRoundWatcher(logfile) as watch:
         compat.ensure_torchvision_importable()
         from auto_round import AutoRound
 
-        with compat.autoround_text_only(src) as text_only:
+        stacked = recipe.quantize.expert_tuning == "stacked"
+        with (
+            compat.autoround_text_only(src) as text_only,
+            fastround.stacked_expert_tuning(watch.stacked) if stacked else contextlib.nullcontext(),
+        ):
             if text_only:
                 fixes.append("autoround_text_only")
                 layer_config = compat.text_only_layer_names(layer_config)
@@ -210,4 +216,15 @@ def quantize(
         "fixes_applied": fixes,
         "kept_16bit_requested": sorted(set(kept.values())),
         "layer_config_16bit": len(layer_config),
+        "expert_tuning": expert_tuning(recipe, [watch.stacked]),
     }
+
+
+def expert_tuning(recipe: Recipe, counts: list[dict[str, int]]) -> dict[str, Any]:
+    """Which path tuned the routed experts (the recipe's `quantize.expert_tuning`) and, for `stacked`, in how
+    many blocks reap.fastround took them over (the others were not eligible and AutoRound tuned them)."""
+    out: dict[str, Any] = {"path": recipe.quantize.expert_tuning}
+    if recipe.quantize.expert_tuning == "stacked":
+        for key in ("blocks", "expert_layers"):
+            out[f"stacked_{key}"] = sum(c.get(key, 0) for c in counts)
+    return out

@@ -571,6 +571,13 @@ def quantize_parallel(
         "autoround_summary": _merged_summary(results, blocks),
         "kept_16bit_requested": sorted(set(kept.values())),
         "layer_config_16bit": len(kept),
+        "expert_tuning": engine.expert_tuning(
+            recipe,
+            [
+                {k.removeprefix("stacked_"): v for k, v in r.get("expert_tuning", {}).items() if k != "path"}
+                for r in results
+            ],
+        ),
         "parallel": {"workers": workers, "input_capture": capture, "merged": merged},
     }
 

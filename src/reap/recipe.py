@@ -95,6 +95,12 @@ class QuantizeSection(_Section):
         description="the routed experts (`mlp.experts`): quantized, kept in 16-bit, or `auto`: kept in "
         "16-bit only where no GPU is visible and vLLM's CPU build has no int4 MoE kernel on this processor",
     )
+    expert_tuning: Literal["autoround", "stacked"] = Field(
+        "autoround",
+        description="how the routed experts are tuned: `autoround` (AutoRound's own path, one wrapper per "
+        "expert Linear) or `stacked` (reap.fastround: the same SignRound on stacked expert tensors with "
+        "grouped matmuls, the same packed output)",
+    )
     keep_16bit: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_KEEP_16BIT),
         description="module name patterns (dotted segments) kept in 16-bit, with the reason shown in the card",

@@ -88,27 +88,78 @@ def test_card_shows_the_manifest_numbers_and_rerenders_identically(demo_build):
     assert reap_cli("card", str(demo_build), "--stdout").stdout.strip() == text.strip()
 
 
-def test_w4a16_with_int4_experts_keeps_the_skills(demo_source, tmp_path):
-    # The full W4A16 build (4-bit experts too) scored in transformers through AutoRound's own CPU backend:
-    # vLLM's CPU build cannot run 4-bit experts on every CPU, and transformers needs `optimum` for gptq.
+@pytest.fixture(scope="module")
+def w4a16(demo_source, tmp_path_factory):
+    """The full W4A16 build (4-bit experts too) in `auto_round` format, by AutoRound's own expert tuning and by
+    `expert_tuning: stacked`, each scored in transformers through AutoRound's own CPU backend (vLLM's CPU build
+    cannot run 4-bit experts on every CPU, and transformers needs `optimum` for gptq): path -> (run, accuracy)."""
     from reap.compat import ensure_torchvision_importable
 
-    run = tmp_path / "run"
-    reap_cli(
-        "build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run), "--set", "quantize.format=auto_round"
-    )
     ensure_torchvision_importable()
     import torch
     from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     from reap.demo import score_heldout
 
-    model = AutoModelForImageTextToText.from_pretrained(str(run / "model"), dtype=torch.bfloat16)
-    acc = score_heldout(model, AutoTokenizer.from_pretrained(str(run / "model")), limit=100)
+    out = {}
+    for path in ("autoround", "stacked"):
+        run = tmp_path_factory.mktemp("w4a16") / path
+        reap_cli(
+            "build",
+            DEMO_RECIPE,
+            "--model",
+            str(demo_source),
+            "--out",
+            str(run),
+            "--set",
+            "quantize.format=auto_round",
+            "--set",
+            "quantize.routed_experts=quantize",
+            "--set",
+            f"quantize.expert_tuning={path}",
+        )
+        model = AutoModelForImageTextToText.from_pretrained(str(run / "model"), dtype=torch.bfloat16)
+        out[path] = (run, score_heldout(model, AutoTokenizer.from_pretrained(str(run / "model")), limit=100))
+    return out
+
+
+def test_w4a16_with_int4_experts_keeps_the_skills(demo_source, w4a16):
+    acc = w4a16["autoround"][1]
     base = json.loads((demo_source / "reap_demo.json").read_text())["heldout_accuracy_bf16"]
     print("W4A16 held-out accuracy", acc, "bf16", base)
     for task in acc:
         assert acc[task] >= 0.9 * base[task], (task, acc, base)
+
+
+def test_stacked_expert_tuning_is_autoround_s_result_faster(w4a16):
+    # issue 21: the same layers quantized and packed, block losses close at the same seed and data, every gate
+    # passed, the same skills; the manifest and the card say which path tuned the experts.
+    from reap.checkpoint import Checkpoint
+
+    (ref_run, ref_acc), (run, acc) = w4a16["autoround"], w4a16["stacked"]
+    ref_b, b = manifest(ref_run)["stages"]["build"], manifest(run)["stages"]["build"]
+    assert ref_b["expert_tuning"] == {"path": "autoround"}
+    assert b["expert_tuning"] == {"path": "stacked", "stacked_blocks": 4, "stacked_expert_layers": 4 * 8 * 3}
+    assert b["verification"]["passed"] and b["autoround_summary"] == ref_b["autoround_summary"]
+    ref_t, t = Checkpoint(ref_run / "model").tensors, Checkpoint(run / "model").tensors
+    assert {k: (v.shape, v.dtype) for k, v in t.items()} == {k: (v.shape, v.dtype) for k, v in ref_t.items()}
+    assert any(k.endswith("mlp.experts.7.down_proj.qweight") for k in t)
+    cfg, ref_cfg = (json.loads((r / "model" / "config.json").read_text()) for r in (run, ref_run))
+    assert cfg["quantization_config"] == ref_cfg["quantization_config"]
+    print(
+        "block losses",
+        [(x["loss_iter0"], x["loss_best"]) for x in ref_b["blocks"]],
+        [(x["loss_iter0"], x["loss_best"]) for x in b["blocks"]],
+    )
+    for ref_blk, blk in zip(ref_b["blocks"], b["blocks"], strict=True):
+        assert (blk["quantized"], blk["total"]) == (ref_blk["quantized"], ref_blk["total"])
+        assert blk["loss_best"] == pytest.approx(ref_blk["loss_best"], rel=0.15), (ref_blk, blk)
+    assert b["blocks"][0]["loss_iter0"] == pytest.approx(ref_b["blocks"][0]["loss_iter0"], rel=1e-3)  # same inputs
+    print("held-out accuracy: autoround", ref_acc, "stacked", acc)
+    for task in ref_acc:
+        assert abs(acc[task] - ref_acc[task]) <= 0.05, (task, ref_acc, acc)  # 100 items per task: within noise
+    card = (run / "model" / "README.md").read_text()
+    assert "| routed-expert tuning | AutoRound's SignRound on stacked expert tensors" in card and "4 blocks" in card
 
 
 def test_verify_cli(demo_build):

@@ -206,3 +206,13 @@ def test_parallel_rtn_build_has_no_per_block_times(manifest):
     }
     text = str(render_card(manifest))
     assert "| worker 0 | CPU, blocks 0-1: 28.4 s in all |" in text and "blocks of mean" not in text
+
+
+def test_the_card_says_which_path_tuned_the_routed_experts(manifest):
+    assert "routed-expert tuning" not in str(render_card(manifest))  # a build made before the switch existed
+    build = manifest["stages"]["build"]
+    build["expert_tuning"] = {"path": "autoround"}
+    assert "| routed-expert tuning | AutoRound's own, one wrapper per expert Linear" in str(render_card(manifest))
+    build["expert_tuning"] = {"path": "stacked", "stacked_blocks": 60, "stacked_expert_layers": 48240}
+    text = str(render_card(manifest))
+    assert "| routed-expert tuning | AutoRound's SignRound on stacked expert tensors" in text and "60 blocks" in text
