@@ -441,6 +441,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run's checkpoint with lm-eval against a vLLM endpoint; results into the manifest and card.
 
+    Every score comes with its standard error; generation tasks with their truncated and empty answers. With
+    --baseline the source is compared document by document (recovery with a 95 % interval, within noise or
+    not) and token by token on the suite's held-out text (KL, top-1 agreement, perplexity of both).
+
     \b
     Examples:
       reap eval runs/demo --baseline                  # serves source and W4A16 in turn, demo suite

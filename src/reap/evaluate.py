@@ -372,7 +372,7 @@ def capture_logprobs(
         body = {
             "model": served,
             "prompt": text,
-            "max_tokens": 1,  # one generated token, dropped: the prompt's positions are what is compared
+            "max_tokens": 0,  # with echo: the prompt's logprobs only, nothing generated
             "temperature": 0,
             "echo": True,
             "logprobs": top_k,

@@ -9,6 +9,7 @@ cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 from reap import procs
 from reap.checkpoint import Checkpoint
+from reap.compat import WNA16_FALLBACK_LOG
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
 from reap.secrets import MASK, SECRET_ENV, mask_argv, remember
@@ -240,6 +242,10 @@ def parse_kernels(text: str) -> dict[str, Any]:
         "linear_attention_kernel": first(r"Using (\S+) GDN prefill kernel"),
         "quantization": first(r"Initializing a V\d LLM engine .*?quantization=(\w+)"),
         "forced_quantization_warning": first(r"(you specified quantization=\w+ explicitly[^\n]*)"),
+        # vLLM's CPU build without AVX-512 has no int4 linear op; reap's shim supplies one (compat.py)
+        "linear_kernel_op": "reap reference cpu_gemm_wna16 (dequantize + float32 matmul)"
+        if WNA16_FALLBACK_LOG in text
+        else None,
     }
 
 
@@ -277,7 +283,8 @@ def http_request(
     url: str, timeout: float = 2.0, body: dict[str, Any] | None = None, api_key: str | None = None
 ) -> tuple[int, bytes]:
     """(status, body) of a GET (a JSON POST when `body` is given), with `api_key` as bearer token when given
-    (vLLM's /health needs none); status 0 when nothing answers or what answers does not speak HTTP."""
+    (vLLM's /health needs none); status 0 when nothing answers or what answers does not speak HTTP. An HTTP
+    error's body is returned too (vLLM says there why it refused a request)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None
     if body is not None:
@@ -287,6 +294,8 @@ def http_request(
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return e.code, e.read()
         return e.code, b""
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return 0, b""
