@@ -399,13 +399,21 @@ def capture_logprobs(
 
 
 def record_logprobs(
-    agreement: Agreement, base_url: str, served: str, out_dir: Path, *, api_key: str | None, concurrency: int
+    agreement: Agreement,
+    base_url: str,
+    served: str,
+    out_dir: Path,
+    *,
+    limit: int | None,
+    api_key: str | None,
+    concurrency: int,
+    held_out_checked: bool,
 ) -> dict[str, Any]:
-    """Capture one side's prompt logprobs of the agreement text into `out_dir`; returns what the record keeps."""
+    """Capture one side's prompt logprobs of the agreement text (its first `limit` rows, like a task's documents)
+    into `out_dir`; returns what the record keeps."""
     t0 = time.perf_counter()
-    docs = capture_logprobs(
-        base_url, served, agreement.texts(), agreement.top_k, api_key=api_key, concurrency=concurrency
-    )
+    texts = agreement.texts()[:limit]
+    docs = capture_logprobs(base_url, served, texts, agreement.top_k, api_key=api_key, concurrency=concurrency)
     text = "".join(json.dumps(d) + "\n" for d in docs)
     atomic_write_text(out_dir / LOGPROBS_FILE, text)
     log(f"eval: prompt logprobs of {len(docs)} held-out texts from {served} ({time.perf_counter() - t0:.1f} s)")
@@ -415,6 +423,7 @@ def record_logprobs(
         "top_k": agreement.top_k,
         "docs": len(docs),
         "sha256": sha256(text),
+        "held_out_checked": held_out_checked,
     }
 
 
@@ -460,7 +469,7 @@ def paired(eval_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
 def agreement_of(eval_dir: Path, record: dict[str, Any]) -> dict[str, Any] | None:
     """Token-level agreement of the two sides' captures of the same text with the same top-k, else None."""
     q, b = record.get("logprobs"), (record.get("baseline") or {}).get("logprobs")
-    if not q or not b or any(q[k] != b[k] for k in ("data_sha256", "top_k")):
+    if not q or not b or any(q[k] != b[k] for k in ("data_sha256", "top_k", "docs")):
         return None
     mine = read_verified(eval_dir / "quantized" / LOGPROBS_FILE, q["sha256"])
     theirs = read_verified(eval_dir / "baseline" / LOGPROBS_FILE, b["sha256"])
@@ -525,6 +534,8 @@ def evaluate(
         elif previous.get("results") and previous.get("model_id") == build.get("source_id"):
             record["baseline"] = previous  # the source did not change: keep its scores (and its logprobs)
         eval_dir = run.root / "eval"
+        # token-level agreement needs a source side: measured now, or kept with its logprobs
+        compare_tokens = suite.agreement and (baseline or "logprobs" in (record.get("baseline") or {}))
 
         def measure(label: str, base_url: str, served: str, model_dir: Path, given_path, api_key) -> None:
             side = record["baseline"] if label == "baseline" else record
@@ -546,10 +557,17 @@ def evaluate(
                 api_key=api_key,
                 on_task=on_task,
             )
-            if suite.agreement:  # this side's logprobs are stored now; compared once both sides are
+            if compare_tokens:  # this side's logprobs are stored now; compared once both sides are
                 side["logprobs"] = record_logprobs(
-                    suite.agreement, base_url, served, eval_dir / label, api_key=api_key, concurrency=concurrency
-                ) | {"held_out_checked": checked}
+                    suite.agreement,
+                    base_url,
+                    served,
+                    eval_dir / label,
+                    limit=limit,
+                    api_key=api_key,
+                    concurrency=concurrency,
+                    held_out_checked=checked,
+                )
                 record.save()
 
         for label, target in targets(run, manifest, baseline):

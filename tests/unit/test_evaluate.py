@@ -223,3 +223,34 @@ def test_the_baseline_is_served_with_the_recipes_serve_section(tmp_path, monkeyp
         assert argv[argv.index("--tensor-parallel-size") + 1] == "2", label
         assert argv[argv.index("--max-model-len") + 1] == "777", label
     assert [t.served_name for _, t in ev.targets(run, manifest, baseline=True)] == ["demo", "demo-source"]
+
+
+def test_prompt_logprobs_are_asked_for_by_token_id_with_the_key(monkeypatch):
+    seen = []
+
+    def fake_completions(url, timeout, body, api_key):  # vLLM's answer, echo + logprobs, tokens as ids
+        seen.append((url, body, api_key))
+        logprobs = {
+            "tokens": ["token_id:1", "token_id:2"],
+            "token_logprobs": [None, -0.1],
+            "top_logprobs": [None, {"token_id:2": -0.1, "token_id:3": -2.5}],
+        }
+        return 200, json.dumps({"usage": {"prompt_tokens": 2}, "choices": [{"logprobs": logprobs}]}).encode()
+
+    monkeypatch.setattr(ev, "http_request", fake_completions)
+    docs = ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20, api_key="k")
+    assert docs == [{"tokens": [1, 2], "logprobs": [-0.1], "top": [[[2, -0.1], [3, -2.5]]]}]
+    url, body, key = seen[0]
+    assert url == "http://h:1/v1/completions" and key == "k"
+    assert body == {
+        "model": "demo",
+        "prompt": "ab",
+        "max_tokens": 0,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 20,
+        "return_tokens_as_token_ids": True,
+    }
+    monkeypatch.setattr(ev, "http_request", lambda *a, **k: (400, b'{"message": "This model\'s maximum context"}'))
+    with pytest.raises(ev.EvalError, match="HTTP 400: .*maximum context.*must fit the server's max_model_len"):
+        ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20)

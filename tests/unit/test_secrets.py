@@ -95,24 +95,12 @@ def test_eval_hands_the_servers_key_to_lm_eval_and_keeps_offline_mode_inside(tmp
             "samples": {task: [sample]},
         }
 
-    def fake_completions(url, timeout, body, api_key):  # vLLM's answer to the held-out text's logprobs
-        seen["logprobs_key"] = api_key
-        logprobs = {
-            "tokens": ["token_id:1", "token_id:2"],
-            "token_logprobs": [None, -0.1],
-            "top_logprobs": [None, {"token_id:2": -0.1, "token_id:3": -2.5}],
-        }
-        return 200, json.dumps({"usage": {"prompt_tokens": 2}, "choices": [{"logprobs": logprobs}]}).encode()
-
     import lm_eval
 
     monkeypatch.setattr(ev, "endpoint_models", fake_models)
-    monkeypatch.setattr(ev, "http_request", fake_completions)
     monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
     rec = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:9/v1")
-    assert seen == {"models_key": KEY, "lm_eval_key": KEY, "offline": (True, "1"), "logprobs_key": KEY}
-    first = json.loads((tmp_path / "eval" / "quantized" / "logprobs.jsonl").read_text().splitlines()[0])
-    assert first == {"tokens": [1, 2], "logprobs": [-0.1], "top": [[[2, -0.1], [3, -2.5]]]}
+    assert seen == {"models_key": KEY, "lm_eval_key": KEY, "offline": (True, "1")}
     assert "OPENAI_API_KEY" not in os.environ and "HF_HUB_OFFLINE" not in os.environ
     assert hub_constants.HF_HUB_OFFLINE is False
     assert rec["results"]["demo_larger"]["split"] == "validation"
