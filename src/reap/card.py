@@ -233,10 +233,8 @@ def comparisons(manifest: dict[str, Any], ev: dict[str, Any]) -> tuple[dict, dic
     source: only those, so that the card and the published results never compare with another model."""
     base = paired_baseline(manifest, ev)
     stats = {task: p for task, p in (ev.get("paired") or {}).items() if task in base}
-    agreement = (
-        ev.get("agreement") if source_is_the_builds(manifest, ev) and ev.get("agreement", {}).get("docs") else None
-    )
-    return base, stats, agreement
+    agreement = ev.get("agreement") or {}  # none: no logprobs of both sides
+    return base, stats, agreement if source_is_the_builds(manifest, ev) and agreement.get("docs") else None
 
 
 def _score(r: dict[str, Any]) -> str:

@@ -22,7 +22,8 @@ def test_eval_against_the_shared_endpoint(demo_server, servable_build):
     saved = json.loads((servable_build / "eval" / "quantized" / "demo_larger.json").read_text())
     assert saved["results"]["demo_larger"]["acc,none"] == larger["value"]
     card = (servable_build / "model" / "README.md").read_text()
-    assert f"| demo_larger | acc | 0 | {larger['value']:.4f} |" in card and "model-index:" in card
+    assert f"| demo_larger | acc | 0 | 60 | {larger['value']:.4f} ± {larger['stderr']:.4f} |" in card
+    assert "model-index:" in card
     assert "demo_larger" in r.stdout
 
 

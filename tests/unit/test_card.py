@@ -238,7 +238,9 @@ def test_recovery_pairs_only_results_measured_the_same_way(manifest, change):
 def test_without_per_document_samples_recovery_has_no_interval(manifest):
     manifest = evaluated(manifest)
     del manifest["stages"]["eval"]["paired"]  # e.g. an evaluation recorded before reap kept samples' hashes
+    manifest["stages"]["eval"]["agreement"] = None  # nor logprobs of both sides
     text = str(render_card(manifest))
+    assert "Token-level agreement" not in text
     assert "| demo_larger | acc | 0 | 60 | 1.0000 ± 0.0000 | 0.9500 ± 0.0284 | 95.0 % | n/a |" in text
     assert "paired, document by document" not in text
 
