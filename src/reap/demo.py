@@ -100,7 +100,7 @@ def write_task_data(out: Path) -> None:
     for task, splits in make_task_rows().items():
         for split, rows in splits.items():
             (out / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, texts in (("calibration", task_texts("train", 128)), ("heldout", task_texts("test", 32))):
+    for name, texts in (("calibration", task_texts("train", 128)), ("heldout", task_texts("test", 16))):
         (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 

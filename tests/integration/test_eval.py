@@ -11,19 +11,37 @@ from .conftest import manifest, reap_cli
 pytestmark = pytest.mark.integration
 
 
-def test_eval_against_the_shared_endpoint(demo_server, servable_build):
-    r = reap_cli("eval", str(servable_build), "--endpoint", demo_server.base_url, "--limit", "60")
+def test_eval_against_the_shared_endpoint_and_a_generation_limit_set_too_low(demo_server, servable_build, tmp_path):
+    """The demo tasks and a variant of the reversal task with a 1-token limit (its answers, 3-6 letters, are cut
+    off), in one `reap eval`: the variant's truncation rate is reported and flagged in the card."""
+    import yaml
+
+    from reap.evaluate import load_suite, prepare_include
+
+    tasks = prepare_include(load_suite("demo", None, None).include_paths, tmp_path / "tasks")
+    short = yaml.safe_load((tasks / "demo_reverse.yaml").read_text())
+    short["task"], short["generation_kwargs"]["max_gen_toks"] = "demo_reverse_short", 1
+    (tasks / "demo_reverse_short.yaml").write_text(yaml.safe_dump(short))
+    names = "demo_larger:acc,demo_reverse:exact_match,demo_reverse_short:exact_match"
+    r = reap_cli(
+        "eval", str(servable_build), "--endpoint", demo_server.base_url, "--tasks", names, "--include-path", str(tasks),
+        "--limit", "60",
+    )  # fmt: skip
     ev = manifest(servable_build)["stages"]["eval"]
-    assert ev["status"] == "done" and ev["suite"] == "demo" and ev["lm_eval_version"] == "0.4.13"
+    assert ev["status"] == "done" and ev["lm_eval_version"] == "0.4.13"
     larger, reverse = ev["results"]["demo_larger"], ev["results"]["demo_reverse"]
     print("W4A16 on the demo suite:", larger, reverse)
     assert larger["n"] == 60 and reverse["n"] == 60 and larger["model_type"] == "local-completions"
     assert larger["value"] >= 0.85 and reverse["value"] >= 0.85  # far above chance (0.5 and ~0)
     saved = json.loads((servable_build / "eval" / "quantized" / "demo_larger.json").read_text())
     assert saved["results"]["demo_larger"]["acc,none"] == larger["value"]
+    assert reverse["generation"]["max_gen_toks"] == 16 and reverse["generation"]["truncated"] == 0
+    g = ev["results"]["demo_reverse_short"]["generation"]
+    print("1-token limit:", g)
+    assert g["max_gen_toks"] == 1 and g["n"] == 60 and g["truncated_rate"] >= 0.5
     card = (servable_build / "model" / "README.md").read_text()
     assert f"| demo_larger | acc | 0 | 60 | {larger['value']:.4f} ± {larger['stderr']:.4f} |" in card
-    assert "model-index:" in card
+    assert "model-index:" in card and "**Flagged: demo_reverse_short.**" in card and "**over 1 %**" in card
     assert "demo_larger" in r.stdout
 
 
@@ -72,7 +90,7 @@ def test_baseline_and_recovery_in_the_card(servable_build, demo_server):
     assert reverse["max_gen_toks"] == 16 and reverse["n"] == 60 and reverse["truncated"] == 0
     a = ev["agreement"]
     print("token-level agreement, W4A16 against its source:", a)
-    assert a["docs"] == 32 and a["mismatched_docs"] == 0 and a["positions"] > 3000 and a["held_out_checked"]
+    assert a["docs"] == 16 and a["mismatched_docs"] == 0 and a["positions"] > 2000 and a["held_out_checked"]
     assert 0 < a["kl_mean"] < 0.05 and a["top1_agreement"] > 0.9  # int4 moves the distribution, a little
     assert a["perplexity_quantized"] == pytest.approx(a["perplexity_source"], rel=0.1)
     card = (servable_build / "model" / "README.md").read_text()
@@ -88,47 +106,10 @@ def test_the_same_model_on_both_sides_agrees_fully(demo_server):
     from reap.quality import compare_logprobs
 
     agreement = load_suite("demo", None, None).agreement
-    first, second = (
-        capture_logprobs(demo_server.base_url, "demo", agreement.texts(), agreement.top_k) for _ in range(2)
-    )
+    texts = agreement.texts()[:8]
+    first, second = (capture_logprobs(demo_server.base_url, "demo", texts, agreement.top_k) for _ in range(2))
     a = compare_logprobs(first, second)
     print("the same model twice:", a)
-    assert a["docs"] == 32 and a["mismatched_docs"] == 0
+    assert a["docs"] == 8 and a["mismatched_docs"] == 0
     assert a["kl_mean"] == pytest.approx(0, abs=1e-6) and a["kl_max"] < 1e-4 and a["top1_agreement"] == 1.0
     assert a["perplexity_source"] == pytest.approx(a["perplexity_quantized"], rel=1e-5)
-
-
-def test_a_generation_limit_set_too_low_is_reported_and_flagged(demo_server, servable_build, tmp_path):
-    """The demo's reversal task with a 1-token limit: the answers (3-6 letters) are cut off."""
-    import yaml
-
-    from reap.resources import data_dir
-
-    from .conftest import copy_run
-
-    demo = data_dir("evals") / "demo"
-    cfg = yaml.safe_load((demo / "demo_reverse.yaml").read_text())
-    cfg.update(
-        task="demo_reverse_short", dataset_kwargs={"data_files": {"test": str(demo / "data/reverse_test.jsonl")}}
-    )
-    cfg["generation_kwargs"]["max_gen_toks"] = 1
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "demo_reverse_short.yaml").write_text(yaml.safe_dump(cfg))
-    run = copy_run(servable_build, tmp_path / "run")
-    reap_cli(
-        "eval",
-        str(run),
-        "--endpoint",
-        demo_server.base_url,
-        "--tasks",
-        "demo_reverse_short:exact_match",
-        "--include-path",
-        str(tmp_path / "tasks"),
-        "--limit",
-        "10",
-    )
-    g = manifest(run)["stages"]["eval"]["results"]["demo_reverse_short"]["generation"]
-    print("1-token limit:", g)
-    assert g["max_gen_toks"] == 1 and g["n"] == 10 and g["truncated_rate"] >= 0.5
-    card = (run / "model" / "README.md").read_text()
-    assert "**Flagged: demo_reverse_short.**" in card and "**over 1 %**" in card

@@ -164,7 +164,7 @@ def test_agreement_text_that_shares_rows_with_the_calibration_data_is_refused(tm
     manifest["recipe"]["quantize"]["dataset"] = str(ev.load_suite("demo", None, None).agreement.data)
     run.write_manifest(manifest)
     before = (tmp_path / "manifest.json").read_text()
-    with pytest.raises(InputError, match="shares 32 row.s. with the calibration data heldout.jsonl"):
+    with pytest.raises(InputError, match="shares 16 row.s. with the calibration data heldout.jsonl"):
         ev.evaluate(tmp_path, endpoint="http://127.0.0.1:9/v1")
     assert (tmp_path / "manifest.json").read_text() == before and not (tmp_path / "eval").exists()
 
