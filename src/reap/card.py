@@ -4,7 +4,8 @@ error, never an empty cell) into a huggingface_hub `ModelCard`. A pure function 
 Only records of the current checkpoint are shown (`rundir.current`: same `model_id` as the build): an
 evaluation or a serve record of an earlier build is left out, from the tables and from `model-index`. A
 quantized score is paired with a source score only when both were measured the same way (task, metric,
-limit, few-shot count, request type) and the source is the build's (its `model_id`)."""
+limit, few-shot count, request type, documents) and the source is the build's (its `model_id`); so are the
+paired interval and the token-level agreement with the source."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from reap import quality
 from reap.errors import CardError
 from reap.recipe import METADATA_FIELDS, RECIPE_FILE
 from reap.resources import data_dir
@@ -210,43 +212,125 @@ def lineage(manifest: dict[str, Any]) -> dict[str, Any]:
     return {"base": model.get("base_model"), "pruned_from": model.get("pruned_from")}
 
 
-SAME_MEASURE = ("metric", "limit", "num_fewshot", "model_type")
+def source_is_the_builds(manifest: dict[str, Any], ev: dict[str, Any]) -> bool:
+    source_id = manifest["stages"]["build"].get("source_id")
+    return source_id is not None and (ev.get("baseline") or {}).get("model_id") == source_id
 
 
 def paired_baseline(manifest: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
-    """{task: source result} for the tasks whose source score was measured like the quantized one, on the
-    build's source checkpoint."""
-    base = ev.get("baseline") or {}
-    source_id = manifest["stages"]["build"].get("source_id")
-    if source_id is None or base.get("model_id") != source_id:
+    """{task: source result} for the tasks whose source score was measured like the quantized one (same task,
+    metric, limit, few-shot count, request type and documents), on the build's source checkpoint."""
+    if not source_is_the_builds(manifest, ev):
         return {}
     return {
         task: b
-        for task, b in (base.get("results") or {}).items()
-        if task in ev["results"] and all(b.get(k) == ev["results"][task].get(k) for k in SAME_MEASURE)
+        for task, b in (ev["baseline"].get("results") or {}).items()
+        if task in ev["results"] and all(b.get(k) == ev["results"][task].get(k) for k in quality.MEASURE)
     }
+
+
+def comparisons(manifest: dict[str, Any], ev: dict[str, Any]) -> tuple[dict, dict, dict | None]:
+    """(source results, paired statistics, token-level agreement) that compare this checkpoint with the build's
+    source: only those, so that the card and the published results never compare with another model."""
+    base = paired_baseline(manifest, ev)
+    stats = {task: p for task, p in (ev.get("paired") or {}).items() if task in base}
+    agreement = ev.get("agreement") or {}  # none: no logprobs of both sides
+    return base, stats, agreement if source_is_the_builds(manifest, ev) and agreement.get("docs") else None
+
+
+def _score(r: dict[str, Any]) -> str:
+    return f"{r['value']:.4f}" + (f" ± {r['stderr']:.4f}" if r.get("stderr") is not None else "")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f} %"
+
+
+def _recovery(r: dict[str, Any], b: dict[str, Any] | None, p: dict[str, Any] | None) -> tuple[str, str]:
+    """(recovery with its 95 % interval, the paired difference and whether it is within noise)."""
+    if p is None:
+        return (_pct(r["value"] / b["value"]) if b and b["value"] else "n/a"), "n/a"
+    recovery = "n/a"
+    if p["recovery"] is not None:
+        lo, hi = p["recovery_ci95"]
+        recovery = f"{_pct(p['recovery'])} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    verdict = "within noise" if p["within_noise"] else ("loss" if p["diff"] < 0 else "gain") + " beyond noise"
+    return recovery, f"{p['diff']:+.4f} ± {quality.Z95 * p['diff_se']:.4f}: {verdict}"
+
+
+def _rate(g: dict[str, Any] | None, key: str) -> str:
+    if not g:
+        return "n/a"
+    return f"{g[key]}/{g['n']} ({_pct(g[f'{key}_rate'])})" + (
+        " **over 1 %**" if g[f"{key}_rate"] > quality.FLAG_RATE else ""
+    )
 
 
 def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
     ev = current(manifest, "eval")
     if not ev or not ev.get("results"):
         return None
-    base = paired_baseline(manifest, ev)
-    rows = []
+    base, stats, agreement = comparisons(manifest, ev)
+    rows, generation = [], []
     for task, r in ev["results"].items():
-        row = {"task": task, "metric": r["metric"], "num_fewshot": r["num_fewshot"], "value": f"{r['value']:.4f}"}
         b = base.get(task)
-        row["source"] = f"{b['value']:.4f}" if b else "n/a"
-        row["recovery"] = f"{100 * r['value'] / b['value']:.1f} %" if b and b["value"] else "n/a"
-        rows.append(row)
+        recovery, difference = _recovery(r, b, stats.get(task))
+        rows.append(
+            {
+                "task": task,
+                "metric": r["metric"],
+                "num_fewshot": r["num_fewshot"],
+                "n": r.get("n", "n/a"),
+                "value": _score(r),
+                "source": _score(b) if b else "n/a",
+                "recovery": recovery,
+                "difference": difference,
+            }
+        )
+        if r.get("generation"):
+            g, bg = r["generation"], (b or {}).get("generation")
+            generation.append(
+                {
+                    "task": task,
+                    "limit": g["max_gen_toks"],
+                    "truncated": _rate(g, "truncated"),
+                    "empty": _rate(g, "empty"),
+                    "source_truncated": _rate(bg, "truncated"),
+                    "source_empty": _rate(bg, "empty"),
+                    "flagged": quality.flagged(g) or quality.flagged(bg),
+                }
+            )
     return {
         "rows": rows,
         "has_baseline": bool(base),
+        "has_paired": bool(stats),
+        "generation": generation,
+        "flagged": [g["task"] for g in generation if g["flagged"]],
+        "agreement": _agreement(agreement) if agreement else None,
         "suite": ev["suite"],
         "lm_eval_version": ev["lm_eval_version"],
         "partial": ev.get("status") != "done",
         "error": ev.get("error", ev.get("status", "")),
         "limit": next(iter(ev["results"].values())).get("limit"),
+    }
+
+
+def _agreement(a: dict[str, Any]) -> dict[str, Any]:
+    def pm(value: float, se: float | None, scale: float = 1.0, digits: int = 4) -> str:
+        return f"{scale * value:.{digits}f}" + (f" ± {scale * se:.{digits}f}" if se is not None else "")
+
+    return {
+        "data": a["data"],
+        "docs": a["docs"],
+        "positions": a["positions"],
+        "top_k": a["top_k"],
+        "mismatched_docs": a["mismatched_docs"],
+        "held_out_checked": a["held_out_checked"],
+        "kl": pm(a["kl_mean"], a["kl_se"], digits=5),
+        "kl_max": f"{a['kl_max']:.4f}",
+        "top1": pm(a["top1_agreement"], a["top1_agreement_se"], 100, 1) + " %",
+        "ppl_source": f"{a['perplexity_source']:.4f}",
+        "ppl_quantized": f"{a['perplexity_quantized']:.4f}",
     }
 
 
@@ -268,6 +352,17 @@ def card_metadata(manifest: dict[str, Any]):
         )
         for task, r in (ev.get("results") or {}).items()
     ]
+    agreement = comparisons(manifest, ev)[2] if ev.get("results") else None
+    if agreement:  # the checkpoint's own perplexity of the held-out text; KL and agreement compare two models
+        results.append(
+            EvalResult(
+                task_type="text-generation",
+                dataset_type=Path(agreement["data"]).stem,
+                dataset_name=f"{agreement['data']} (held-out text)",
+                metric_type="perplexity",
+                metric_value=round(agreement["perplexity_quantized"], 4),
+            )
+        )
     data = ModelCardData(
         base_model=lineage(manifest)["base"],
         base_model_relation="quantized",

@@ -441,6 +441,10 @@ def eval_cmd(
 ) -> None:
     """Evaluate a run's checkpoint with lm-eval against a vLLM endpoint; results into the manifest and card.
 
+    Every score comes with its standard error; generation tasks with their truncated and empty answers. With
+    --baseline the source is compared document by document (recovery with a 95 % interval, within noise or
+    not) and token by token on the suite's held-out text (KL, top-1 agreement, perplexity of both).
+
     \b
     Examples:
       reap eval runs/demo --baseline                  # serves source and W4A16 in turn, demo suite
@@ -466,7 +470,19 @@ def eval_cmd(
     )
     for label, results in (("W4A16", record["results"]), ("source", record.get("baseline", {}).get("results", {}))):
         for task, r in results.items():
-            click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}")
+            se = f" ± {r['stderr']:.4f}" if r.get("stderr") is not None else ""
+            click.echo(f"{label:<7} {task:<20} {r['metric']:<12} {r['value']:.4f}{se}")
+    for task, p in record.get("paired", {}).items():
+        if p["recovery"] is not None:
+            lo, hi = p["recovery_ci95"]
+            noise = "within noise" if p["within_noise"] else "beyond noise"
+            click.echo(f"recovery {task:<19} {100 * p['recovery']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] ({noise})")
+    if a := record.get("agreement"):
+        if a.get("docs"):
+            click.echo(
+                f"agreement {a['data']}: KL {a['kl_mean']:.5f} nats, top-1 {100 * a['top1_agreement']:.1f} %, "
+                f"perplexity source {a['perplexity_source']:.4f} / W4A16 {a['perplexity_quantized']:.4f}"
+            )
     click.echo(str(render_card_into(existing_run(run_dir))))
 
 

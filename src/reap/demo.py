@@ -100,16 +100,19 @@ def write_task_data(out: Path) -> None:
     for task, splits in make_task_rows().items():
         for split, rows in splits.items():
             (out / f"{task}_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in calibration_texts()))
+    for name, texts in (("calibration", task_texts("train", 128)), ("heldout", task_texts("test", 16))):
+        (out / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
 
-def calibration_texts(rows: int = 128, per_row: int = 12) -> list[str]:
-    """AutoRound calibration text for the demo model: training examples of both tasks, interleaved."""
+def task_texts(split: str, rows: int, per_row: int = 12) -> list[str]:
+    """Examples of both tasks of a split, interleaved, `per_row` to a text: the train split is AutoRound's
+    calibration text for the demo model, the test split the held-out text of the demo suite's token-level
+    agreement (never seen in training or calibration)."""
     data = make_task_rows()
     examples = [
         prompt_of(t, r) + answer_of(t, r) + "\n"
         for i in range(rows * per_row // 2)
-        for t, r in (("larger", data["larger"]["train"][i]), ("reverse", data["reverse"]["train"][i]))
+        for t, r in (("larger", data["larger"][split][i]), ("reverse", data["reverse"][split][i]))
     ]
     return ["".join(examples[i * per_row : (i + 1) * per_row]) for i in range(rows)]
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reap.card import fmt_bytes, paired_baseline, render_card
+from reap.card import comparisons, fmt_bytes, render_card
 from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
 from reap.prune import PRUNE_FILE
@@ -123,10 +123,12 @@ def eval_results(manifest: dict[str, Any]) -> dict[str, Any] | None:
     ev = current(manifest, "eval")
     if not ev or not ev.get("results"):
         return None
-    paired = paired_baseline(manifest, ev)
-    ev = {k: v for k, v in ev.items() if k not in ("baseline", "last_attempt")}
-    if paired:
-        ev["baseline"] = dict(manifest["stages"]["eval"]["baseline"], results=paired)
+    paired, stats, agreement = comparisons(manifest, ev)
+    ev = {k: v for k, v in ev.items() if k not in ("baseline", "last_attempt", "paired", "agreement")}
+    if paired:  # only what compares with the build's source, as in the card
+        ev.update(baseline=dict(manifest["stages"]["eval"]["baseline"], results=paired), paired=stats)
+    if agreement:
+        ev["agreement"] = agreement
     return _scrub(ev)
 
 

@@ -9,6 +9,7 @@ cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -282,7 +283,8 @@ def http_request(
     url: str, timeout: float = 2.0, body: dict[str, Any] | None = None, api_key: str | None = None
 ) -> tuple[int, bytes]:
     """(status, body) of a GET (a JSON POST when `body` is given), with `api_key` as bearer token when given
-    (vLLM's /health needs none); status 0 when nothing answers or what answers does not speak HTTP."""
+    (vLLM's /health needs none); status 0 when nothing answers or what answers does not speak HTTP. An HTTP
+    error's body is returned too (vLLM says there why it refused a request)."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     data = None
     if body is not None:
@@ -292,6 +294,8 @@ def http_request(
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as e:
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return e.code, e.read()
         return e.code, b""
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
         return 0, b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
@@ -60,6 +61,12 @@ def demo_build(demo_source, tmp_path_factory) -> Path:
         "quantize.routed_experts=quantize",
     )
     return run
+
+
+def copy_run(src: Path, dest: Path) -> Path:
+    """A run folder of the same checkpoint (same `model_id`) without its evaluation and server state."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("serve.pid", "eval"))
+    return dest
 
 
 def manifest(run: Path) -> dict:

@@ -17,15 +17,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import DEMO_RECIPE, REAP, free_port, manifest, reap_cli
+from .conftest import DEMO_RECIPE, REAP, copy_run, free_port, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
 CALIBRATION = "evals/demo/data/calibration.jsonl"
-
-
-def copy_run(src: Path, dest: Path) -> Path:
-    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("serve.pid", "eval"))
-    return dest
 
 
 def started(args: list[str], log: Path) -> subprocess.Popen:

@@ -18,6 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from reap.cli import reap
+from reap.resources import data_dir
 
 from .ckpt_factory import make_checkpoint
 
@@ -137,6 +138,7 @@ EVAL_CASES = [
     C("eval-unknown-suite", "eval", "{run}", "--suite", "nope", needle="unknown suite 'nope'"),
     C("eval-include-missing", "eval", "{run}", "--include-path", "{root}/nope", needle="is not a folder"),
     C("eval-no-build", "eval", "{root}/run-nobuild", needle="has no finished build"),
+    C("eval-agreement-text-calibrated-on", "eval", "{root}/run-heldout-calib", needle="must be measured on held-out"),
 ]
 
 RUN_CASES = [
@@ -280,12 +282,16 @@ def workspace(tmp_path_factory) -> Path:
     run = root / "run"
     _copy_checkpoint(src, run / "model")
     (run / "manifest.json").write_text((DATA / "golden_manifest.json").read_text())
+    calibrated_on_heldout = json.loads((DATA / "golden_manifest.json").read_text())
+    calibrated_on_heldout["recipe"]["quantize"]["dataset"] = str(data_dir("evals") / "demo/data/heldout.jsonl")
+    _copy_checkpoint(src, root / "run-heldout-calib" / "model")
     for name, text in (
+        ("run-heldout-calib", json.dumps(calibrated_on_heldout)),
         ("run-list", "[]"),
         ("run-badjson", "{"),
         ("run-nobuild", json.dumps({"name": "x", "stages": {}})),
     ):
-        (root / name).mkdir()
+        (root / name).mkdir(exist_ok=True)
         (root / name / "manifest.json").write_text(text)
     shutil.copytree(src, root / "run-list" / "model")
     return root

@@ -52,6 +52,123 @@ def test_model_args_use_local_tokenizer_server_length_and_concurrency(tmp_path):
     )
 
 
+def lm_eval_result(task: str, metric: str, scores: list[int], answers: list[str] | None = None, limit: int = 16):
+    """What lm-eval's simple_evaluate returns for one task with per-document `scores` (log_samples on)."""
+    import math
+
+    n = len(scores)
+    mean = sum(scores) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1))
+    samples = [
+        {
+            "doc_id": i,
+            "doc_hash": f"d{i}",
+            "prompt_hash": f"p{i}",
+            "target_hash": f"t{i}",
+            "filter": "strip" if answers else "none",
+            "arguments": [["prompt", {"until": ["\n"], "max_gen_toks": limit}]] if answers else [["prompt", " a"]],
+            "resps": [[answers[i]]] if answers else [[[-1.0, False]]],
+            metric: float(score),
+        }
+        for i, score in enumerate(scores)
+    ]
+    flt = "strip" if answers else "none"
+    return {
+        "results": {task: {f"{metric},{flt}": mean, f"{metric}_stderr,{flt}": sd / math.sqrt(n)}},
+        "configs": {task: {"output_type": "generate_until" if answers else "multiple_choice", "test_split": "test"}},
+        "samples": {task: samples},
+    }
+
+
+def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(tmp_path, monkeypatch):
+    """Source and W4A16 answer the same 10 documents; W4A16 loses one of each task; its answers to the
+    generation task reach the 4-token limit twice. Its top-1 next token differs from the source's at one of
+    four positions of the held-out text."""
+    import contextlib
+    import math
+
+    from .ckpt_factory import make_checkpoint
+
+    run = RunDir(tmp_path)
+    manifest = json.loads((DATA / "golden_manifest.json").read_text())
+    manifest["stages"]["build"]["source"] = str(make_checkpoint(tmp_path / "source"))
+    run.write_manifest(manifest)
+    make_checkpoint(tmp_path / "model")
+    monkeypatch.setattr(ev, "preflight", lambda *a, **k: (None, 1024))
+    monkeypatch.setattr(ev, "check_endpoint", lambda *a, **k: {"id": "demo", "max_model_len": 1024})
+    monkeypatch.setattr(ev, "token_counter", lambda tokenizer: lambda text: len(text.split()))
+
+    @contextlib.contextmanager
+    def fake_server(target, opts, log_name):
+        yield type("Srv", (), {"base_url": "http://127.0.0.1:9/v1", "api_key": None})()
+
+    monkeypatch.setattr(ev, "Server", fake_server)
+
+    def fake_evaluate(**kw):
+        source = kw["model_args"]["model"] == "demo-source"
+        if kw["tasks"] == ["demo_larger"]:
+            return lm_eval_result("demo_larger", "acc", [1] * 9 + [1 if source else 0])
+        answers = [" abc"] * 8 + ([" ab", " x"] if source else [" a b c d", " a b c d e"])
+        return lm_eval_result("demo_reverse", "exact_match", [1] * 9 + [1 if source else 0], answers, limit=4)
+
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake_evaluate)
+
+    def top(probs):
+        return [[t, math.log(p)] for t, p in probs.items()]
+
+    def fake_capture(base_url, served, texts, top_k, **kw):
+        flip = {1: 0.4, 2: 0.6} if served == "demo" else {1: 0.6, 2: 0.4}
+        doc = {"tokens": [5, 1, 2], "logprobs": [math.log(0.9), math.log(flip[2])], "top": [top({1: 0.9, 2: 0.1})]}
+        doc["top"].append(top(flip))
+        return [doc, {**doc, "top": [top({1: 0.9, 2: 0.1})] * 2, "logprobs": [math.log(0.9), math.log(0.1)]}]
+
+    monkeypatch.setattr(ev, "capture_logprobs", fake_capture)
+    record = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1", baseline=True)
+    larger, reverse = record["results"]["demo_larger"], record["results"]["demo_reverse"]
+    assert larger["stderr"] == pytest.approx(math.sqrt(0.9 * 0.1 / 9)) and larger["n"] == 10
+    assert reverse["filter"] == "strip" and larger["items"] == record["baseline"]["results"]["demo_larger"]["items"]
+    assert reverse["generation"] == {
+        "max_gen_toks": 4,
+        "n": 10,
+        "truncated": 2,
+        "empty": 0,
+        "truncated_rate": 0.2,
+        "empty_rate": 0.0,
+    }
+    assert record["baseline"]["results"]["demo_reverse"]["generation"]["truncated"] == 0
+    p = record["paired"]["demo_larger"]
+    assert p["n"] == 10 and p["recovery"] == pytest.approx(0.9) and p["diff"] == pytest.approx(-0.1)
+    assert p["within_noise"] and p["recovery_ci95"][0] < 0.9 < p["recovery_ci95"][1]
+    a = record["agreement"]
+    assert a["docs"] == 2 and a["positions"] == 4 and a["top1_agreement"] == 0.75 and a["kl_mean"] > 0
+    assert a["data"] == "heldout.jsonl" and a["top_k"] == 20 and a["held_out_checked"]
+    assert record["logprobs"]["sha256"] == ev.sha256((tmp_path / "eval" / "quantized" / "logprobs.jsonl").read_text())
+    assert run.read_manifest()["stages"]["eval"]["agreement"] == a
+
+    # W4A16 again without --baseline: the source's results and logprobs are kept and compared again
+    record = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1")
+    assert record["paired"]["demo_larger"]["recovery"] == pytest.approx(0.9) and record["agreement"]["docs"] == 2
+    # the source's files changed since they were recorded: nothing is compared with them
+    (tmp_path / "eval" / "baseline" / "demo_larger.samples.jsonl").write_text("")
+    (tmp_path / "eval" / "baseline" / "logprobs.jsonl").write_text("")
+    record = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1")
+    assert "demo_larger" not in record["paired"] and "demo_reverse" in record["paired"]
+    assert record["agreement"] is None
+
+
+def test_agreement_text_that_shares_rows_with_the_calibration_data_is_refused(tmp_path, monkeypatch):
+    run = RunDir(tmp_path)
+    manifest = json.loads((DATA / "golden_manifest.json").read_text())
+    manifest["recipe"]["quantize"]["dataset"] = str(ev.load_suite("demo", None, None).agreement.data)
+    run.write_manifest(manifest)
+    before = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(InputError, match="shares 16 row.s. with the calibration data heldout.jsonl"):
+        ev.evaluate(tmp_path, endpoint="http://127.0.0.1:9/v1")
+    assert (tmp_path / "manifest.json").read_text() == before and not (tmp_path / "eval").exists()
+
+
 def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeypatch):
     run = RunDir(tmp_path)
     manifest = json.loads((DATA / "golden_manifest.json").read_text())
@@ -65,10 +182,7 @@ def test_a_failing_task_keeps_the_finished_ones_marked_partial(tmp_path, monkeyp
         calls.append(kw["tasks"][0])
         if len(calls) == 2:
             raise ConnectionError("Cannot connect to host 127.0.0.1:8000")
-        return {
-            "results": {"demo_larger": {"acc,none": 0.9, "acc_stderr,none": 0.01}},
-            "samples": {"demo_larger": [{}]},
-        }
+        return lm_eval_result("demo_larger", "acc", [1] * 9 + [0])
 
     import lm_eval
 
@@ -109,3 +223,34 @@ def test_the_baseline_is_served_with_the_recipes_serve_section(tmp_path, monkeyp
         assert argv[argv.index("--tensor-parallel-size") + 1] == "2", label
         assert argv[argv.index("--max-model-len") + 1] == "777", label
     assert [t.served_name for _, t in ev.targets(run, manifest, baseline=True)] == ["demo", "demo-source"]
+
+
+def test_prompt_logprobs_are_asked_for_by_token_id_with_the_key(monkeypatch):
+    seen = []
+
+    def fake_completions(url, timeout, body, api_key):  # vLLM's answer, echo + logprobs, tokens as ids
+        seen.append((url, body, api_key))
+        logprobs = {
+            "tokens": ["token_id:1", "token_id:2"],
+            "token_logprobs": [None, -0.1],
+            "top_logprobs": [None, {"token_id:2": -0.1, "token_id:3": -2.5}],
+        }
+        return 200, json.dumps({"usage": {"prompt_tokens": 2}, "choices": [{"logprobs": logprobs}]}).encode()
+
+    monkeypatch.setattr(ev, "http_request", fake_completions)
+    docs = ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20, api_key="k")
+    assert docs == [{"tokens": [1, 2], "logprobs": [-0.1], "top": [[[2, -0.1], [3, -2.5]]]}]
+    url, body, key = seen[0]
+    assert url == "http://h:1/v1/completions" and key == "k"
+    assert body == {
+        "model": "demo",
+        "prompt": "ab",
+        "max_tokens": 0,
+        "temperature": 0,
+        "echo": True,
+        "logprobs": 20,
+        "return_tokens_as_token_ids": True,
+    }
+    monkeypatch.setattr(ev, "http_request", lambda *a, **k: (400, b'{"message": "This model\'s maximum context"}'))
+    with pytest.raises(ev.EvalError, match="HTTP 400: .*maximum context.*must fit the server's max_model_len"):
+        ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20)

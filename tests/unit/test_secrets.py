@@ -88,10 +88,11 @@ def test_eval_hands_the_servers_key_to_lm_eval_and_keeps_offline_mode_inside(tmp
         seen["lm_eval_key"] = os.environ.get("OPENAI_API_KEY")
         seen["offline"] = hub_constants.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
         task = kw["tasks"][0]
+        sample = {"doc_id": 0, "doc_hash": "d", "prompt_hash": "p", "target_hash": "t", "acc": 0.5}
         return {
             "results": {task: {"acc,none": 0.5, "exact_match,none": 0.5}},
             "configs": {task: {"test_split": None, "validation_split": "validation"}},
-            "samples": {task: [{}]},
+            "samples": {task: [sample]},
         }
 
     import lm_eval
