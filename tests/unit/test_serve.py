@@ -150,6 +150,18 @@ def test_kernel_parser_on_real_cpu_log():
     assert k["linear_attention_kernel"] == "CPU"
     assert k["quantization"] == "None"
     assert k["attention_backend"] is None  # the CPU build logs only the vision tower's
+    assert k["linear_kernel_op"] is None
+
+
+def test_kernel_parser_records_reaps_int4_linear_op():
+    from reap.compat import WNA16_FALLBACK_LOG
+
+    text = (
+        f"{WNA16_FALLBACK_LOG} (this CPU has no AVX-512 ...)\n"
+        "INFO 12-04 03:08:07 [__init__.py:923] Using CPUWNA16LinearKernel for mixed-precision linear\n"
+    )
+    k = parse_kernels(text)
+    assert k["linear_kernel"] == "CPUWNA16LinearKernel" and k["linear_kernel_op"].startswith("reap reference")
 
 
 def test_kernel_parser_on_gpu_lines():
