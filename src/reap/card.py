@@ -291,6 +291,7 @@ def public_command(argv: list[str], model: str) -> str:
     served model, or the benchmark's tokenizer) as `model`, the benchmark's result-file flags left out,
     secrets masked, any other local path hidden."""
     out, skip, argv = [], 0, mask_argv(argv)
+    checkpoint_at = ("--tokenizer",) if "bench" in argv else ("serve", "--model")  # (`--model`: the served name)
     for i, arg in enumerate(argv):
         if skip:
             skip -= 1
@@ -298,7 +299,7 @@ def public_command(argv: list[str], model: str) -> str:
             skip = BENCH_BOOKKEEPING[arg]
         elif i == 0 and Path(arg).name.startswith("python"):
             out.append("python")
-        elif i and argv[i - 1] in ("serve", "--model", "--tokenizer") and arg.startswith(("/", "~", ".")):
+        elif i and argv[i - 1] in checkpoint_at and not arg.startswith("-"):
             out.append(model)
         else:
             out.append(arg if arg.startswith("/v1/") else hide_local_paths(arg))  # an API path is no local path
@@ -307,7 +308,9 @@ def public_command(argv: list[str], model: str) -> str:
 
 def _server_line(label: str, srv: dict[str, Any], model: str) -> dict[str, Any]:
     """A server reap started for the benchmark: its command, start-up time and the kernels it logged."""
-    kernels = [f"{k} {v}" for k, v in srv["kernels"].items() if v and k != "forced_quantization_warning"]
+    kernels = [
+        f"{k} {v}" for k, v in srv["kernels"].items() if v not in (None, "None") and k != "forced_quantization_warning"
+    ]
     return {
         "label": label,
         "command": public_command(srv["argv"], model),
@@ -329,7 +332,10 @@ def _serving(manifest: dict[str, Any]) -> dict[str, Any] | None:
     s, sizes = rec["settings"], rec["sizes"]
     size = f"{fmt_bytes(sizes['quantized'])} (W4A16)" if sizes.get("quantized") else None
     if size and sizes.get("source"):
-        size += f" vs {fmt_bytes(sizes['source'])} (bf16 source): {sizes['source'] / sizes['quantized']:.2f}x smaller"
+        q, src = sizes["quantized"], sizes["source"]
+        size += f" vs {fmt_bytes(src)} (bf16 source): " + (
+            f"{src / q:.2f}x smaller" if src >= q else f"{q / src:.2f}x larger (the 16-bit tensors dominate)"
+        )
     target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
     source = lineage(manifest)["base"] if not lineage(manifest)["pruned_from"] else None
     servers = [
