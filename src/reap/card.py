@@ -263,8 +263,12 @@ def _evaluation(manifest: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _ms(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
 def _latency(ms: dict[str, float]) -> str:
-    return f"{ms['mean']:.1f} / {ms['median']:.1f} / {ms['p99']:.1f}"
+    return " / ".join(_ms(ms[k]) for k in ("mean", "median", "p99"))
 
 
 def _serving_row(r: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
@@ -287,10 +291,12 @@ BENCH_BOOKKEEPING = {"--save-result": 0, "--result-dir": 1, "--result-filename":
 
 
 def public_command(argv: list[str], model: str) -> str:
-    """A recorded vLLM command as the card shows it: the interpreter as `python`, the local checkpoint (the
-    served model, or the benchmark's tokenizer) as `model`, the benchmark's result-file flags left out,
-    secrets masked, any other local path hidden."""
+    """A recorded vLLM command as the card shows it: `vllm` for vLLM's CLI run through the interpreter, other
+    modules as `python -m`, the local checkpoint (the served model, or the benchmark's tokenizer) as `model`,
+    the benchmark's result-file flags left out, secrets masked, any other local path hidden."""
     out, skip, argv = [], 0, mask_argv(argv)
+    if argv[1:3] == ["-m", "vllm.entrypoints.cli.main"]:  # vLLM's CLI through the interpreter: `vllm` itself
+        argv = ["vllm", *argv[3:]]
     checkpoint_at = ("--tokenizer",) if "bench" in argv else ("serve", "--model")  # (`--model`: the served name)
     for i, arg in enumerate(argv):
         if skip:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -189,3 +190,18 @@ def test_a_missing_figure_leaves_its_chart_and_section_out(manifest, tmp_path):
     run.write_manifest(stale)
     card = render_card_into(run).read_text()
     assert list(run.model_dir.glob("*.png")) == [] and "![" not in card  # the stale charts are gone too
+
+
+def test_the_cards_commands_name_the_checkpoint_not_this_machines_paths():
+    from reap.card import public_command
+
+    gpu = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", "/data/run/model", "--tensor-parallel-size", "1"]
+    assert public_command(gpu, "org/x") == "vllm serve org/x --tensor-parallel-size 1"
+    cpu = ["/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "runs/demo/model", "--port", "8"]
+    assert public_command(cpu, "org/x") == "python -m vllm.entrypoints.openai.api_server --model org/x --port 8"
+    args = bench.pass_args(
+        "http://h:8/v1", "demo", Path("runs/demo/model"), bench.settings_for(False), 1, Path("/r/c1.json")
+    )
+    shown = public_command(["vllm", "bench", "serve", *args], "org/x")
+    assert "--model demo --tokenizer org/x" in shown and "--endpoint /v1/completions" in shown
+    assert "--result-dir" not in shown and "--save-result" not in shown and "/r" not in shown
