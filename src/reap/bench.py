@@ -24,7 +24,7 @@ from reap.errors import InputError, ReapError
 from reap.evaluate import normalize_endpoint, require_served, targets
 from reap.rundir import existing_run
 from reap.secrets import mask_argv
-from reap.serve import CPU_SITE, ServeOptions, Server, log_cause, visible_gpus, vllm_version
+from reap.serve import CPU_SITE, ServeOptions, ServerPool, log_cause, serving, visible_gpus, vllm_version
 from reap.stats import hardware_inventory, log
 
 # Per device: (concurrency levels, input tokens, output tokens, prompts per pass at least, prompts per slot).
@@ -225,8 +225,10 @@ def bench(
     num_prompts: int | None = None,
     port: int = 8000,
     vllm_args: tuple[str, ...] = (),
+    pool: ServerPool | None = None,
 ) -> dict[str, Any]:
-    """Benchmark a run's checkpoint (and with `baseline`, its bf16 source) as the run's `bench` stage."""
+    """Benchmark a run's checkpoint (and with `baseline`, its bf16 source) as the run's `bench` stage. `pool`:
+    `reap run`'s servers: one its eval stage left running is measured first, not started again."""
     run = existing_run(run_path)
     manifest = run.read_manifest()
     build = manifest.get("stages", {}).get("build", {})
@@ -252,7 +254,10 @@ def bench(
         sizes={"quantized": checkpoint_bytes(run.model_dir), "source": checkpoint_bytes(source)},
         results=[],
     ) as rec:
-        for label, target in targets(run, manifest, baseline):
+        opts = ServeOptions(port=port, extra_args=list(vllm_args))
+        # the checkpoint a pooled server serves now first: the other one replaces it after
+        pairs = sorted(targets(run, manifest, baseline), key=lambda lt: not (pool and pool.running(lt[1], opts)))
+        for label, target in pairs:
             entry = rec
             if label == "baseline":
                 entry = rec["baseline"] = {"model_id": build.get("source_id"), "results": []}
@@ -270,9 +275,9 @@ def bench(
                 rec["endpoint"] = given
                 measure(given, os.environ.get("VLLM_API_KEY"))
                 continue
-            opts = ServeOptions(port=port, extra_args=list(vllm_args))
-            with Server(target, opts, log_name=f"serve-bench-{label}.log") as srv:
-                entry["server"] = srv.record()
+            reused = bool(pool and pool.running(target, opts))  # started by `reap run`'s eval stage
+            with serving(target, opts, f"serve-bench-{label}.log", pool) as srv:
+                entry["server"] = {**srv.record(), "reused": reused}
                 rec.save()
                 measure(srv.base_url, srv.api_key)
         if baseline:

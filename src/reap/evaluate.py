@@ -25,7 +25,7 @@ from reap import compat
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text, existing_run
-from reap.serve import ServeOptions, Server, Target, http_request
+from reap.serve import ServeOptions, ServerPool, Target, http_request, serving
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -320,10 +320,12 @@ def evaluate(
     include_path: Path | None = None,
     baseline: bool = False,
     port: int = 8000,
+    pool: ServerPool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint (and with `baseline`, its bf16 source) as the run's `eval` stage: the record
     names the checkpoint measured (`model_id`; the baseline's, the source's). A baseline measured before on
-    the same source is kept when `baseline` is not asked for again."""
+    the same source is kept when `baseline` is not asked for again. `pool`: `reap run`'s servers, kept for
+    its bench stage."""
     run = existing_run(run_path)
     manifest = run.read_manifest()
     build = manifest.get("stages", {}).get("build", {})
@@ -373,7 +375,7 @@ def evaluate(
                     on_task=save(label),
                 )
                 continue
-            with Server(target, ServeOptions(port=port), log_name=f"serve-{label}.log") as srv:
+            with serving(target, ServeOptions(port=port), f"serve-{label}.log", pool) as srv:
                 (record["baseline"] if label == "baseline" else record)["server"] = srv.record()  # kernels, start-up
                 record.save()
                 run_suite(

@@ -39,6 +39,7 @@ from reap.prune import prune
 from reap.publish import publish
 from reap.recipe import METADATA_FIELDS, Recipe
 from reap.rundir import RunDir, check_output_dir, current, digest
+from reap.serve import ServerPool
 from reap.stats import log, visible_gpu_ids
 from reap.verify import raise_on_failure, verify_checkpoint
 
@@ -48,6 +49,7 @@ class Context:
     recipe: Recipe
     run: RunDir
     argv: list[str]
+    servers: ServerPool  # eval's servers, kept for bench: each checkpoint is started once per run where it can be
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def _eval(ctx: Context) -> None:
         concurrency=e.concurrency,
         baseline=e.baseline,
         port=e.port,
+        pool=ctx.servers,
     )
 
 
@@ -159,6 +162,7 @@ def _bench(ctx: Context) -> None:
         output_len=b.output_len,
         num_prompts=b.num_prompts,
         port=b.port,
+        pool=ctx.servers,
     )
 
 
@@ -388,7 +392,12 @@ def run_pipeline(
     if on_plan:
         on_plan(steps)
     run.root.mkdir(parents=True, exist_ok=True)
-    ctx = Context(recipe, run, argv or ["reap", *sys.argv[1:]])
+    with ServerPool() as servers:
+        return _run_steps(steps, Context(recipe, run, argv or ["reap", *sys.argv[1:]], servers))
+
+
+def _run_steps(steps: list[dict[str, Any]], ctx: Context) -> list[dict[str, Any]]:
+    run = ctx.run
     by_name = {s.name: s for s in STAGES}
     rows = []
     for step in steps:
@@ -396,6 +405,8 @@ def run_pipeline(
         if step["action"] == "skip":
             rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
             continue
+        if name not in ("eval", "bench"):
+            ctx.servers.close()  # no later stage serves: the GPU (or the CPU) is free for what follows
         log(f"run: {name} started ({step['why']})")
         try:
             with run.stage(name, inputs=step["inputs"], section="pipeline.stages") as rec:

@@ -9,6 +9,7 @@ cannot run.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata, util
 from pathlib import Path
@@ -429,6 +431,56 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerPool:
+    """The servers of one `reap run`: its eval and bench stages serve the same checkpoints, so a server one
+    stage started is kept for the next (one at a time: a GPU holds one vLLM at its memory utilisation).
+
+    with ServerPool() as pool:
+        with pool.serving(target, opts, "serve-quantized.log") as srv: ...   # started, or the running one
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[str, ...] | None = None
+        self.server: Server | None = None
+
+    @staticmethod
+    def _key(target: Target, opts: ServeOptions) -> tuple[str, ...]:
+        return (str(Path(target.model_dir).resolve()), target.served_name, *opts.extra_args)
+
+    def running(self, target: Target, opts: ServeOptions) -> bool:
+        """Whether `target` is served now (by a server an earlier stage started, still alive)."""
+        return (
+            self.server is not None
+            and self.server.proc is not None
+            and self.server.proc.poll() is None
+            and self.key == self._key(target, opts)
+        )
+
+    @contextlib.contextmanager
+    def serving(self, target: Target, opts: ServeOptions, log_name: str) -> Iterator[Server]:
+        if not self.running(target, opts):
+            self.close()
+            self.server = Server(target, opts, log_name).__enter__()
+            self.key = self._key(target, opts)
+        yield self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server = self.key = None
+
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serving(target: Target, opts: ServeOptions, log_name: str, pool: ServerPool | None = None):
+    """A ready server of `target`: the pool's (kept for the next stage), or one of its own, stopped after."""
+    return pool.serving(target, opts, log_name) if pool is not None else Server(target, opts, log_name)
 
 
 # --- the command's three modes ---------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from reap import bench, charts, pipeline
+from reap import bench, charts, pipeline, serve
 from reap.card import render_card, render_card_into
 from reap.recipe import parse_recipe
 from reap.rundir import RunDir
@@ -119,7 +119,7 @@ def test_the_record_names_the_checkpoint_and_the_baseline_its_source(tmp_path, m
         fast = served_name == "demo"
         return rows(100.0 if fast else 40.0, 5.0 if fast else 12.5, levels=s.concurrency)
 
-    monkeypatch.setattr(bench, "Server", FakeServer)
+    monkeypatch.setattr(serve, "Server", FakeServer)
     monkeypatch.setattr(bench, "run_passes", fake_passes)
     monkeypatch.setattr(bench, "visible_gpus", lambda: 0)
     rec = bench.bench(run.root, baseline=True, concurrency=(1, 4))
@@ -205,3 +205,39 @@ def test_the_cards_commands_name_the_checkpoint_not_this_machines_paths():
     shown = public_command(["vllm", "bench", "serve", *args], "org/x")
     assert "--model demo --tokenizer org/x" in shown and "--endpoint /v1/completions" in shown
     assert "--result-dir" not in shown and "--save-result" not in shown and "/r" not in shown
+
+
+def test_reap_runs_servers_are_kept_from_eval_for_bench_one_at_a_time(tmp_path, monkeypatch):
+    """The pool behind `reap run`: a checkpoint served by the eval stage is not started again by bench; serving
+    another stops it first (one vLLM at a time); closing stops what runs."""
+    events = []
+
+    class Proc:
+        def __init__(self):
+            self.code = None
+
+        def poll(self):
+            return self.code
+
+    class FakeServer:
+        def __init__(self, target, opts, log_name):
+            self.name, self.proc = target.served_name, Proc()
+
+        def __enter__(self):
+            events.append(f"start {self.name}")
+            return self
+
+        def stop(self):
+            events.append(f"stop {self.name}")
+            self.proc.code = 0
+
+    monkeypatch.setattr(serve, "Server", FakeServer)
+    run = RunDir(tmp_path)
+    q, b = (serve.Target(tmp_path / n, n, run, {}) for n in ("demo", "demo-source"))
+    opts = serve.ServeOptions()
+    with serve.ServerPool() as pool:
+        for target in (q, b, b, q):
+            with serve.serving(target, opts, "x.log", pool) as srv:
+                assert srv.name == target.served_name
+        assert pool.running(q, opts) and not pool.running(b, opts)
+    assert events == ["start demo", "stop demo", "start demo-source", "stop demo-source", "start demo", "stop demo"]
