@@ -16,12 +16,13 @@ from typing import Any
 
 import yaml
 
+from reap import charts as reap_charts
 from reap import quality
 from reap.errors import CardError
 from reap.recipe import METADATA_FIELDS, RECIPE_FILE
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text, current
-from reap.secrets import hide_local_paths, mask_argv
+from reap.secrets import LOCAL_PATH, hide_local_paths, mask_argv
 
 REQUIRED_METADATA = ("base_model_relation", "library_name", "license", "pipeline_tag", "tags")
 
@@ -65,6 +66,15 @@ def serve_argv(manifest: dict[str, Any]) -> list[str]:
     if recipe["serve"].get("enforce_eager"):
         argv.append("--enforce-eager")
     return argv
+
+
+def hardware_line(hw: dict[str, Any]) -> str:
+    """CPU, RAM and GPUs of a hardware inventory (stats.hardware_inventory) in one line."""
+    line = f"{hw['cpu']['model']} ({hw['cpu']['logical_cores']} threads), {hw['ram_gb']} GB RAM"
+    if hw["gpus"]:
+        g = hw["gpus"][0]
+        line += f", {len(hw['gpus'])}x {g['name']} {g['memory_gb']} GB (driver {g['driver']}, CUDA {g['cuda']})"
+    return line
 
 
 def _where(device: str) -> str:
@@ -133,8 +143,10 @@ def public_recipe_yaml(recipe: dict[str, Any]) -> str:
     return hide_local_paths(yaml.safe_dump(recipe, sort_keys=False, width=1000))
 
 
-def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
-    """Everything the template shows, derived from the manifest alone."""
+def card_context(manifest: dict[str, Any], charts: list[str] | None = None) -> dict[str, Any]:
+    """Everything the template shows, derived from the manifest alone; `charts`: the chart files beside the
+    card (default: every chart the manifest has figures for)."""
+    shown = reap_charts.available(manifest) if charts is None else charts
     build = manifest["stages"]["build"]
     recipe = manifest["recipe"]
     verification = build["verification"]
@@ -167,8 +179,10 @@ def card_context(manifest: dict[str, Any]) -> dict[str, Any]:
         "size": fmt_bytes(verification["size_bytes"]),
         "kept_16bit": verification["kept_16bit"],
         "verification": verification,
-        "hardware": manifest["hardware"],
+        "hardware": hardware_line(manifest["hardware"]),
         "runtime": _runtime(build, manifest["hardware"]),
+        "serving": _serving(manifest),
+        "charts": {name: reap_charts.alt_text(name) for name in shown},
         # the card is published: local absolute paths and secrets stay on this machine
         "build_command": hide_local_paths(shlex.join(mask_argv(argv))),
         "recipe_yaml": public_recipe_yaml(recipe),
@@ -334,6 +348,107 @@ def _agreement(a: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _ms(v: float) -> str:
+    return f"{v:.2f}" if v < 10 else f"{v:.1f}"
+
+
+def _latency(ms: dict[str, float]) -> str:
+    return " / ".join(_ms(ms[k]) for k in ("mean", "median", "p99"))
+
+
+def _serving_row(r: dict[str, Any], b: dict[str, Any] | None) -> dict[str, Any]:
+    """One concurrency level of the serving table: W4A16 (`r`) and, when measured, the bf16 source (`b`)."""
+    ratio = b and b["output_throughput"] and r["output_throughput"] / b["output_throughput"]
+    return {
+        "concurrency": r["concurrency"],
+        "requests": f"{r['completed']}/{r['num_prompts']}" + (f", {b['completed']}/{b['num_prompts']}" if b else ""),
+        "tps": f"{r['output_throughput']:.1f}",
+        "base_tps": f"{b['output_throughput']:.1f}" if b else "n/a",
+        "ratio": f"{ratio:.2f}x" if ratio else "n/a",
+        "tpot": _latency(r["tpot_ms"]),
+        "base_tpot": _latency(b["tpot_ms"]) if b else "n/a",
+        "ttft": _latency(r["ttft_ms"]),
+        "base_ttft": _latency(b["ttft_ms"]) if b else "n/a",
+    }
+
+
+BENCH_BOOKKEEPING = {"--save-result": 0, "--result-dir": 1, "--result-filename": 1}  # flag -> values it takes
+
+
+def public_command(argv: list[str], model: str) -> str:
+    """A recorded vLLM command as the card shows it: `vllm` for vLLM's CLI run through the interpreter, other
+    modules as `python -m`, the local checkpoint (the served model, or the benchmark's tokenizer) as `model`,
+    the benchmark's result-file flags left out, secrets masked, any other local path hidden."""
+    out, skip, argv = [], 0, mask_argv(argv)
+    if argv[1:3] == ["-m", "vllm.entrypoints.cli.main"]:  # vLLM's CLI through the interpreter: `vllm` itself
+        argv = ["vllm", *argv[3:]]
+    checkpoint_at = ("--tokenizer",) if "bench" in argv else ("serve", "--model")  # (`--model`: the served name)
+    for i, arg in enumerate(argv):
+        if skip:
+            skip -= 1
+        elif arg in BENCH_BOOKKEEPING:
+            skip = BENCH_BOOKKEEPING[arg]
+        elif i == 0 and Path(arg).name.startswith("python"):
+            out.append("python")
+        elif i and argv[i - 1] in checkpoint_at and not arg.startswith("-"):
+            out.append(model)
+        else:
+            out.append(arg if arg.startswith("/v1/") else hide_local_paths(arg))  # an API path is no local path
+    return shlex.join(out)
+
+
+def _server_line(label: str, srv: dict[str, Any], model: str) -> dict[str, Any]:
+    """A server reap started for the benchmark: its command, start-up time and the kernels it logged."""
+    kernels = [
+        f"{k} {v}" for k, v in srv["kernels"].items() if v not in (None, "None") and k != "forced_quantization_warning"
+    ]
+    return {
+        "label": label,
+        "command": public_command(srv["argv"], model),
+        "startup": fmt_seconds(srv["startup_s"]) if srv.get("startup_s") is not None else "not timed",
+        "kernels": ", ".join(kernels) or "none logged",
+    }
+
+
+def _serving(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The serving-performance section from the current bench record: W4A16 against its bf16 source (when
+    that was measured on the build's source) per concurrency."""
+    rec = current(manifest, "bench")
+    if not rec or rec.get("status") != "done" or not rec.get("results"):
+        return None
+    base = rec.get("baseline") or {}
+    source_id = manifest["stages"]["build"].get("source_id")
+    measured = source_id is not None and base.get("model_id") == source_id
+    base_rows = {r["concurrency"]: r for r in base.get("results") or []} if measured else {}
+    s, sizes = rec["settings"], rec["sizes"]
+    size = f"{fmt_bytes(sizes['quantized'])} (W4A16)" if sizes.get("quantized") else None
+    if size and sizes.get("source"):
+        q, src = sizes["quantized"], sizes["source"]
+        size += f" vs {fmt_bytes(src)} (bf16 source): " + (
+            f"{src / q:.2f}x smaller" if src >= q else f"{q / src:.2f}x larger (the 16-bit tensors dominate)"
+        )
+    target = manifest.get("stages", {}).get("publish", {}).get("repo") or manifest["name"]
+    source = lineage(manifest)["base"] if not lineage(manifest)["pruned_from"] else None
+    servers = [
+        ("W4A16", rec.get("server"), target),
+        ("bf16 source", base.get("server") if base_rows else None, source or LOCAL_PATH),
+    ]
+    return {
+        "hardware": hardware_line(rec["hardware"]) if rec.get("hardware") else "another host (not recorded)",
+        "vllm_version": rec.get("vllm_version") or "unknown",
+        "workload": (
+            f"random prompts of {s['input_len']} tokens made with the model's own tokenizer (seed {s['seed']}), "
+            f"{s['output_len']} output tokens each (`--ignore-eos`)"
+        ),
+        "rows": [_serving_row(r, base_rows.get(r["concurrency"])) for r in rec["results"]],
+        "has_baseline": bool(base_rows),
+        "size": size,
+        "servers": [_server_line(label, srv, model) for label, srv, model in servers if srv],
+        "endpoint_given": "endpoint" in rec,
+        "bench_commands": [public_command(r["argv"], target) for r in rec["results"]],
+    }
+
+
 def card_metadata(manifest: dict[str, Any]):
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -398,11 +513,12 @@ def _render(template: str, context: Callable[[], dict[str, Any]], templates: Pat
         raise CardError(f"card template needs a value the manifest lacks: {exc.message}") from None
 
 
-def render_card(manifest: dict[str, Any], templates: Path | None = None):
-    """Render the ModelCard for a manifest. Raises CardError naming the first missing value."""
+def render_card(manifest: dict[str, Any], templates: Path | None = None, charts: list[str] | None = None):
+    """Render the ModelCard for a manifest (`charts`: see card_context). Raises CardError naming the first
+    missing value."""
     from huggingface_hub import ModelCard
 
-    body = _render("model_card.md.j2", lambda: card_context(manifest), templates)
+    body = _render("model_card.md.j2", lambda: card_context(manifest, charts), templates)
     data = card_metadata(manifest)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body.strip()}\n")
 
@@ -446,6 +562,9 @@ def render_card_into(run: RunDir, recipe: dict[str, Any] | None = None) -> Path:
     if recipe is not None:
         adopt_metadata(run, recipe)
         manifest = run.read_manifest()
-    card = render_card(manifest)
+    card = render_card(manifest)  # refused before any chart is written when a value is missing
+    written = reap_charts.write_into(run.model_dir, manifest)
+    if written != reap_charts.available(manifest):  # matplotlib missing: the card names no absent file
+        card = render_card(manifest, charts=written)
     atomic_write_text(run.card_path, str(card))
     return run.card_path

@@ -486,6 +486,87 @@ def eval_cmd(
     click.echo(str(render_card_into(existing_run(run_dir))))
 
 
+class Concurrency(click.ParamType):
+    """A comma-separated list of concurrency levels, each at least 1: `1,8,32`."""
+
+    name = "N[,N...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            levels = tuple(int(v) for v in str(value).split(","))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 1,8,32", param, ctx)
+        if any(c < 1 for c in levels):
+            self.fail(f"{value!r}: every concurrency level must be at least 1, e.g. 1,8,32", param, ctx)
+        return levels
+
+
+@reap.command("bench", context_settings={"ignore_unknown_options": True})
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--endpoint", help="Measure this server (http://HOST:PORT/v1) instead of starting the run's model.")
+@click.option("--baseline", is_flag=True, help="Also serve and measure the bf16 source: the card shows the ratio.")
+@click.option(
+    "--concurrency",
+    type=Concurrency(),
+    help="Concurrent requests, one pass each (default: GPU 1,8,32; CPU 1,4).",
+)
+@click.option("--input-len", type=click.IntRange(min=1), help="Prompt tokens (default: GPU 256, CPU 32).")
+@click.option("--output-len", type=click.IntRange(min=1), help="Output tokens per request (default: GPU 128, CPU 16).")
+@click.option(
+    "--num-prompts",
+    type=click.IntRange(min=1),
+    help="Prompts per pass (default: max(16, 4 x concurrency) on GPUs, max(4, 2 x concurrency) on CPUs).",
+)
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port for the servers reap starts."
+)
+def bench_cmd(
+    run_dir: Path,
+    vllm_args: tuple[str, ...],
+    endpoint: str | None,
+    baseline: bool,
+    concurrency: tuple[int, ...] | None,
+    input_len: int | None,
+    output_len: int | None,
+    num_prompts: int | None,
+    port: int,
+) -> None:
+    """Measure serving speed with vLLM's own benchmark (`vllm bench serve`); figures into the manifest and card.
+
+    \b
+    Random prompts made with the model's tokenizer, fixed seed, --ignore-eos, one pass per
+    concurrency, against the server reap starts for the run (kernels and start-up time
+    recorded) or the given endpoint. Flags after `--` go to the vLLM servers reap starts.
+
+    \b
+    Examples:
+      reap bench runs/demo                              # CPU defaults: concurrency 1,4, 32 in / 16 out
+      reap bench runs/212b --baseline                   # W4A16 and bf16 source at 1, 8, 32
+      reap bench runs/212b --endpoint http://127.0.0.1:8000/v1 --concurrency 1,64
+      reap bench runs/212b --baseline -- --gdn-prefill-backend triton
+    """
+    from reap.bench import bench, describe
+    from reap.card import render_card_into
+    from reap.rundir import existing_run
+
+    record = bench(
+        run_dir,
+        endpoint=endpoint,
+        baseline=baseline,
+        concurrency=concurrency,
+        input_len=input_len,
+        output_len=output_len,
+        num_prompts=num_prompts,
+        port=port,
+        vllm_args=vllm_args,
+    )
+    click.echo(describe(record))
+    click.echo(str(render_card_into(existing_run(run_dir))))
+
+
 @reap.command("run")
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Run folder (default: runs/<recipe name>).")
@@ -513,7 +594,8 @@ def run_cmd(
 
     \b
     Stages: prune (when the recipe has prune:), build, verify, eval (serves the bf16 source
-    and the W4A16 build), card, publish (with --publish). Each records a fingerprint
+    and the W4A16 build), bench (vllm bench serve; on where a GPU is visible, bench.enabled
+    on CPUs), card, publish (with --publish). Each records a fingerprint
     of its inputs (the recipe sections it reads, the stages before it): a re-run skips what
     is done and unchanged and redoes what changed and everything after it. Ctrl-C, SIGTERM
     or a crash leave the stage marked interrupted, never done; the next run redoes it.

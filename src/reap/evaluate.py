@@ -33,7 +33,7 @@ from reap import compat, quality
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text, existing_run
-from reap.serve import ServeOptions, Server, Target, http_request
+from reap.serve import ServeOptions, ServerPool, Target, http_request, serving
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -201,6 +201,11 @@ def check_endpoint(
                 f"{spec.name} is scored by loglikelihood, which chat endpoints cannot return; pass the "
                 f"server's /v1 URL (or /v1/completions) as --endpoint"
             )
+    return require_served(base_url, served, api_key)
+
+
+def require_served(base_url: str, served: str, api_key: str | None) -> dict[str, Any]:
+    """What /v1/models says of `served`; refused in one line when nothing answers or another model is served."""
     models = endpoint_models(base_url, api_key)
     info = next((m for m in models if m.get("id") == served), None)
     if info is None:
@@ -506,10 +511,12 @@ def evaluate(
     include_path: Path | None = None,
     baseline: bool = False,
     port: int = 8000,
+    pool: ServerPool | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run's checkpoint (and with `baseline`, its bf16 source) as the run's `eval` stage: the record
     names the checkpoint measured (`model_id`; the baseline's, the source's). A baseline measured before on
-    the same source is kept when `baseline` is not asked for again."""
+    the same source is kept when `baseline` is not asked for again. `pool`: `reap run`'s servers, kept for
+    its bench stage."""
     run = existing_run(run_path)
     manifest = run.read_manifest()
     build = manifest.get("stages", {}).get("build", {})
@@ -576,7 +583,9 @@ def evaluate(
                 record["endpoint"] = base
                 measure(label, base, target.served_name, target.model_dir, given, os.environ.get("VLLM_API_KEY"))
                 continue
-            with Server(target, ServeOptions(port=port), log_name=f"serve-{label}.log") as srv:
+            with serving(target, ServeOptions(port=port), f"serve-{label}.log", pool) as srv:
+                (record["baseline"] if label == "baseline" else record)["server"] = srv.record()  # kernels, start-up
+                record.save()
                 measure(label, srv.base_url, target.served_name, target.model_dir, None, srv.api_key)
         record["paired"] = paired(eval_dir, record)
         record["agreement"] = agreement_of(eval_dir, record)

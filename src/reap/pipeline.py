@@ -1,8 +1,9 @@
 """`reap run`: the whole release from one recipe, as a graph of stages, resumable.
 
-Stages: prune (when the recipe has `prune:`), build, verify, eval, card, publish (with `--publish`). Each is
-the same library function the single command calls (prune.prune, build.build, verify.verify_checkpoint,
-evaluate.evaluate, card.render_card_into, publish.publish). A stage is done when its record in `manifest.json` under
+Stages: prune (when the recipe has `prune:`), build, verify, eval, bench (on where a GPU is visible, opt-in
+on CPUs), card, publish (with `--publish`). Each is the same library function the single command calls
+(prune.prune, build.build, verify.verify_checkpoint, evaluate.evaluate, bench.bench, card.render_card_into,
+publish.publish). A stage is done when its record in `manifest.json` under
 `pipeline.stages` says `done` with the fingerprint of its current inputs (the recipe fields it reads and
 the fingerprints of the stages it depends on) and its outputs exist. A re-run skips such stages and redoes
 a stage whose inputs changed, and everything downstream of a stage that ran. The fingerprint is written
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from reap.bench import bench
 from reap.build import build
 from reap.card import render_card_into
 from reap.checkpoint import Checkpoint
@@ -37,7 +39,8 @@ from reap.prune import prune
 from reap.publish import publish
 from reap.recipe import METADATA_FIELDS, Recipe
 from reap.rundir import RunDir, check_output_dir, current, digest
-from reap.stats import log
+from reap.serve import ServerPool
+from reap.stats import log, visible_gpu_ids
 from reap.verify import raise_on_failure, verify_checkpoint
 
 
@@ -46,6 +49,7 @@ class Context:
     recipe: Recipe
     run: RunDir
     argv: list[str]
+    servers: ServerPool  # eval's servers, kept for bench: each checkpoint is started once per run where it can be
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,28 @@ def _eval(ctx: Context) -> None:
         concurrency=e.concurrency,
         baseline=e.baseline,
         port=e.port,
+        pool=ctx.servers,
     )
+
+
+def _bench(ctx: Context) -> None:
+    b = ctx.recipe.bench
+    bench(
+        ctx.run.root,
+        baseline=b.baseline,
+        concurrency=tuple(b.concurrency) if b.concurrency else None,
+        input_len=b.input_len,
+        output_len=b.output_len,
+        num_prompts=b.num_prompts,
+        port=b.port,
+        pool=ctx.servers,
+    )
+
+
+def _bench_wanted(recipe: Recipe) -> bool:
+    """On where a GPU is visible, opt-in on CPUs (`bench.enabled` decides when set)."""
+    enabled = recipe.bench.enabled
+    return enabled if enabled is not None else bool(visible_gpu_ids())
 
 
 def _card(ctx: Context) -> None:
@@ -210,8 +235,18 @@ STAGES: tuple[Stage, ...] = (
         how_to_want="set eval.enabled: true (or --set eval.enabled=true)",
     ),
     Stage(
+        "bench",
+        ("build",),
+        lambda r: r.bench.model_dump(mode="json", exclude={"port"}),
+        _bench,
+        lambda run: _current_done(run, "bench"),
+        wanted=lambda r, publish: _bench_wanted(r),
+        unwanted_why="off (bench.enabled is false, or unset with no GPU visible)",
+        how_to_want="set bench.enabled: true (or --set bench.enabled=true)",
+    ),
+    Stage(
         "card",
-        ("build", "verify", "eval"),
+        ("build", "verify", "eval", "bench"),
         _card_inputs,
         _card,
         lambda run: run.card_path.is_file(),
@@ -357,7 +392,12 @@ def run_pipeline(
     if on_plan:
         on_plan(steps)
     run.root.mkdir(parents=True, exist_ok=True)
-    ctx = Context(recipe, run, argv or ["reap", *sys.argv[1:]])
+    with ServerPool() as servers:
+        return _run_steps(steps, Context(recipe, run, argv or ["reap", *sys.argv[1:]], servers))
+
+
+def _run_steps(steps: list[dict[str, Any]], ctx: Context) -> list[dict[str, Any]]:
+    run = ctx.run
     by_name = {s.name: s for s in STAGES}
     rows = []
     for step in steps:
@@ -365,6 +405,8 @@ def run_pipeline(
         if step["action"] == "skip":
             rows.append({"stage": name, "status": f"skipped ({step['why']})", "wall_s": None, "peak_rss_gb": None})
             continue
+        if name not in ("eval", "bench"):
+            ctx.servers.close()  # no later stage serves: the GPU (or the CPU) is free for what follows
         log(f"run: {name} started ({step['why']})")
         try:
             with run.stage(name, inputs=step["inputs"], section="pipeline.stages") as rec:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reap import charts as reap_charts
 from reap.card import comparisons, fmt_bytes, render_card
 from reap.checkpoint import Checkpoint, read_header, shard_size
 from reap.errors import HubAuthError, InputError, ReapError, RepoAccessError, UploadError, VerificationError
@@ -132,11 +133,11 @@ def eval_results(manifest: dict[str, Any]) -> dict[str, Any] | None:
     return _scrub(ev)
 
 
-def card_for(manifest: dict[str, Any], repo: str) -> str:
+def card_for(manifest: dict[str, Any], repo: str, charts: list[str] | None = None) -> str:
     """The card as published: its serve command names the repo (the same card `reap card` renders once the
-    manifest records the publish)."""
+    manifest records the publish); `charts`: the chart files that go up beside it."""
     stages = {**manifest.get("stages", {}), "publish": {"repo": repo}}
-    return str(render_card({**manifest, "stages": stages}))
+    return str(render_card({**manifest, "stages": stages}, charts=charts))
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -146,8 +147,10 @@ def _json_bytes(obj: Any) -> bytes:
 def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
     """Every file of the upload, sorted by path. Raises CardError when the card does not render."""
     results = eval_results(manifest)
+    charts = reap_charts.render_all(manifest)  # drawn from the manifest published, never a stale file of model/
     made = {
-        "README.md": card_for(manifest, repo).encode(),
+        "README.md": card_for(manifest, repo, list(charts)).encode(),
+        **charts,
         "reap_manifest.json": _json_bytes(public_manifest(manifest)),
         "eval_results.json": _json_bytes(results) if results else None,
         # `reap build` writes it without local paths; an older build's copy is cleaned here
@@ -161,7 +164,12 @@ def upload_set(run: RunDir, manifest: dict[str, Any], repo: str) -> list[Item]:
     items = [Item(name, len(data), data=data) for name, data in made.items() if data is not None]
     for p in sorted(run.model_dir.rglob("*")):
         rel = p.relative_to(run.model_dir).as_posix()
-        if p.is_file() and rel not in made and not any(part.startswith(".") for part in rel.split("/")):
+        if (
+            p.is_file()
+            and rel not in made
+            and rel not in reap_charts.CHARTS
+            and not any(part.startswith(".") for part in rel.split("/"))
+        ):
             items.append(Item(rel, p.stat().st_size, source=p))
     return sorted(items, key=lambda i: i.path)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -188,6 +188,24 @@ class EvalSection(_Section):
         return self
 
 
+class BenchSection(_Section):
+    """`reap bench` settings for `reap run`'s bench stage (vLLM's own serving benchmark); see docs/recipe.md."""
+
+    enabled: bool | None = Field(
+        None, description="benchmark in `reap run`; unset: on where a GPU is visible, off on CPUs (opt in)"
+    )
+    concurrency: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None, min_length=1, description="concurrent requests, one pass each; default GPU 1, 8, 32, CPU 1, 4"
+    )
+    input_len: int | None = Field(None, ge=1, description="prompt tokens; default GPU 256, CPU 32")
+    output_len: int | None = Field(None, ge=1, description="output tokens (--ignore-eos); default GPU 128, CPU 16")
+    num_prompts: int | None = Field(
+        None, ge=1, description="prompts per pass; default max(16, 4 x concurrency) on GPUs, max(4, 2 x) on CPUs"
+    )
+    baseline: bool = Field(True, description="also serve and measure the bf16 source: the card shows the ratio")
+    port: int = Field(8000, ge=1, le=65535, description="port of the servers reap starts")
+
+
 class CardSection(_Section):
     tags: list[str] = Field(default_factory=lambda: ["reap", "moe", "autoround", "w4a16", "int4"])
     pipeline_tag: str = "image-text-to-text"
@@ -267,6 +285,7 @@ class Recipe(_Section):
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     serve: ServeSection = Field(default_factory=ServeSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    bench: BenchSection = Field(default_factory=BenchSection)
     card: CardSection = Field(default_factory=CardSection)
     publish: PublishSection = Field(default_factory=PublishSection)
 

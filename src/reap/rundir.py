@@ -7,7 +7,7 @@ SIGTERM). When it does not end `done`, every process group started inside it is 
 that does not end `done` never replaces a `done` record: it is kept beside it as `last_attempt`, so a failed
 or killed rebuild leaves the earlier build, its recipe and its results the current ones.
 
-Records that describe a checkpoint (build, verify, serve, eval) carry its `model_id` (`checkpoint_id`). A
+Records that describe a checkpoint (build, verify, serve, eval, bench) carry its `model_id` (`checkpoint_id`). A
 record whose `model_id` is not the current build's is stale: `current` leaves it out, and a new build marks
 it `stale` in the manifest.
 """
@@ -33,7 +33,7 @@ from reap.errors import DiskSpaceError, InputError, OutputExistsError, ReapError
 from reap.secrets import redact
 from reap.stats import ResourceSampler, now
 
-CHECKPOINT_STAGES = ("verify", "serve", "eval")  # records of a checkpoint, stale once another one is built
+CHECKPOINT_STAGES = ("verify", "serve", "eval", "bench")  # records of a checkpoint, stale once another one is built
 
 
 def _umask() -> int:
@@ -45,11 +45,16 @@ def _umask() -> int:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` so that readers see the old file or the new one, never a torn one; the file gets
     the usual mode (0666 less the umask: 0644 under umask 022), not mkstemp's 0600."""
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`atomic_write_text` for bytes (a chart)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
             fh.flush()
             os.fchmod(fh.fileno(), 0o666 & ~_umask())
             os.fsync(fh.fileno())

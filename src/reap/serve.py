@@ -22,6 +22,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata, util
 from pathlib import Path
@@ -244,7 +245,7 @@ def parse_kernels(text: str) -> dict[str, Any]:
         "forced_quantization_warning": first(r"(you specified quantization=\w+ explicitly[^\n]*)"),
         # vLLM's CPU build without AVX-512 has no int4 linear op; reap's shim supplies one (compat.py)
         "linear_kernel_op": "reap reference cpu_gemm_wna16 (dequantize + float32 matmul)"
-        if WNA16_FALLBACK_LOG in text
+        if WNA16_FALLBACK_LOG in text and re.search(r"Using CPUWNA16LinearKernel", text)
         else None,
     }
 
@@ -433,6 +434,56 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServerPool:
+    """The servers of one `reap run`: its eval and bench stages serve the same checkpoints, so a server one
+    stage started is kept for the next (one at a time: a GPU holds one vLLM at its memory utilisation).
+
+    with ServerPool() as pool:
+        with pool.serving(target, opts, "serve-quantized.log") as srv: ...   # started, or the running one
+    """
+
+    def __init__(self) -> None:
+        self.key: tuple[str, ...] | None = None
+        self.server: Server | None = None
+
+    @staticmethod
+    def _key(target: Target, opts: ServeOptions) -> tuple[str, ...]:
+        return (str(Path(target.model_dir).resolve()), target.served_name, *opts.extra_args)
+
+    def running(self, target: Target, opts: ServeOptions) -> bool:
+        """Whether `target` is served now (by a server an earlier stage started, still alive)."""
+        return (
+            self.server is not None
+            and self.server.proc is not None
+            and self.server.proc.poll() is None
+            and self.key == self._key(target, opts)
+        )
+
+    @contextlib.contextmanager
+    def serving(self, target: Target, opts: ServeOptions, log_name: str) -> Iterator[Server]:
+        if not self.running(target, opts):
+            self.close()
+            self.server = Server(target, opts, log_name).__enter__()
+            self.key = self._key(target, opts)
+        yield self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.server = self.key = None
+
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serving(target: Target, opts: ServeOptions, log_name: str, pool: ServerPool | None = None):
+    """A ready server of `target`: the pool's (kept for the next stage), or one of its own, stopped after."""
+    return pool.serving(target, opts, log_name) if pool is not None else Server(target, opts, log_name)
 
 
 # --- the command's three modes ---------------------------------------------------------------------------

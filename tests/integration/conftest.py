@@ -131,3 +131,14 @@ def env_for(hub: HubServer, home: Path, token: str | None = TOKEN) -> dict[str, 
     if token:
         env["HF_TOKEN"] = token
     return env
+
+
+def served_right(client, name: str, task: str, n: int = 10) -> tuple[int, dict[int, str]]:
+    """How many of the first `n` held-out rows of a demo task the served model answers right (greedy, one
+    request). A count, not one given item: the trained demo model differs from machine to machine."""
+    from reap.demo import answer_of, prompt_of, read_task_rows
+
+    rows = read_task_rows(task, "test")[:n]
+    out = client.completions.create(model=name, prompt=[prompt_of(task, r) for r in rows], max_tokens=8, temperature=0)
+    answers = {c.index: c.text for c in out.choices}
+    return sum(answers[i].startswith(answer_of(task, r)) for i, r in enumerate(rows)), answers

@@ -12,7 +12,7 @@ import pytest
 
 from reap.resources import data_dir
 
-from .conftest import DEMO_RECIPE, free_port, manifest, reap_cli
+from .conftest import DEMO_RECIPE, free_port, manifest, reap_cli, served_right
 
 pytestmark = pytest.mark.integration
 CALIBRATION = str(data_dir("evals") / "demo" / "data" / "calibration.jsonl")
@@ -117,11 +117,9 @@ def test_pruned_model_builds_and_serves_with_the_pruning_in_its_card(pruned, tmp
 
     with Server(resolve_target(run), ServeOptions(port=free_port(), max_model_len=512)) as srv:
         client = OpenAI(base_url=srv.base_url, api_key="unused")
-        out = client.completions.create(
-            model=srv.target.served_name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3, temperature=0
-        )
+        right, answers = served_right(client, srv.target.served_name, "larger")
         record = srv.record()
-    assert out.choices[0].text.startswith(" 82"), out.choices[0].text
+    assert right >= 8, answers  # the pruned model keeps `larger` (>= 90 % held out, above)
     assert record["kernels"]["linear_kernel"] == "CPUWNA16LinearKernel" and record["startup_s"] > 0
 
 
@@ -132,13 +130,11 @@ def test_pruned_16bit_model_serves_with_reap_serve(pruned):
     r = reap_cli("serve", str(pruned), "--detach", "--port", str(port), "--max-model-len", "512")
     try:
         client = OpenAI(base_url=r.stdout.strip(), api_key="unused")
-        out = client.completions.create(
-            model=pruned.name, prompt="Which is larger: 47 or 82?\nAnswer:", max_tokens=3, temperature=0
-        )
+        right, answers = served_right(client, pruned.name, "larger")
         rec = manifest(pruned)["stages"]["serve"]
     finally:
         reap_cli("serve", str(pruned), "--stop")
-    assert out.choices[0].text.startswith(" 82"), out.choices[0].text
+    assert right >= 8, answers
     assert rec["status"] == "done" and rec["server"] == "running"
     assert rec["served_name"] == pruned.name and rec["startup_s"] > 0
     assert manifest(pruned)["stages"]["prune"]["status"] == "done"  # the serve record sits beside the prune record

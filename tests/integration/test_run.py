@@ -47,6 +47,10 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
         "--set",
         "eval.baseline=false",
         "--set",
+        "bench.baseline=false",  # the demo recipe's bench stage, on the W4A16 build only (test_bench: baseline)
+        "--set",
+        f"bench.port={free_port()}",
+        "--set",
         "eval.limit=20",
         "--set",
         f"eval.port={free_port()}",
@@ -75,13 +79,21 @@ def test_run_resumes_after_a_kill_and_reruns_only_what_changed(demo_source, serv
     assert plan["build"] == "RUN resumes (the last attempt was killed)", res.stderr[-2000:]
     done = manifest(run)
     assert {s: r["status"] for s, r in done["pipeline"]["stages"].items()} == dict.fromkeys(
-        ("build", "verify", "eval", "card"), "done"
+        ("build", "verify", "eval", "bench", "card"), "done"
     )
     assert done["stages"]["verify"]["passed"] is True
     results = done["stages"]["eval"]["results"]
     assert set(results) == {"demo_larger", "demo_reverse"} and all(r["limit"] == 20 for r in results.values())
     card = (run / "model" / "README.md").read_text()
     assert "demo_larger" in card and "card" in res.stdout
+    bench = done["stages"]["bench"]  # the demo recipe's CPU-sized bench stage
+    assert bench["model_id"] == done["stages"]["build"]["model_id"] and bench["server"]["startup_s"] > 0
+    assert [r["concurrency"] for r in bench["results"]] == [1, 4]
+    assert all(r["output_throughput"] > 0 and r["tpot_ms"]["mean"] > 0 and r["failed"] == 0 for r in bench["results"])
+    assert "## Serving performance" in card and "| 4 | 8/8 |" in card
+    for chart in ("serving_throughput.png", "build_blocks.png"):
+        assert f"]({chart})" in card and (run / "model" / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done["stages"]["eval"]["server"]["kernels"]["moe_backend"]  # eval's server records its kernels
     assert not (run / "model.partial").exists() and not list(run.glob(".autoround*"))
 
     # Identical in content to an uninterrupted build of the same recipe and source.

@@ -11,7 +11,7 @@ import time
 import psutil
 import pytest
 
-from .conftest import REAP, free_port, manifest, reap_cli
+from .conftest import REAP, free_port, manifest, reap_cli, served_right
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +33,8 @@ def test_python_api_serves_completions_with_prompt_logprobs_and_chat(demo_server
 
     client = OpenAI(base_url=demo_server.base_url, api_key="unused")
     name = demo_server.target.served_name
-    out = client.completions.create(model=name, prompt="Reverse: hello\nAnswer:", max_tokens=8, temperature=0)
-    assert out.choices[0].text.startswith(" olleh")
+    right, answers = served_right(client, name, "reverse")  # the model reverses ~98 % of held-out words
+    assert right >= 8, answers
     scored = client.completions.create(
         model=name, prompt="Which is larger: 12 or 85?\nAnswer: 85", max_tokens=1, echo=True, logprobs=1, temperature=0
     )

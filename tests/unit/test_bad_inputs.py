@@ -141,6 +141,26 @@ EVAL_CASES = [
     C("eval-agreement-text-calibrated-on", "eval", "{root}/run-heldout-calib", needle="must be measured on held-out"),
 ]
 
+BENCH_CASES = [
+    C("bench-endpoint-down", "bench", "{run}", "--endpoint", "{closed}/v1", needle="no OpenAI-compatible server"),
+    C("bench-endpoint-not-url", "bench", "{run}", "--endpoint", "nope", needle="is not an http(s) URL"),
+    C("bench-concurrency-0", "bench", "{run}", "--concurrency", "0", code=2, needle="must be at least 1"),
+    C("bench-concurrency-list-0", "bench", "{run}", "--concurrency", "1,0,8", code=2, needle="must be at least 1"),
+    C("bench-concurrency-word", "bench", "{run}", "--concurrency", "1,x", code=2, needle="not a comma-separated list"),
+    C("bench-output-len-0", "bench", "{run}", "--output-len", "0", code=2, needle="'--output-len': 0 is not"),
+    C("bench-no-build", "bench", "{root}/run-nobuild", needle="has no finished build"),
+    C("bench-not-a-run", "bench", "{root}/calibdir", needle="not a reap run folder"),
+    C("bench-vllm-flags-no-server", "bench", "{run}", "--endpoint", "{closed}/v1", "--", "--x", needle="starts none"),
+    C(
+        "recipe-bench-concurrency-0",
+        "build",
+        "{recipe}",
+        "--set",
+        "bench.concurrency=[0]",
+        needle="bench.concurrency.0",
+    ),
+]
+
 RUN_CASES = [
     C("run-only-publish", "run", "{recipe}", "--only", "publish", needle="add --publish"),
     C("run-only-bogus", "run", "{recipe}", "--only", "bogus", needle="--only bogus: no such stage"),
@@ -219,14 +239,16 @@ PRUNE_DEMO_CASES = [
 ]
 
 CASES = (
-    RECIPE_CASES + BUILD_CASES + VERIFY_CARD_CASES + SERVE_CASES + EVAL_CASES + RUN_CASES + PUBLISH_CASES
-) + PRUNE_DEMO_CASES
+    (RECIPE_CASES + BUILD_CASES + VERIFY_CARD_CASES + SERVE_CASES + EVAL_CASES + BENCH_CASES + RUN_CASES)
+    + PUBLISH_CASES
+    + PRUNE_DEMO_CASES
+)
 
 
 def test_the_table_has_at_least_60_distinct_cases_across_every_command():
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
     commands = {c.args[0] for c in CASES}
-    assert commands == {"build", "verify", "card", "serve", "eval", "run", "publish", "prune", "demo-model"}
+    assert commands == {"build", "verify", "card", "serve", "eval", "bench", "run", "publish", "prune", "demo-model"}
 
 
 # --- the workspace every case runs in --------------------------------------------------------------------
@@ -367,6 +389,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(case, workspace, server
         "src16": str(workspace / "src16"),
         "run": str(workspace / "run"),
         "garbage": servers["garbage"],
+        "closed": servers["closed"],
     }
     args = [a.format(**paths) for a in case.args]
     before = snapshot(workspace)

@@ -99,10 +99,11 @@ def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(
     monkeypatch.setattr(ev, "token_counter", lambda tokenizer: lambda text: len(text.split()))
 
     @contextlib.contextmanager
-    def fake_server(target, opts, log_name):
-        yield type("Srv", (), {"base_url": "http://127.0.0.1:9/v1", "api_key": None})()
+    def fake_serving(target, opts, log_name, pool=None):
+        srv = {"base_url": "http://127.0.0.1:9/v1", "api_key": None, "record": lambda self: {"argv": []}}
+        yield type("Srv", (), srv)()
 
-    monkeypatch.setattr(ev, "Server", fake_server)
+    monkeypatch.setattr(ev, "serving", fake_serving)
 
     def fake_evaluate(**kw):
         source = kw["model_args"]["model"] == "demo-source"

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from reap import charts
 from reap import publish as pub
 from reap.cli import reap
 from reap.errors import (
@@ -90,18 +91,22 @@ def paths(items) -> list[str]:
 
 
 def test_upload_set_is_the_checkpoint_plus_the_card_for_the_repo_and_the_public_manifest(run, manifest):
+    (run.model_dir / "serving_throughput.png").write_bytes(b"a stale chart")  # drawn again from the manifest
     items = pub.upload_set(run, manifest, "org/demo-w4a16")
     assert paths(items) == [
         "README.md",
+        "build_blocks.png",
         "config.json",
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
         "reap_manifest.json",
         "reap_recipe.yaml",
+        "serving_throughput.png",
         "tokenizer.json",
     ]
     by = {i.path: i for i in items}
+    assert by["serving_throughput.png"].read() == charts.render(manifest, charts.THROUGHPUT)
     card = by["README.md"].read().decode()
     assert card.startswith("---\n") and "base_model_relation: quantized" in card
     assert "vllm serve org/demo-w4a16 " in card  # the serve command names the repo, not the local run
@@ -382,6 +387,8 @@ def test_plan_says_what_is_created_replaced_unchanged_and_deleted(run, manifest)
     action = {r["path"]: r["action"] for r in rows}
     assert action == {
         "README.md": "create",
+        "build_blocks.png": "create",
+        "serving_throughput.png": "create",
         "config.json": "unchanged",
         shard1.path: "unchanged",
         shard2.path: "replace",
@@ -473,7 +480,8 @@ def test_published_recipe_and_prune_record_carry_no_local_absolute_path(run, man
             {"source": "/home/alice/src", "argv": ["reap", "prune", "/home/alice/src", "--api-key", "k3y-v4lue"]}
         )
     )
-    by = {i.path: i.read().decode() for i in pub.upload_set(run, manifest, "org/demo-w4a16") if i.data is not None}
+    made = [i for i in pub.upload_set(run, manifest, "org/demo-w4a16") if i.data is not None]
+    by = {i.path: i.read().decode() for i in made if not i.path.endswith(".png")}
     assert "/home/alice" not in by["reap_recipe.yaml"] and "path: <local path>" in by["reap_recipe.yaml"]
     prune_rec = json.loads(by["reap_prune.json"])
     assert prune_rec["source"] == "<local path>" and "k3y-v4lue" not in by["reap_prune.json"]
