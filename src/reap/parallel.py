@@ -626,7 +626,9 @@ def capture_inputs(
     layout, config = moe_layout(src), text_config(src)
     with clock.span("forward"), torch.inference_mode():
         for i in range(max(starts)):
-            layer = decoder_layer(src, layout, config, i, device)
+            # in the dtype AutoRound cached the inputs in: bf16, or float32 where this CPU has no bf16 support
+            # ("amp is set to FALSE"; AVX2-only CPUs), as the sequential build runs its blocks
+            layer = decoder_layer(src, layout, config, i, device).to(hidden[0].dtype)
             for j, h in enumerate(hidden):  # one sample at a time, with its own keyword arguments, as AutoRound
                 kwargs = {k: to_device(v[j] if isinstance(v, list) else v, device) for k, v in others.items()}
                 out = layer(h.to(device), **kwargs)

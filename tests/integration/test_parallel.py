@@ -41,7 +41,10 @@ def builds(demo_source, servable_build, tmp_path_factory) -> dict:
         [*REAP, *_build_args(demo_source, par, 2)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     worker1 = par / ".parallel" / "part-1"
-    _wait_for(lambda: "quantized" in _read(worker1 / "worker.log"), 600, "worker 1's first block")
+    _wait_for(
+        lambda: "quantized" in _read(worker1 / "worker.log") or proc.poll() is not None, 600, "worker 1's first block"
+    )
+    assert proc.poll() is None, f"the build ended before worker 1 quantized a block: {proc.communicate()[1][-3000:]}"
     os.kill(manifest(worker1)["stages"]["worker"]["pid"], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     part0 = par / ".parallel" / "part-0"
