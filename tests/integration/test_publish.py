@@ -178,7 +178,8 @@ def test_demo_release_arrives_complete_and_byte_identical(hub, published, tmp_pa
     # the LFS objects are on the server's disk under their sha256, received once each
     lfs = {p.name for p in (hub.state.root / "lfs" / "alice" / "demo").iterdir()}
     assert expected["model.safetensors"] in lfs and hub.state.put_done[expected["model.safetensors"]] == 1
-    assert [m for m, _ in sent].count("PUT") == 1  # only the weights go by LFS; the small files ride in the commit
+    # the weights (and the binary chart PNGs) go by LFS, each PUT once; the small text files ride in the commit
+    assert [m for m, _ in sent].count("PUT") == len(lfs) and all(hub.state.put_done[o] == 1 for o in lfs)
 
     text = (tmp_path / "download" / "README.md").read_text()
     assert "base_model_relation: quantized" in text and "base_model: reap/demo-qwen3_5-moe-tiny" in text
