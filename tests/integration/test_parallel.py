@@ -149,7 +149,8 @@ def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path)
     compat.ensure_torchvision_importable()
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(str(demo_source), dtype=torch.bfloat16).eval()
+    # in the dtype AutoRound cached block 0's inputs in: bf16, or float32 where the CPU has no bf16 (amp off)
+    model = AutoModelForImageTextToText.from_pretrained(str(demo_source), dtype=first[0].dtype).eval()
     embed = model.get_input_embeddings().weight
     for j, h0 in enumerate(first):
         tokens = (h0[0][:, None, :] == embed[None]).all(-1).int().argmax(-1)  # the embedding rows h0 is made of
@@ -157,7 +158,11 @@ def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path)
         with torch.no_grad():
             states = model(input_ids=tokens[None], output_hidden_states=True, use_cache=False).hidden_states
         for c, start in zip(captured, (2, 3), strict=True):
-            assert torch.isfinite(c[j]).all() and c[j].equal(states[start]), f"sample {j}, block {start}"
+            assert torch.isfinite(c[j]).all(), f"sample {j}, block {start}"
+            if c[j].dtype == torch.bfloat16:  # bit for bit, as the whole model computes it
+                assert c[j].equal(states[start]), f"sample {j}, block {start}"
+            else:  # float32 (no bf16 on this CPU): one block at a time rounds a little apart from the whole model
+                torch.testing.assert_close(c[j], states[start], rtol=1e-4, atol=1e-4, msg=f"sample {j}, block {start}")
 
 
 def test_demo_suite_score_matches_the_sequential_build(builds, demo_server):
