@@ -58,6 +58,32 @@ def estimated_output_bytes(src: Checkpoint, bits: int) -> int:
     return int(src.bytes_on_disk() * (bits / 16) * 1.25) + 50_000_000
 
 
+def checked_source(recipe: Recipe, source: Path | None = None) -> Checkpoint:
+    """The source checkpoint, refused before anything is written when it is not a supported, intact MoE,
+    the calibration file is missing, or the block-parallel settings cannot run."""
+    src = Checkpoint.open(Path(source or recipe.model.path))
+    src.require_supported_moe()
+    src.tensors  # noqa: B018 - reads every shard's header and size before anything is written
+    if src.problems:
+        raise InputError(f"the source {src.root} is damaged: {'; '.join(src.problems[:3])}; restore it")
+    check_calibration(recipe.quantize.dataset)
+    if recipe.quantize.parallel > 1:
+        parallel.check_parallel(src, recipe, *parallel.gpus_for(recipe))
+    return src
+
+
+def join_build(recipe: Recipe, out: Path, topology: parallel.Topology) -> list[parallel.Part]:
+    """`reap build --nodes H --node-rank I` on a host other than node 0: run this host's ranks of the
+    block-parallel job in the shared run folder `out`; node 0's `reap build` merges, verifies and writes
+    the card. Returns this host's ranges."""
+    if recipe.prune is not None:
+        raise InputError("a recipe with prune: is built by `reap run`, on one host; remove prune: or use reap run")
+    if recipe.quantize.parallel < 2:
+        raise InputError("--node-rank above 0 is for block-parallel builds; pass --gpus N or quantize.parallel")
+    src = checked_source(recipe)
+    return parallel.join(src, recipe, out, topology)
+
+
 def build(
     recipe: Recipe,
     out: Path,
@@ -66,6 +92,7 @@ def build(
     *,
     source: Path | None = None,
     card: bool = True,
+    topology: parallel.Topology | None = None,
 ) -> dict[str, Any]:
     """Quantize `recipe.model.path` into `out/model`, verify it and (with `card`) render its card. `reap run`
     passes `source`, the checkpoint its prune stage made from `recipe.model.path`: the recipe is recorded
@@ -77,14 +104,7 @@ def build(
             "(prune, then quantize), or remove prune: to quantize model.path as it is"
         )
     check_output_dir(out)
-    src = Checkpoint.open(Path(source or recipe.model.path))
-    src.require_supported_moe()
-    src.tensors  # noqa: B018 - reads every shard's header and size before anything is written
-    if src.problems:
-        raise InputError(f"the source {src.root} is damaged: {'; '.join(src.problems[:3])}; restore it")
-    check_calibration(recipe.quantize.dataset)
-    if recipe.quantize.parallel > 1:
-        parallel.check_parallel(src, recipe, *parallel.gpus_for(recipe))
+    src = checked_source(recipe, source)
     license_ = source_license(src.root)
     if not (recipe.model.license or license_):
         raise InputError(f"{src.root} has no README.md with a `license`; set model.license in the recipe")
@@ -112,7 +132,9 @@ def build(
             rec["pruning"] = pruning_summary(pruning)
         try:
             if recipe.quantize.parallel > 1:
-                result = parallel.quantize_parallel(src, recipe, work, run, clock, rec.sampler)
+                result = parallel.quantize_parallel(
+                    src, recipe, work, run, clock, rec.sampler, topology or parallel.Topology()
+                )
             else:
                 result = engine.quantize(src, recipe, work, run.logs_dir / "build.log", clock)
             log("verifying the checkpoint")

@@ -106,22 +106,15 @@ def _runtime(build: dict[str, Any], hardware: dict[str, Any]) -> dict[str, Any] 
     peak_vram = ", ".join(f"GPU{i} {v:.1f} GB" for i, v in vram.items()) if vram else None
     workers = []
     par = build.get("parallel") or {}
-    if par.get("input_capture"):
-        c = par["input_capture"]
-        workers.append(
-            (
-                "input capture",
-                f"{_where(c['device'])}, full-precision pass through blocks "
-                f"{c['forward_blocks'][0]}-{c['forward_blocks'][1]}: {fmt_seconds(c['wall_s'])}",
-            )
-        )
     for w in par.get("workers", []):
         times = w["block_wall_s"]
         line = f"{_where(w['device'])}, blocks {w['blocks'][0]}-{w['blocks'][1]}: {fmt_seconds(w['wall_s'])} in all"
         if times:  # AutoRound logs no per-block line in RTN mode (iters 0)
             line += f", {len(times)} blocks of mean {fmt_seconds(sum(times) / len(times))}"
-        if w["blocks"][0] > 0 and w.get("started_after_s"):
-            line += f", started at {fmt_seconds(w['started_after_s'])} (its inputs from the capture)"
+        if w["blocks"][0] > 0 and w.get("inputs_after_s") is not None and not w.get("kept_from_earlier_attempt"):
+            line += (
+                f", its inputs after {fmt_seconds(w['inputs_after_s'])} (full precision, from worker {w['index'] - 1})"
+            )
         if w.get("peak_vram_gb") is not None:
             line += f", peak GPU memory {w['peak_vram_gb']:.1f} GB"
         workers.append((f"worker {w['index']}", line))

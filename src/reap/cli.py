@@ -12,11 +12,15 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import yaml
 
 from reap.errors import InputError, ReapError
+
+if TYPE_CHECKING:
+    from reap.parallel import Topology
 from reap.rundir import sigterm_as_interrupt
 from reap.secrets import redact
 
@@ -171,6 +175,17 @@ def demo_model_cmd(out: Path, steps: int, seed: int, layers: int, experts: int, 
     "process each (quantize.parallel); N must not exceed the visible GPUs.",
 )
 @click.option(
+    "--nodes",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Hosts the block-parallel build runs on (each runs this command with its --node-rank).",
+)
+@click.option("--node-rank", type=click.IntRange(min=0), default=0, show_default=True, help="This host's number.")
+@click.option(
+    "--master", metavar="ADDR:PORT", help="Where node 0's rank 0 listens for the others (with --nodes above 1)."
+)
+@click.option(
     "--set",
     "sets",
     multiple=True,
@@ -186,6 +201,9 @@ def build_cmd(
     nsamples: int | None,
     tp: int | None,
     gpus: int | None,
+    nodes: int,
+    node_rank: int,
+    master: str | None,
     sets: tuple[str, ...],
 ) -> None:
     """Quantize with AutoRound, verify, measure and write the model card.
@@ -197,16 +215,22 @@ def build_cmd(
       reap build recipes/demo.yaml --iters 0 --out runs/demo-rtn --overwrite
       reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --gpus 8
       reap build recipes/demo.yaml --set quantize.parallel=2 --out runs/demo-2w   # 2 CPU workers
+      # two hosts of 8 GPUs sharing /data (run on each, with its --node-rank):
+      reap build recipes/qwen3.5-reap-212b-a17b-w4a16.yaml --out /data/runs/212b \\
+          --gpus 8 --nodes 2 --node-rank 0 --master host0:29500
 
     \b
-    With --gpus N (or quantize.parallel: N) the decoder blocks are split into N contiguous ranges quantized
-    at once by one worker process each; the outputs are merged into one checkpoint with the layout of a
-    sequential build. A failed or interrupted worker's range is redone by a re-run, finished ranges are kept.
+    With --gpus N (or quantize.parallel: N) the decoder blocks are split into contiguous ranges quantized
+    at once by the ranks of one torch.distributed job, one process per GPU (N per host with --nodes); the
+    outputs are merged into one checkpoint with the layout of a sequential build. A failed or interrupted
+    range is redone by a re-run of the same command, finished ranges are kept. Node 0 merges, verifies and
+    writes the card; the other hosts run their ranks only.
     """
-    from reap.build import build
+    from reap.build import build, join_build
     from reap.recipe import load_recipe
     from reap.stats import visible_gpu_ids
 
+    topology = _topology(nodes, node_rank, master)
     overrides = _parse_set(sets)
     if gpus is not None:
         visible = len(visible_gpu_ids())
@@ -224,7 +248,7 @@ def build_cmd(
         ("quantize.iters", iters),
         ("quantize.nsamples", nsamples),
         ("serve.tensor_parallel_size", tp),
-        ("quantize.parallel", gpus),
+        ("quantize.parallel", gpus * nodes if gpus else None),
     ):
         if value is not None:
             overrides[key] = value
@@ -234,9 +258,33 @@ def build_cmd(
             "--gpus given but the recipe quantizes on the CPU (quantize.device_map: cpu); "
             "add --set quantize.device_map=auto"
         )
+    if nodes > 1 and rec.quantize.parallel < nodes:
+        raise InputError(f"--nodes {nodes} needs at least {nodes} ranges; pass --gpus or --set quantize.parallel=N")
     run_dir = out or Path("runs") / rec.name
-    record = build(rec, run_dir, overwrite=overwrite, argv=["reap", *sys.argv[1:]])
+    if topology.node_rank:
+        parts = join_build(rec, run_dir, topology)
+        click.echo(f"node {node_rank}: " + ", ".join(f"worker {p.index} done" for p in parts) + "; node 0 merges")
+        return
+    record = build(rec, run_dir, overwrite=overwrite, argv=["reap", *sys.argv[1:]], topology=topology)
     _print_build_summary(run_dir, record)
+
+
+def _topology(nodes: int, node_rank: int, master: str | None) -> Topology:
+    """--nodes/--node-rank/--master as a Topology; refused in one line when they do not fit together."""
+    from reap.parallel import Topology
+
+    if node_rank >= nodes:
+        raise InputError(f"--node-rank {node_rank} is not below --nodes {nodes}; number the hosts 0 to {nodes - 1}")
+    if nodes == 1:
+        if master:
+            raise InputError("--master is for builds over several hosts; add --nodes N, or leave --master out")
+        return Topology()
+    addr, _, port = (master or "").rpartition(":")
+    if not addr or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(
+            f"--nodes {nodes} needs --master ADDR:PORT, node 0's address and a free port (e.g. host0:29500)"
+        )
+    return Topology(nodes, node_rank, addr, int(port))
 
 
 def _measured_lines(record: dict) -> list[str]:

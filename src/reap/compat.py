@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +193,6 @@ def text_only_layer_names(layer_config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _InputsCaptured(Exception):
-    """Stops AutoRound once the block inputs are saved: nothing after its calibration pass is needed."""
-
-
 CALIBRATOR_STATE = ("batch_size", "batch_dim", "seqlen", "is_only_supported_bs1")
 
 
@@ -215,54 +211,59 @@ def _calibrator_call(call: Any) -> Iterator[None]:
 
 
 @contextmanager
-def autoround_captures_block_inputs(file: Path) -> Iterator[None]:
-    """Block-parallel builds start each worker from inputs computed once: AutoRound's calibration pass caches
-    the inputs of the first block it quantizes (calibration samples, batch layout, keyword arguments such as
-    the position embeddings); here they go to `file` (with the calibration token ids and the calibrator's
-    batch settings, which AutoRound reads back from it) and AutoRound is stopped there. AutoRound has no API
-    to hand cached inputs from one run to another."""
-    import torch
+def autoround_block_inputs(provide: Callable[[], Any], handed: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """A block-parallel range's first block: its cached inputs come from `provide()` (what an earlier range
+    handed on: the per-sample inputs, the calibration token ids and the calibrator's batch settings, which
+    AutoRound reads back) instead of a forward pass through the blocks before it, which the range's view does
+    not have; when `provide()` gives None, from AutoRound's own calibration pass (range 0). Either way
+    `handed(saved)` gets them, in that form, before AutoRound tunes. AutoRound has no API to hand cached
+    inputs from one run to another."""
+    import torch  # noqa: F401 - AutoRound's helpers below need it imported
     from auto_round.utils import flatten_list, to_device
 
+    first_call = True
+
     def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
-        inputs = orig(self, block_names, nsamples, **kwargs)
-        tmp = file.with_name(file.name + ".tmp")
-        torch.save(
-            {
-                "inputs": to_device(inputs[flatten_list(block_names)[0]], "cpu"),
+        nonlocal first_call
+        if not first_call or kwargs.get("layer_names"):
+            return orig(self, block_names, nsamples, **kwargs)
+        first_call = False
+        first = flatten_list(block_names)[0]
+        saved = provide()
+        if saved is None:
+            inputs = orig(self, block_names, nsamples, **kwargs)
+            saved = {
+                "inputs": to_device(inputs[first], "cpu"),
                 "input_ids": to_device(inputs.get("input_ids"), "cpu"),
                 "state": {key: getattr(self, key) for key in CALIBRATOR_STATE},
-            },
-            tmp,
-        )
-        tmp.replace(file)
-        raise _InputsCaptured
+            }
+        else:
+            for key, value in saved["state"].items():
+                setattr(self, key, value)
+            inputs = {first: saved["inputs"], "input_ids": saved["input_ids"]}
+        handed(saved)
+        return inputs
 
-    with _calibrator_call(call), suppress(_InputsCaptured):
+    with _calibrator_call(call):
         yield
 
 
 @contextmanager
-def autoround_block_inputs_from(path: Path) -> Iterator[None]:
-    """A block-parallel worker's first block takes the inputs saved by `autoround_captures_block_inputs`
-    instead of a forward pass through the blocks before it (which its view does not have)."""
-    import torch
-    from auto_round.utils import flatten_list
+def autoround_without_ddp() -> Iterator[None]:
+    """A block-parallel rank runs inside a torch.distributed job whose ranks quantize *different* blocks;
+    AutoRound 0.16.1, seeing an initialized process group of more than one rank, wraps each block it tunes
+    in DistributedDataParallel to average gradients across the ranks (data parallelism over the same block;
+    measured: "AutoRound DDP is an experimental feature" and the ranks stuck in DDP's start-up broadcast).
+    Here each rank tunes its own blocks alone."""
+    ensure_torchvision_importable()
+    import auto_round.algorithms.quantization.sign_round.quantizer as sign_round
 
-    saved = torch.load(path, weights_only=True)
-    injected = False
-
-    def call(orig: Any, self: Any, block_names: Any, nsamples: int, **kwargs: Any) -> Any:
-        nonlocal injected
-        if injected or kwargs.get("layer_names"):
-            return orig(self, block_names, nsamples, **kwargs)
-        injected = True
-        for key, value in saved["state"].items():
-            setattr(self, key, value)
-        return {flatten_list(block_names)[0]: saved["inputs"], "input_ids": saved["input_ids"]}
-
-    with _calibrator_call(call):
+    orig = sign_round.setup_ddp_if_needed_
+    sign_round.setup_ddp_if_needed_ = lambda ar, block, device_list: (block, lambda: None)
+    try:
         yield
+    finally:
+        sign_round.setup_ddp_if_needed_ = orig
 
 
 def flatten_autoround_output(raw: Path, dest: Path) -> bool:

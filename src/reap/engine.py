@@ -182,17 +182,18 @@ def autoround_session(
 
 
 def quantize(
-    src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock, block_inputs: Path | None = None
+    src: Checkpoint, recipe: Recipe, work: Path, logfile: Path, clock: Clock, handoff: Any = None
 ) -> dict[str, Any]:
     """Run AutoRound into `work`; returns what it reported. Raises StageError on its failures. A
-    block-parallel worker passes `block_inputs`: its first block's inputs, computed by the capture."""
+    block-parallel range passes its `handoff` (reap.parallel): where its first block's inputs come from and
+    what it hands on to the next range (`compat.autoround_block_inputs`)."""
     fixes: list[str] = []
     kept = keep_16bit_layers(src, recipe)
     raw = work.with_name(work.name + ".autoround")
     shutil.rmtree(raw, ignore_errors=True)
     with autoround_session(src, recipe, kept, logfile, clock, fixes) as (ar, watch, layer_config):
         t_quant = time.time()
-        with compat.autoround_block_inputs_from(block_inputs) if block_inputs else contextlib.nullcontext():
+        with compat.autoround_block_inputs(handoff.provide, handoff.handed) if handoff else contextlib.nullcontext():
             ar.quantize_and_save(str(raw), format=recipe.quantize.format)
         t_end = time.time()
     cache_done = watch.cache_done or t_quant

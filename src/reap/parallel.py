@@ -1,39 +1,46 @@
-"""Block-parallel AutoRound: `reap build --gpus N` (recipe `quantize.parallel: N`).
+"""Block-parallel AutoRound: `reap build --gpus N` (recipe `quantize.parallel: N`), one torch.distributed job.
 
-The decoder blocks are split into N contiguous ranges, one worker process each (one GPU each; on a host
-without GPUs, CPU processes sharing the cores). Each worker runs real AutoRound on a *range view*: a
-checkpoint of its own blocks only, renumbered from 0, beside the source's other tensors (embeddings, norm,
-head), so it loads and holds its blocks and nothing else. Inside its range the quantized outputs feed the
-next block, exactly as in a sequential build. Its first block's inputs come from the *input capture*,
-computed once for all workers: AutoRound's calibration pass gives block 0's inputs, then the blocks before the
-last range run in full precision one at a time, streamed from the shards, and the inputs of every range's
-first block are saved as the pass reaches it; each worker starts as soon as its inputs are there (worker 0
-needs none). More workers than GPUs queue, one per GPU; `quantize.workers_at_once` bounds how many run.
-`merge_parts` numbers each worker's blocks back and joins the workers' quantization configs into one, so
-the result has the tensor names and `quantization_config` of a sequential build. The usual gates then run.
+The decoder blocks are split into N contiguous ranges, sized by the cost model (reap.costmodel) so that all
+ranges finish together. The ranges are quantized by the ranks of one torch.distributed job (gloo: what the
+ranks hand on lives in host memory), one process per GPU (on a host without GPUs, CPU processes sharing the
+cores), launched by reap on one host, or by `reap build --nodes H --node-rank I --master ADDR:PORT` on each
+of several hosts that share the source and the run folder. With fewer ranks than ranges (more ranges than
+GPUs, or `quantize.workers_at_once`) rank r takes ranges r, r + W, ... in turn.
 
-A finished range, and the capture, are kept (the `worker` stage record in the part's own `manifest.json`,
-written by the same stage lifecycle as every command, with a fingerprint of their inputs): a re-run
-after a failure or Ctrl-C redoes only what is missing. `python -m reap.parallel SPEC.json` is the entry
-point of the worker and capture processes.
+Each range is quantized by real AutoRound on a *range view* (its blocks renumbered from 0 beside the
+source's other tensors, written by the rank itself while the other ranks start). Its first block's inputs
+are the full-precision hidden states of the calibration set: range 0 gets them from AutoRound's
+calibration pass; every rank, as soon as it has its range's inputs, runs its blocks once in full
+precision (streamed from the shards) and sends the result to the rank of the next range before it starts
+tuning, so no process loads earlier blocks only to compute later ranges' inputs. Inside a range the
+quantized outputs feed the next block, exactly as in a sequential build. `merge_parts` numbers the blocks
+back and joins the quantization configs into the layout of a sequential build; the usual gates then run.
+
+A finished range is kept (the `worker` stage record in the part's own `manifest.json`, with a fingerprint
+of its inputs), and so are the inputs handed on (`inputs-N.pt`): a re-run after a failure, a killed rank
+or Ctrl-C redoes only what is missing. `python -m reap.parallel JOB.json` is a rank's entry point; it
+reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment, as torchrun sets them.
 """
 
 from __future__ import annotations
 
+import datetime
+import io
 import json
 import math
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from reap import compat, engine, procs
+from reap import compat, costmodel, engine, procs
 from reap.checkpoint import Checkpoint, layer_index, shift_layer
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import decoder_layer, moe_layout, text_config
@@ -42,16 +49,18 @@ from reap.rundir import RunDir, atomic_write_text, digest
 from reap.stats import GB, Clock, ResourceSampler, gpu_inventory, log, visible_gpu_ids
 
 PARALLEL_DIR = ".parallel"
-CAPTURE = -1  # the Part index of the input capture
+JOB_FILE = "job.json"
 # Bytes of GPU memory per parameter of the largest block while AutoRound tunes it (weights, their fp32
 # rounding parameters and gradients); measured: a 3.5 B-parameter block of the 212B model's width took
 # 67-70 GB at iters 200 on an H100 (issue #8) and 85 GB NVML peak at iters 20 on an H200. RTN needs far less.
 TUNE_BYTES_PER_PARAM, RTN_BYTES_PER_PARAM = 20, 4
+# How long a rank waits for its inputs or the others: the longest full-precision pass and tuning of a range;
+# a rank that dies is noticed at once (gloo: "connection closed by peer"), not after this.
+RANK_TIMEOUT = datetime.timedelta(hours=12)
 
 
 def split_blocks(n_blocks: int, workers: int) -> list[tuple[int, int]]:
-    """Contiguous ranges [start, stop) of equal size, the earlier ones taking the remainder (worker 0 starts
-    at once; the others wait for the input capture)."""
+    """Contiguous ranges [start, stop) of equal size, the earlier ones taking the remainder."""
     base, extra = divmod(n_blocks, workers)
     ranges, start = [], 0
     for k in range(workers):
@@ -70,14 +79,19 @@ def gpus_for(recipe: Recipe) -> tuple[list[str], list[float]]:
     return ids, [memory.get(i, 0.0) for i in ids]
 
 
-def block_params(src: Checkpoint) -> int:
-    """Parameters of the largest decoder block of the source (from the shard headers)."""
-    sizes: dict[int, int] = {}
+def params_per_block(src: Checkpoint) -> list[int]:
+    """Parameters of each decoder block of the source (from the shard headers), by block index."""
+    sizes = [0] * int(src.text_config.get("num_hidden_layers", 0))
     for name, info in src.tensors.items():
         i = layer_index(name)
-        if i is not None:
-            sizes[i] = sizes.get(i, 0) + math.prod(info.shape)
-    return max(sizes.values(), default=0)
+        if i is not None and i < len(sizes):
+            sizes[i] += math.prod(info.shape)
+    return sizes
+
+
+def block_params(src: Checkpoint) -> int:
+    """Parameters of the largest decoder block of the source."""
+    return max(params_per_block(src), default=0)
 
 
 def block_memory_estimate(src: Checkpoint, recipe: Recipe) -> int:
@@ -92,7 +106,7 @@ def block_memory_estimate(src: Checkpoint, recipe: Recipe) -> int:
 def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_gb: list[float]) -> None:
     """Refuse, before any weight is read, what cannot run: more workers than blocks, a GPU too small for one
     block. (More GPUs asked for than visible is refused by the CLI's --gpus; a recipe's `parallel` above the
-    visible GPUs queues its workers.)"""
+    visible GPUs queues its ranges.)"""
     n = recipe.quantize.parallel
     blocks = int(src.text_config.get("num_hidden_layers", 0))
     if n > blocks:
@@ -114,7 +128,7 @@ def check_parallel(src: Checkpoint, recipe: Recipe, gpus: list[str], gpu_memory_
             )
 
 
-# --- the workers' inputs -------------------------------------------------------------------------------
+# --- the ranges' checkpoints ---------------------------------------------------------------------------
 
 VIEW_KEYS = ("num_hidden_layers", "layer_types", "use_cache")
 
@@ -141,13 +155,6 @@ def _link_files(src: Path, dest: Path, weights: bool) -> None:
             (dest / f.name).symlink_to(f.resolve())
 
 
-def write_view(src: Path, dest: Path, stop: int) -> None:
-    """The input capture's view: links to `src` with a config that ends the decoder after block `stop`
-    (the shards keep every tensor; transformers leaves out the blocks the config does not have)."""
-    _link_files(src, dest, weights=True)
-    _write_view_config(src, dest, 0, stop)
-
-
 def _write_shards(jobs: list[tuple[Path, list[str], int]], dest: Path) -> int:
     """Copy tensors into `dest`, one output file per (source file, tensor names, block offset) job, the block
     numbers moved by the offset: `model.safetensors`, or numbered shards and their index. Reads are
@@ -172,8 +179,10 @@ def _write_shards(jobs: list[tuple[Path, list[str], int]], dest: Path) -> int:
 
 
 def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None:
-    """A worker's checkpoint: decoder blocks [start, stop) renumbered from 0, and every tensor outside the
-    decoder blocks, so that a worker loads nothing else."""
+    """A range's checkpoint: decoder blocks [start, stop) renumbered from 0, and every tensor outside the
+    decoder blocks, so that its rank loads nothing else. (A rename at load time instead of the copy does not
+    reach AutoRound 0.16.1: with low_cpu_mem_usage it reads each block's weights by name from the folder's
+    shards itself; measured: the source's block 0 tuned in place of the range's first block.)"""
     _link_files(src.root, dest, weights=False)
     by_shard: dict[str, list[str]] = {}
     for name, shard in src.weight_map.items():
@@ -185,9 +194,9 @@ def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None
 
 
 def source_fingerprint(src: Checkpoint, recipe: Recipe, blocks: list[int]) -> str:
-    """What a worker's (or the capture's) output depends on: the recipe's model and quantize sections (but
-    not how many workers there are or run at once), the source files (names, sizes, mtimes) and its blocks
-    (range or starts)."""
+    """What a range's output (or the inputs handed to a block) depends on: the recipe's model and quantize
+    sections (but not how many workers there are or run at once), the source files (names, sizes, mtimes)
+    and its blocks."""
     return digest(
         [
             recipe.model.model_dump(mode="json"),
@@ -198,17 +207,35 @@ def source_fingerprint(src: Checkpoint, recipe: Recipe, blocks: list[int]) -> st
     )
 
 
+@dataclass(frozen=True)
+class Topology:
+    """Where the ranks run: `nodes` hosts, this one `node_rank`; rank 0 (on node 0) listens at
+    `master_addr:master_port` for the others to join (torch.distributed's env:// rendezvous)."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port of this host (one host only)
+
+
 @dataclass
 class Part:
-    """A worker's share, blocks [start, stop); or, with index CAPTURE, the input capture, which runs the
-    blocks before `stop - 1` and saves the inputs of the first block of every other worker."""
+    """One range, blocks [start, stop), quantized by rank `rank`. Its inputs come from AutoRound's calibration
+    pass (range 0), from the rank of the range before it ("recv"), or from the file an earlier attempt or the
+    same rank saved ("file"). With `forward` it runs its blocks in full precision for the next range and, with
+    `send`, hands the result to that range's rank."""
 
     index: int
     start: int
     stop: int
+    rank: int
     device: str  # the CUDA_VISIBLE_DEVICES entry, or "cpu"
     root: Path
-    inputs: Path | None = None  # the first block's inputs, saved by the capture (worker 0: none needed)
+    fingerprint: str
+    inputs: str = "calibration"  # "calibration" | "recv" | "file"
+    forward: bool = False
+    send: bool = False
+    kept: bool = False
 
     @property
     def view(self) -> Path:
@@ -227,6 +254,14 @@ class Part:
     def log_path(self) -> Path:
         return self.root / "worker.log"
 
+    @property
+    def inputs_file(self) -> Path:
+        return self.root.parent / f"inputs-{self.start}.pt"
+
+    @property
+    def outputs_file(self) -> Path:
+        return self.root.parent / f"inputs-{self.stop}.pt"
+
     def result(self) -> dict[str, Any] | None:
         try:
             return self.run.read_manifest()["stages"].get("worker")
@@ -235,225 +270,387 @@ class Part:
 
     def describe(self) -> str:
         where = "CPU" if self.device == "cpu" else f"GPU {self.device}"
-        if self.index == CAPTURE:
-            return f"input capture ({where}, full-precision pass through blocks 0-{self.stop - 2})"
-        return f"worker {self.index} ({where}, blocks {self.start}-{self.stop - 1})"
+        return f"worker {self.index} (rank {self.rank}, {where}, blocks {self.start}-{self.stop - 1})"
+
+    def spec(self) -> dict[str, Any]:
+        return dict(asdict(self), root=str(self.root))
 
 
-def plan_parts(run: RunDir, n_blocks: int, recipe: Recipe, gpus: list[str]) -> list[Part]:
-    """The workers' ranges and devices: worker k on GPU k modulo the GPUs (so more workers than GPUs queue)."""
-    root = run.root / PARALLEL_DIR
-    return [
-        Part(
-            k,
-            a,
-            b,
-            gpus[k % len(gpus)] if gpus else "cpu",
-            root / f"part-{k}",
-            inputs=root / "capture" / f"inputs-{a}.pt" if a else None,
+def handed_inputs_valid(file: Path, fingerprint: str) -> bool:
+    """Whether `file` holds the full-precision inputs of its block for this source and recipe (its sidecar
+    `.json` names the fingerprint; it is written after the tensors)."""
+    try:
+        return file.is_file() and json.loads(file.with_suffix(".json").read_text())["fingerprint"] == fingerprint
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def ranks_at_once(recipe: Recipe, gpus: list[str], topology: Topology) -> int:
+    """How many ranks run together: `quantize.workers_at_once`, else one per GPU of every host (all ranges at
+    once on CPUs); never more than the ranges."""
+    n = recipe.quantize.parallel
+    default = n if not gpus else len(gpus) * topology.nodes
+    return min(recipe.quantize.workers_at_once or default, default, n)
+
+
+def plan_ranges(src: Checkpoint, recipe: Recipe, ranks: int, device: str) -> list[tuple[int, int]]:
+    """The ranges: from the cost model when every range has its own rank, else equal ones (ranges that queue
+    on a rank start one after the other anyway)."""
+    n, blocks = recipe.quantize.parallel, params_per_block(src)
+    if ranks < n:
+        return split_blocks(len(blocks), n)
+    q = recipe.quantize
+    costs = costmodel.costs_for(device)
+    return costmodel.plan_ranges([p / 1e9 for p in blocks], n, costs, q.iters, q.nsamples * q.seqlen)
+
+
+def plan_parts(root: Path, src: Checkpoint, recipe: Recipe, gpus: list[str], topology: Topology) -> list[Part]:
+    """Every range with its rank and device, and from what an earlier attempt left in `root`: which ranges
+    are kept, where each range's inputs come from, which ranges run their blocks in full precision for the
+    next. Every host computes the same plan from the shared run folder (the ranks check it)."""
+    world = ranks_at_once(recipe, gpus, topology)
+    if world % topology.nodes:
+        raise InputError(
+            f"{world} ranks do not divide among {topology.nodes} hosts; give each host the same number of GPUs "
+            "(or set quantize.parallel / quantize.workers_at_once to a multiple of --nodes)"
         )
-        for k, (a, b) in enumerate(split_blocks(n_blocks, recipe.quantize.parallel))
-    ]
+    per_node = world // topology.nodes
+    device_kind = gpus[0] if gpus else "cpu"
+    ranges = plan_ranges(src, recipe, world, device_kind)
+    parts = []
+    for k, (a, b) in enumerate(ranges):
+        rank = k % world
+        device = gpus[(rank % per_node) % len(gpus)] if gpus else "cpu"
+        fp = source_fingerprint(src, recipe, [a, b])
+        parts.append(Part(k, a, b, rank, device, root / f"part-{k}", fp))
+    handed_fp = {p.start: source_fingerprint(src, recipe, [p.start]) for p in parts}
+    valid = {a for a, fp in handed_fp.items() if a and handed_inputs_valid(root / f"inputs-{a}.pt", fp)}
+    for k, part in enumerate(parts):
+        done = part.result() or {}
+        part.kept = (
+            done.get("status") == "done"
+            and done.get("fingerprint") == part.fingerprint
+            and part.model.is_dir()
+            and (k == len(parts) - 1 or parts[k + 1].start in valid)
+        )
+    for k, part in enumerate(parts):
+        if k and not part.kept:
+            part.inputs = "file" if part.start in valid or parts[k - 1].rank == part.rank else "recv"
+    for k, part in enumerate(parts):
+        nxt = parts[k + 1] if k + 1 < len(parts) else None
+        part.forward = bool(nxt and not nxt.kept and nxt.start not in valid)
+        part.send = bool(part.forward and nxt and nxt.inputs == "recv")
+    return parts
 
 
-def plan_capture(parts: list[Part]) -> Part:
-    """The capture runs on the last worker's device (that worker waits for it anyway), up to its first block."""
-    last = parts[-1]
-    return Part(CAPTURE, 0, last.start + 1, last.device, last.root.parent / "capture")
+def node_of(rank: int, world: int, topology: Topology) -> int:
+    return rank // (world // topology.nodes)
 
 
-def _worker_env(part: Part, workers: int) -> dict[str, str]:
-    """Each process sees its one GPU (or none) and a share of the cores: OpenMP threads oversubscribed by
-    every worker make CPU workers crawl (measured), and likely slowed the GPU workers' loading too (4 H200
-    workers on 64 cores took 57 s to load 2 blocks each, where a sequential build loads 8 in 26 s)."""
-    threads = str(max(1, (os.cpu_count() or 1) // workers))
+def handed_fingerprint(job: dict[str, Any], start: int) -> str:
+    return job["handed"][str(start)]
+
+
+# --- a rank ---------------------------------------------------------------------------------------------
+
+
+def _send(obj: Any, dst: int) -> list[Any]:
+    """Hand `obj` (tensors and plain values) to rank `dst` without waiting for it: its size, then its bytes.
+    Returns what must stay alive until the sends complete (their works first)."""
+    import torch
+    import torch.distributed as dist
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = torch.frombuffer(bytearray(buf.getbuffer()), dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64)
+    return [dist.isend(size, dst), dist.isend(data, dst), size, data]
+
+
+def _recv(src: int) -> Any:
+    import torch
+    import torch.distributed as dist
+
+    size = torch.zeros(1, dtype=torch.int64)
+    dist.recv(size, src)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(data, src)
+    return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
+
+
+def full_precision_pass(src: Checkpoint, saved: dict[str, Any], start: int, stop: int) -> list[Any]:
+    """The hidden states after blocks [start, stop) in full precision, from the inputs of block `start`
+    (`saved`, as AutoRound caches them: per-sample hidden states and keyword arguments). Each block is streamed
+    from the source's shards (`reap prune`'s loader), run on the GPU when there is one, and dropped after, in
+    the dtype AutoRound cached the inputs in (float32 where this CPU has no bf16 support), one sample at a
+    time with its own keyword arguments, as AutoRound runs it."""
+    import torch
+    from auto_round.utils import to_device
+
+    hidden = list(saved["inputs"]["hidden_states"])
+    others = {k: v for k, v in saved["inputs"].items() if k not in ("hidden_states", "positional_inputs")}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout, config = moe_layout(src), text_config(src)
+    with torch.inference_mode():
+        for i in range(start, stop):
+            layer = decoder_layer(src, layout, config, i, device).to(hidden[0].dtype)
+            for j, h in enumerate(hidden):
+                kwargs = {k: to_device(v[j] if isinstance(v, list) else v, device) for k, v in others.items()}
+                out = layer(h.to(device), **kwargs)
+                hidden[j] = (out[0] if isinstance(out, tuple) else out).to("cpu")
+            del layer
+    return hidden
+
+
+class _Handoff:
+    """A part's first block's inputs (`provide`: None for AutoRound's own calibration pass) and what it hands
+    on once it has them (`handed`: the full-precision pass through its blocks, sent to the next range's rank
+    and saved for a re-run), as `compat.autoround_block_inputs` calls them."""
+
+    def __init__(self, part: Part, parts: list[Part], src: Checkpoint, job: dict[str, Any], clock: Clock):
+        self.part, self.src, self.job, self.clock = part, src, job, clock
+        self.prev = parts[part.index - 1] if part.index else None
+        self.next = parts[part.index + 1] if part.index + 1 < len(parts) else None
+        self.pending: list[Any] = []
+        self.inputs_at: float | None = None
+
+    def provide(self) -> dict[str, Any] | None:
+        import torch
+
+        t0 = time.time()
+        try:
+            if self.part.inputs == "calibration":
+                return None
+            if self.part.inputs == "file":
+                return torch.load(self.part.inputs_file, weights_only=True)
+            try:
+                return _recv(self.prev.rank)
+            except RuntimeError as exc:  # gloo: "Connection closed by peer": that rank's process ended
+                raise StageError(
+                    f"its inputs from {self.prev.describe()} did not arrive: that rank stopped "
+                    f"({str(exc).splitlines()[0][:120]}; its log: {self.prev.log_path})"
+                ) from None
+        finally:
+            self.clock.spans["waiting_for_inputs"] = round(time.time() - t0, 3)
+            self.inputs_at = time.time()
+
+    def handed(self, saved: dict[str, Any]) -> None:
+        if self.inputs_at is None:
+            self.inputs_at = time.time()
+        if not self.part.forward:
+            return
+        import torch
+
+        with self.clock.span("full_precision_pass"):
+            hidden = full_precision_pass(self.src, saved, self.part.start, self.part.stop)
+        out = dict(saved, inputs=dict(saved["inputs"], hidden_states=hidden))
+        if self.part.send:
+            self.pending = _send(out, self.next.rank)
+        file = self.part.outputs_file
+        tmp = file.with_name(file.name + ".tmp")
+        torch.save(out, tmp)
+        tmp.replace(file)
+        sidecar = {"fingerprint": handed_fingerprint(self.job, self.part.stop), "by": self.part.describe()}
+        atomic_write_text(file.with_suffix(".json"), json.dumps(sidecar) + "\n")
+
+    def wait(self) -> None:
+        """The sends have reached the next rank (or failed: then that rank reports it)."""
+        for work in self.pending[:2]:
+            try:
+                work.wait()
+            except RuntimeError:
+                pass
+        self.pending = []
+
+
+def _part_recipe(recipe: Recipe, part: Part) -> Recipe:
+    """The recipe a range runs: the build's, on its rank's one device (a GPU rank sees only its GPU, as 0)."""
+    data = recipe.model_dump(mode="json")
+    data["quantize"]["device_map"] = "cpu" if part.device == "cpu" else 0
+    return Recipe.model_validate(data)
+
+
+def run_part(part: Part, parts: list[Part], src: Checkpoint, recipe: Recipe, job: dict[str, Any]) -> bool:
+    """Quantize one range as the `worker` stage of its part folder; False when it did not end done (the
+    stage recorded why in one line)."""
+    clock = Clock()
+    handoff = _Handoff(part, parts, src, job, clock)
+    started = time.time()
+    try:
+        shutil.rmtree(part.root, ignore_errors=True)
+        part.root.mkdir(parents=True)
+        with part.run.stage(
+            "worker",
+            fingerprint=part.fingerprint,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            rank=part.rank,
+            device=part.device,
+        ) as rec:
+            with clock.span("range_view"):
+                write_range_view(src, part.view, part.start, part.stop)
+            with compat.autoround_without_ddp():
+                out = engine.quantize(
+                    Checkpoint.open(part.view), _part_recipe(recipe, part), part.model, part.log_path, clock, handoff
+                )
+            shutil.rmtree(part.view, ignore_errors=True)
+            rec.update(
+                out,
+                substages=clock.spans,
+                started_after_s=round(started - job["t0"], 3),
+                inputs_after_s=round(handoff.inputs_at - job["t0"], 3) if handoff.inputs_at else None,
+                finished_after_s=round(time.time() - job["t0"], 3),
+            )
+    except (Exception, KeyboardInterrupt):  # recorded in one line by the stage; the launcher reports it
+        return False
+    finally:
+        handoff.wait()
+    return True
+
+
+def rank_main(job_path: Path) -> int:
+    """One rank of the job: join the others (torch.distributed, gloo, env:// rendezvous), check that every
+    host planned the same, quantize this rank's ranges in turn, then wait for all ranks. Exit 1 unless every
+    range of this rank is done."""
+    import torch.distributed as dist
+
+    job = json.loads(job_path.read_text())
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", timeout=RANK_TIMEOUT)
+    plans: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(plans, job["digest"])
+    recipe = Recipe.model_validate(job["recipe"])
+    src = Checkpoint.open(Path(job["source"]))
+    parts = [Part(**dict(p, root=Path(p["root"]))) for p in job["parts"]]
+    ok = True
+    if len(set(plans)) > 1:
+        log(f"rank {rank}: the hosts planned different ranges (a run folder changed while they started); stopping")
+        ok = False
+    for part in (p for p in parts if p.rank == rank and not p.kept):
+        ok = ok and run_part(part, parts, src, recipe, job)
+    try:
+        dist.barrier()  # rank 0's host merges once every rank is done; a rank that died ends this at once
+    except RuntimeError:
+        ok = False
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+# --- the launcher (one per host) -----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, world: int, local: int, local_ranks: int, device: str, master: tuple[str, int]) -> dict:
+    """torchrun's variables, the rank's one GPU (or none), and a share of the cores: OpenMP threads
+    oversubscribed by every worker make CPU workers crawl (measured), and slowed GPU workers' loading too."""
+    threads = str(max(1, (os.cpu_count() or 1) // local_ranks))
     return dict(
         os.environ,
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(local),
+        LOCAL_WORLD_SIZE=str(local_ranks),
+        MASTER_ADDR=master[0],
+        MASTER_PORT=str(master[1]),
         PYTHONUNBUFFERED="1",
         OMP_NUM_THREADS=threads,
         MKL_NUM_THREADS=threads,
-        CUDA_VISIBLE_DEVICES="" if part.device == "cpu" else part.device,
+        CUDA_VISIBLE_DEVICES="" if device == "cpu" else device,
     )
 
 
-def _worker_alive(pid: int | None) -> bool:
-    """Whether `pid` is a reap worker still running (a parent killed with SIGKILL leaves its workers behind)."""
+def _alive(pid: int | None) -> bool:
+    """Whether `pid` is a reap rank still running on this host (a launcher killed with SIGKILL leaves its
+    ranks behind)."""
     try:
         return pid is not None and "reap.parallel" in " ".join(psutil.Process(pid).cmdline())
     except psutil.Error:
         return False
 
 
-def _worker_recipe(recipe: Recipe, part: Part) -> dict[str, Any]:
-    """The recipe a worker runs: the build's, on its one device (a GPU worker sees only its GPU, as 0)."""
-    data = recipe.model_dump(mode="json")
-    data["quantize"]["device_map"] = "cpu" if part.device == "cpu" else 0
-    return data
-
-
-def _workers_at_once(recipe: Recipe, parts: list[Part]) -> int:
-    """How many workers run at the same time: `quantize.workers_at_once`, else one per GPU (all on the CPU)."""
-    devices = {p.device for p in parts}
-    default = len(parts) if devices == {"cpu"} else len(devices)
-    return min(recipe.quantize.workers_at_once or default, default)
-
-
-class _Launcher:
-    """Starts worker and capture processes (`python -m reap.parallel SPEC`, own session), at most one per
-    GPU and `at_once` in all, and stops them all."""
-
-    def __init__(
-        self, src: Checkpoint, recipe: Recipe, at_once: int, fingerprints: dict[int, str], captures: list[Part]
-    ):
-        self.src, self.recipe, self.at_once = src, recipe, at_once
-        self.fingerprints, self.captures = fingerprints, captures
-        self.procs: dict[int, subprocess.Popen] = {}
-        self.parts: dict[int, Part] = {}  # prepared: folder written anew (what an earlier attempt left is gone)
-        self.started_at: dict[int, float] = {}
-        self.t0 = time.time()
-
-    def running(self) -> list[Part]:
-        return [self.parts[i] for i, proc in self.procs.items() if proc.returncode is None]
-
-    def free(self, part: Part) -> bool:
-        """Whether `part` may start now: its GPU is free and fewer than `at_once` processes run (the capture
-        counts as one)."""
-        running = self.running()
-        return len(running) < self.at_once and (part.device == "cpu" or part.device not in {p.device for p in running})
-
-    def poll(self, results: dict[int, dict[str, Any]]) -> Part | None:
-        """A process that has ended (its result put into `results`), or None."""
-        for part in self.running():
-            if self.procs[part.index].poll() is not None:
-                self._collect(part, results)
-                return part
-        return None
-
-    def prepare(self, part: Part) -> None:
-        """Write the part's view and spec: just before it starts, or while the capture runs. A worker's view
-        (its blocks, copied) is removed once it is done."""
-        captures = self.captures
-        self.parts[part.index] = part
-        shutil.rmtree(part.root, ignore_errors=True)
-        spec: dict[str, Any] = {
-            "recipe": _worker_recipe(self.recipe, part),
-            "view": str(part.view),
-            "index": part.index,
-            "device": part.device,
-            "fingerprint": self.fingerprints[part.index],
-            "log": str(part.log_path),
-        }
-        if part.index == CAPTURE:  # AutoRound gives block 0's inputs: its view ends after block 0
-            write_view(self.src.root, part.view, 1)
-            spec.update(
-                source=str(self.src.root), starts=[p.start for p in captures], files=[str(p.inputs) for p in captures]
-            )
-        else:
-            write_range_view(self.src, part.view, part.start, part.stop)
-            spec.update(
-                out=str(part.model), range=[part.start, part.stop], inputs=str(part.inputs) if part.inputs else None
-            )
-        atomic_write_text(part.root / "spec.json", json.dumps(spec, indent=2))
-
-    def launch(self, part: Part) -> None:
-        if part.index not in self.parts:
-            self.prepare(part)
-        log(f"{part.describe()}: started (log {part.log_path})")
-        self.started_at[part.index] = time.time()
-        with open(part.root / "stdout.log", "w") as out:
-            self.procs[part.index] = procs.start_group(
-                [sys.executable, "-m", "reap.parallel", str(part.root / "spec.json")],
-                env=_worker_env(part, self.at_once),
-                stdout=out,
-                stderr=subprocess.STDOUT,
+def _refuse_running(parts: list[Part]) -> None:
+    """A range that an earlier attempt's rank is still quantizing on this host is not started twice."""
+    for part in parts:
+        done = part.result() or {}
+        if done.get("status") == "running" and done.get("host") == socket.gethostname() and _alive(done.get("pid")):
+            raise InputError(
+                f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
+                f"log {part.log_path}); wait for it to end or stop it, then re-run"
             )
 
-    def _collect(self, part: Part, results: dict[int, dict[str, Any]]) -> None:
-        """The ended process's result (a failure as one line naming it) goes into `results`."""
-        proc = self.procs[part.index]
-        procs.release(proc)
-        res = part.result() or {}
-        log(f"{part.describe()}: {res.get('status') or f'died (exit {proc.returncode})'}")
-        if res.get("status") == "done":
-            shutil.rmtree(part.view, ignore_errors=True)
-        else:
-            res = {
-                "status": "failed",
-                "error": f"{part.describe()} failed: "
-                f"{res.get('error') or f'exit {proc.returncode}, no result written'}"
-                f" (log: {part.log_path}, output: {part.root / 'stdout.log'})",
-            }
-        results[part.index] = res
 
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            procs.stop(proc, grace=10)
-
-
-def _reusable(part: Part, fingerprint: str, outputs: list[Path]) -> bool:
-    """A part of an earlier attempt is kept when done with the same inputs and its outputs are there;
-    one still running (left by a parent killed with SIGKILL) is refused."""
-    done = part.result() or {}
-    if done.get("status") == "done" and done.get("fingerprint") == fingerprint and all(o.exists() for o in outputs):
-        log(f"{part.describe()}: kept from an earlier attempt")
-        return True
-    if done.get("status") == "running" and _worker_alive(done.get("pid")):
-        raise InputError(
-            f"{part.describe()} of an earlier attempt is still running (pid {done['pid']}, "
-            f"log {part.log_path}); wait for it to end or stop it, then re-run"
-        )
-    return False
-
-
-def run_workers(
-    src: Checkpoint, recipe: Recipe, parts: list[Part]
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """Run the missing parts: the input capture (when a waiting worker needs it) beside the workers that
-    need no inputs; each waiting worker starts once the capture has saved its inputs, as far as GPUs and
-    `workers_at_once` allow. Returns every part's result and the capture's (None when not needed).
-    A part already done with the same fingerprint is kept. Raises StageError naming each part that failed."""
-    fingerprints = {p.index: source_fingerprint(src, recipe, [p.start, p.stop]) for p in parts}
-    kept = {p.index for p in parts if _reusable(p, fingerprints[p.index], [p.model])}
-    todo = [p for p in parts if p.index not in kept]
-    capture, captures = plan_capture(parts), [p for p in parts if p.inputs]
-    capture_fp = source_fingerprint(src, recipe, [p.start for p in captures])
-    need_capture = any(p.inputs for p in todo) and not _reusable(capture, capture_fp, [p.inputs for p in captures])
-    at_once = _workers_at_once(recipe, parts)
-    launcher = _Launcher(src, recipe, at_once, {**fingerprints, CAPTURE: capture_fp}, captures)
-    results: dict[int, dict[str, Any]] = {}
+def run_ranks(
+    src: Checkpoint, recipe: Recipe, root: Path, gpus: list[str], topology: Topology
+) -> tuple[list[Part], dict[str, Any]]:
+    """Plan the ranges, start this host's ranks, wait for them. Returns the parts and the job. Raises
+    StageError naming every range of the job that is not done (when this host is node 0, or for this host's
+    own ranges on the others)."""
+    root.mkdir(parents=True, exist_ok=True)
+    parts = plan_parts(root, src, recipe, gpus, topology)
+    _refuse_running([p for p in parts if not p.kept])
+    world = ranks_at_once(recipe, gpus, topology)
+    master = (topology.master_addr, topology.master_port or _free_port())
+    handed = {str(p.start): source_fingerprint(src, recipe, [p.start]) for p in parts}
+    plan = [(p.start, p.stop, p.rank, p.kept, p.inputs, p.forward, p.send) for p in parts]
+    job = {
+        "recipe": recipe.model_dump(mode="json"),
+        "source": str(src.root),
+        "parts": [p.spec() for p in parts],
+        "handed": handed,
+        "digest": digest(plan),
+        "t0": time.time(),
+    }
+    job_path = root / f"job-node{topology.node_rank}.json"
+    atomic_write_text(job_path, json.dumps(job, indent=2))
+    for p in parts:
+        if p.kept:
+            log(f"{p.describe()}: kept from an earlier attempt")
+    local = [r for r in range(world) if node_of(r, world, topology) == topology.node_rank]
+    ranks: dict[int, subprocess.Popen] = {}
     try:
-        if need_capture:
-            launcher.launch(capture)
-        waiting = [p for p in todo if need_capture and p.inputs]
-        queue = [p for p in todo if p not in waiting] + waiting
-        for part in queue:  # the views of the first waiting workers are written while the capture runs
-            if part not in waiting and launcher.free(part):
-                launcher.launch(part)
-            elif part in waiting[:at_once]:
-                launcher.prepare(part)
-        queue = [p for p in queue if p.index not in launcher.procs]
-        while launcher.running():
-            done = launcher.poll(results)
-            if done and done.index == CAPTURE and results[CAPTURE]["status"] != "done":
-                queue = [p for p in queue if p not in waiting]  # they cannot start: the capture's error says why
-            for part in list(queue):  # a waiting worker starts as soon as the capture has saved its inputs
-                if (part not in waiting or part.inputs.is_file()) and launcher.free(part):
-                    launcher.launch(part)
-                    queue.remove(part)
-            if not done:
-                time.sleep(0.5)
+        for i, r in enumerate(local):
+            device = next((p.device for p in parts if p.rank == r), "cpu")
+            mine = [p for p in parts if p.rank == r and not p.kept]
+            log(f"rank {r}: " + (", ".join(p.describe() for p in mine) or "nothing left to do"))
+            with open(root / f"rank-{r}.log", "w") as out:
+                ranks[r] = procs.start_group(
+                    [sys.executable, "-m", "reap.parallel", str(job_path)],
+                    env=_rank_env(r, world, i, len(local), device, master),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+        while any(p.poll() is None for p in ranks.values()):
+            time.sleep(0.5)
     except BaseException:
-        launcher.stop_all()
+        for proc in ranks.values():
+            procs.stop(proc, grace=10)
         raise
-    failed = [res["error"] for res in results.values() if res["status"] != "done"]
+    for proc in ranks.values():
+        procs.release(proc)
+    mine = parts if topology.node_rank == 0 else [p for p in parts if p.rank in ranks]
+    failed = [_why_not_done(p, ranks) for p in mine if not p.kept and (p.result() or {}).get("status") != "done"]
     if failed:
         raise StageError("; ".join(failed) + "; finished ranges are kept, re-run the build to redo only the rest")
-    for index, res in results.items():
-        res.update(started_after_s=round(launcher.started_at[index] - launcher.t0, 3), kept=False)
-    out = [results.get(p.index) or dict(p.result() or {}, kept=True) for p in parts]
-    if captures and CAPTURE not in results:
-        results[CAPTURE] = dict(capture.result() or {}, kept=True)
-    return out, results.get(CAPTURE)
+    return parts, job
+
+
+def _why_not_done(part: Part, ranks: dict[int, subprocess.Popen]) -> str:
+    res = part.result() or {}
+    proc = ranks.get(part.rank)
+    code = f"exit {proc.returncode}" if proc is not None and proc.returncode is not None else "on another host"
+    if res.get("status") in ("failed", "interrupted"):
+        why = res.get("error") or res["status"]
+    elif res.get("status") == "running":
+        why = f"its rank died while on it ({code}, no result written)"
+    else:
+        why = f"not started: its rank stopped before it ({code})"
+    log_hint = part.log_path if part.log_path.exists() else part.root.parent / f"rank-{part.rank}.log"
+    return f"{part.describe()} failed: {why} (log: {log_hint})"
 
 
 # --- merging -------------------------------------------------------------------------------------------
@@ -519,51 +716,53 @@ def merge_parts(parts: list[Part], dest: Path, src_config: dict[str, Any]) -> di
 
 
 def quantize_parallel(
-    src: Checkpoint, recipe: Recipe, work: Path, run: RunDir, clock: Clock, sampler: ResourceSampler
+    src: Checkpoint,
+    recipe: Recipe,
+    work: Path,
+    run: RunDir,
+    clock: Clock,
+    sampler: ResourceSampler,
+    topology: Topology = Topology(),
 ) -> dict[str, Any]:
-    """Run the workers, merge their checkpoints into `work`; returns what `engine.quantize` returns, plus
-    the per-worker record (each worker's peak GPU memory from the build's `sampler`, which NVML numbers as
-    CUDA does by default)."""
+    """Run the job (this host's ranks), merge the ranges' checkpoints into `work`; returns what
+    `engine.quantize` returns, plus the per-range record (each local rank's peak GPU memory from the build's
+    `sampler`, which NVML numbers as CUDA does by default) and the cost model's prediction beside it."""
     gpus, _ = gpus_for(recipe)
-    n_blocks = int(src.text_config["num_hidden_layers"])
-    parts = plan_parts(run, n_blocks, recipe, gpus)
-    log(f"{len(parts)} workers: " + ", ".join(p.describe() for p in parts))
     with clock.span("parallel_quantization"):
-        results, captured = run_workers(src, recipe, parts)
+        parts, job = run_ranks(src, recipe, run.root / PARALLEL_DIR, gpus, topology)
     with clock.span("merge"):
         merged = merge_parts(parts, work, src.config)
     sampler.sample()
     peak_vram = sampler.summary()["peak_vram_gb"] or {}
+    results = [p.result() or {} for p in parts]
+    q = recipe.quantize
+    ranges = [(p.start, p.stop) for p in parts]
+    sizes = [b / 1e9 for b in params_per_block(src)]
+    predicted = costmodel.simulate(ranges, sizes, costmodel.costs_for(parts[0].device), q.iters, q.nsamples * q.seqlen)
     blocks, workers = [], []
-    for part, res in zip(parts, results, strict=False):
+    for part, res, guess in zip(parts, results, predicted, strict=True):
         blocks += [dict(b, index=b["index"] + part.start, worker=part.index) for b in res["blocks"]]
         workers.append(
             {
                 "index": part.index,
+                "rank": part.rank,
+                "host": res.get("host"),
                 "device": part.device,
                 "blocks": [part.start, part.stop - 1],
+                "inputs": part.inputs,
                 "wall_s": res["wall_s"],
                 "started_after_s": res.get("started_after_s"),
+                "inputs_after_s": res.get("inputs_after_s"),
+                "finished_after_s": res.get("finished_after_s"),
+                "predicted": guess.record(),
                 "block_wall_s": [b["wall_s"] for b in res["blocks"]],
                 "substages": res["substages"],
                 "peak_rss_gb": res["peak_rss_gb"],
-                "peak_vram_gb": peak_vram.get(part.device),
-                "kept_from_earlier_attempt": res["kept"],
+                "peak_vram_gb": peak_vram.get(part.device) if res.get("host") == socket.gethostname() else None,
+                "kept_from_earlier_attempt": part.kept,
                 "log": str(part.log_path),
             }
         )
-    capture = None
-    if captured:
-        cap = plan_capture(parts)
-        capture = {
-            "device": cap.device,
-            "forward_blocks": [0, cap.stop - 2],
-            "wall_s": captured["wall_s"],
-            "substages": captured["substages"],
-            "peak_rss_gb": captured["peak_rss_gb"],
-            "kept_from_earlier_attempt": captured["kept"],
-            "log": str(cap.log_path),
-        }
     kept = engine.keep_16bit_layers(src, recipe)
     return {
         "blocks": blocks,
@@ -578,8 +777,24 @@ def quantize_parallel(
                 for r in results
             ],
         ),
-        "parallel": {"workers": workers, "input_capture": capture, "merged": merged},
+        "parallel": {
+            "engine": "torch.distributed (gloo)",
+            "ranks": ranks_at_once(recipe, gpus, topology),
+            "nodes": topology.nodes,
+            "workers": workers,
+            "predicted_wall_s": round(max(g.finish_s for g in predicted), 1),
+            "merged": merged,
+        },
     }
+
+
+def join(src: Checkpoint, recipe: Recipe, out: Path, topology: Topology) -> list[Part]:
+    """A host other than node 0: run its ranks of the job in the shared run folder `out`; node 0 merges,
+    verifies and writes the card."""
+    gpus, _ = gpus_for(recipe)
+    parts, _ = run_ranks(src, recipe, out / PARALLEL_DIR, gpus, topology)
+    world = ranks_at_once(recipe, gpus, topology)
+    return [p for p in parts if node_of(p.rank, world, topology) == topology.node_rank]
 
 
 def _merged_summary(results: list[dict[str, Any]], blocks: list[dict[str, Any]]) -> dict[str, int] | None:
@@ -593,90 +808,9 @@ def _merged_summary(results: list[dict[str, Any]], blocks: list[dict[str, Any]])
 
 
 def finish(run: RunDir) -> None:
-    """The merged checkpoint is in place: the workers' outputs are no longer needed."""
+    """The merged checkpoint is in place: the ranges' outputs and handed-on inputs are no longer needed."""
     shutil.rmtree(run.root / PARALLEL_DIR, ignore_errors=True)
 
 
-def capture_inputs(
-    src: Checkpoint, view: Checkpoint, recipe: Recipe, starts: list[int], files: list[Path], logfile: Path, clock: Clock
-) -> dict[str, Any]:
-    """The input capture. Block 0's inputs come from AutoRound's calibration pass over `view` (the source cut
-    after block 0: its embedding and first block), so they are exactly what a sequential build tunes on;
-    then the blocks before the last start run in full precision one at a time, each streamed from the
-    source's shards (`reap prune`'s loader) and dropped after, on the GPU when there is one; the inputs of
-    each block in `starts` go to its file in `files`. Host RAM: one block and the activations."""
-    import torch
-
-    fixes: list[str] = []
-    first = files[0].with_name("inputs-0.pt")
-    unused = files[0].parent / "autoround-output"  # AutoRound is stopped before it writes anything
-    kept = engine.keep_16bit_layers(view, recipe)
-    with engine.autoround_session(view, recipe, kept, logfile, clock, fixes) as (ar, _, _):
-        with clock.span("calibration_caching"), compat.autoround_captures_block_inputs(first):
-            ar.quantize_and_save(str(unused), format=recipe.quantize.format)
-    shutil.rmtree(unused, ignore_errors=True)
-    from auto_round.utils import to_device  # importable once autoround_session made torchvision so
-
-    if not first.is_file():
-        raise StageError(f"AutoRound's calibration pass ended without caching block 0's inputs (log: {logfile})")
-    saved = torch.load(first, weights_only=True)
-    hidden = list(saved["inputs"]["hidden_states"])
-    others = {k: v for k, v in saved["inputs"].items() if k not in ("hidden_states", "positional_inputs")}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    layout, config = moe_layout(src), text_config(src)
-    with clock.span("forward"), torch.inference_mode():
-        for i in range(max(starts)):
-            # in the dtype AutoRound cached the inputs in: bf16, or float32 where this CPU has no bf16 support
-            # ("amp is set to FALSE"; AVX2-only CPUs), as the sequential build runs its blocks
-            layer = decoder_layer(src, layout, config, i, device).to(hidden[0].dtype)
-            for j, h in enumerate(hidden):  # one sample at a time, with its own keyword arguments, as AutoRound
-                kwargs = {k: to_device(v[j] if isinstance(v, list) else v, device) for k, v in others.items()}
-                out = layer(h.to(device), **kwargs)
-                hidden[j] = (out[0] if isinstance(out, tuple) else out).to("cpu")
-            del layer
-            if i + 1 in starts:
-                file = files[starts.index(i + 1)]
-                tmp = file.with_name(file.name + ".tmp")
-                torch.save(dict(saved, inputs=dict(saved["inputs"], hidden_states=hidden)), tmp)
-                tmp.replace(file)
-    return {"fixes_applied": fixes, "device": device}
-
-
-def worker_main(spec_path: Path) -> int:
-    """One worker (quantize its range view with AutoRound) or the input capture, as the `worker` stage of its
-    part folder. SIGTERM (the parent stopping it) marks it interrupted; exit code 1 unless done."""
-    spec = json.loads(spec_path.read_text())
-    clock = Clock()
-    try:
-        with RunDir(spec_path.parent).stage(
-            "worker", fingerprint=spec["fingerprint"], pid=os.getpid(), device=spec["device"]
-        ) as rec:
-            recipe = Recipe.model_validate(spec["recipe"])
-            view, logfile = Checkpoint.open(Path(spec["view"])), Path(spec["log"])
-            if spec["index"] == CAPTURE:
-                out = capture_inputs(
-                    Checkpoint.open(Path(spec["source"])),
-                    view,
-                    recipe,
-                    spec["starts"],
-                    [Path(f) for f in spec["files"]],
-                    logfile,
-                    clock,
-                )
-            else:
-                out = engine.quantize(
-                    view,
-                    recipe,
-                    Path(spec["out"]),
-                    logfile,
-                    clock,
-                    block_inputs=Path(spec["inputs"]) if spec["inputs"] else None,
-                )
-            rec.update(out, substages=clock.spans)
-    except (Exception, KeyboardInterrupt):  # recorded in one line by the stage; the parent reports it
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(worker_main(Path(sys.argv[1])))
+    sys.exit(rank_main(Path(sys.argv[1])))

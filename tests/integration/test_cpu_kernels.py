@@ -37,12 +37,12 @@ int4 = scalar_types.uint4b8
 layer = SimpleNamespace(qweight=param(pack_quantized_values_into_int32(q, int4, 0)), scales=param(scales))
 kernel = SimpleNamespace(w_q_name="qweight", w_s_name="scales", config=SimpleNamespace(weight_type=int4))
 CPUWNA16LinearKernel._process_gptq_weights_w4a16(kernel, layer)  # vLLM's own repacking, in place
-x, bias = torch.randn(5, k, generator=g).to(torch.bfloat16), torch.randn(n, generator=g)
+x, bias = torch.randn(5, k, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)  # model dtype
 out = torch.empty(5, n, dtype=torch.bfloat16)
 torch.ops._C.cpu_gemm_wna16(x, layer.qweight, out, layer.scales, None, bias, 8, "vec")  # vLLM's or reap's
 ref = torch.empty_like(out)
 compat.wna16_gemm_reference(x, layer.qweight, ref, layer.scales, None, bias, 8, "vec")
-exact = x.float() @ weight + bias
+exact = x.float() @ weight + bias.float()
 err = lambda a: float((a.float() - exact).abs().max() / exact.abs().max())
 print("RESULT " + json.dumps({"lacks": compat.vllm_cpu_lacks_wna16_gemm(), "applied": applied,
       "layout": list(layer.qweight.shape), "op_error": err(out), "reference_error": err(ref)}))

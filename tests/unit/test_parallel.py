@@ -17,7 +17,6 @@ from reap.parallel import (
     merge_quantization_configs,
     split_blocks,
     write_range_view,
-    write_view,
 )
 from reap.recipe import load_recipe
 from reap.resources import data_dir
@@ -39,17 +38,6 @@ def test_split_covers_every_block_once_in_order(blocks, workers):
 def test_split_gives_the_remainder_to_the_first_workers():
     assert split_blocks(9, 4) == [(0, 3), (3, 5), (5, 7), (7, 9)]
     assert split_blocks(8, 2) == [(0, 4), (4, 8)]
-
-
-def test_view_links_the_source_and_cuts_the_config(tmp_path):
-    src = make_checkpoint(tmp_path / "src")
-    before = (src / "config.json").read_text()
-    write_view(src, tmp_path / "view", 1)
-    cfg = json.loads((tmp_path / "view" / "config.json").read_text())["text_config"]
-    assert cfg["num_hidden_layers"] == 1 and cfg["layer_types"] == ["linear_attention"] and cfg["use_cache"] is False
-    shard = tmp_path / "view" / "model-00001-of-00002.safetensors"
-    assert shard.is_symlink() and shard.resolve() == (src / shard.name).resolve()
-    assert (src / "config.json").read_text() == before  # the source is never written
 
 
 def test_range_view_holds_its_blocks_renumbered_and_everything_else(tmp_path):
@@ -80,7 +68,7 @@ def _part_outputs(tmp_path: Path) -> tuple[Checkpoint, list[Part]]:
     src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
     parts = []
     for k in range(2):
-        part = Part(k, k, k + 1, "cpu", tmp_path / f"part-{k}")
+        part = Part(k, k, k + 1, k, "cpu", tmp_path / f"part-{k}", "fp")
         write_range_view(src, part.model, k, k + 1)
         cfg = json.loads((part.model / "config.json").read_text())
         extra = cfg["quantization_config"]["extra_config"]
@@ -133,7 +121,7 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
         "dynamic": dynamic(range(12)),
         "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]],
     }
-    parts = [Part(0, 0, 6, "0", Path("p0")), Part(1, 6, 12, "1", Path("p1"))]
+    parts = [Part(0, 0, 6, 0, "0", Path("p0"), "fp"), Part(1, 6, 12, 1, "1", Path("p1"), "fp")]
     # each worker numbers its blocks from 0
     w0 = dict(seq, dynamic=dynamic(range(6)), modules_in_block_to_quantize=[["a", "b"]])
     w1 = dict(w0, modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
@@ -181,83 +169,107 @@ def test_cli_refuses_more_workers_than_blocks(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_worker_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
-    """A build killed with SIGKILL leaves its workers running: a re-run refuses to start over their folders."""
+def test_a_rank_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
+    """A build killed with SIGKILL leaves its ranks running: a re-run refuses to start over their folders."""
+    import socket
     import subprocess
     import sys
 
-    from reap.parallel import plan_parts, run_workers
-    from reap.rundir import RunDir
+    from reap.parallel import Topology, run_ranks
 
     src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
     recipe = load_recipe(DEMO_RECIPE, {"model.path": str(src.root), "quantize.parallel": 2})
-    run = RunDir(tmp_path / "run")
-    parts = plan_parts(run, 2, recipe, [])
+    root = tmp_path / "run" / ".parallel"
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "reap.parallel"])
     try:
-        parts[1].root.mkdir(parents=True)
-        parts[1].run.write_manifest({"stages": {"worker": {"status": "running", "pid": orphan.pid}}})
-        (parts[1].root / "keep").write_text("the running worker's")
+        (root / "part-1").mkdir(parents=True)
+        worker = {"status": "running", "pid": orphan.pid, "host": socket.gethostname()}
+        (root / "part-1" / "manifest.json").write_text(json.dumps({"stages": {"worker": worker}}))
+        (root / "part-1" / "keep").write_text("the running rank's")
         with pytest.raises(
             InputError,
-            match=rf"worker 1 \(CPU, blocks 1-1\) of an earlier attempt is still running "
-            rf"\(pid {orphan.pid}",
+            match=rf"worker 1 \(rank 1, CPU, blocks 1-1\) of an earlier attempt is still running \(pid {orphan.pid}",
         ):
-            run_workers(src, recipe, parts)
-        assert (parts[1].root / "keep").is_file()
+            run_ranks(src, recipe, root, [], Topology())
+        assert (root / "part-1" / "keep").is_file()
     finally:
         orphan.kill()
         orphan.wait()
 
 
-def test_gpu_workers_run_on_their_one_visible_gpu():
-    from reap.parallel import _worker_env, _worker_recipe
+def _blocks_checkpoint(root: Path, blocks: int) -> Path:
+    """Just enough of a checkpoint for planning: a config and one tensor per block (its header gives the size)."""
+    import torch
+    from safetensors.torch import save_file
 
-    recipe = load_recipe(DEMO_RECIPE, {"quantize.device_map": "0,1,2,3", "quantize.parallel": 4})
-    part = Part(2, 4, 6, "2", Path("p2"))
-    assert _worker_recipe(recipe, part)["quantize"]["device_map"] == 0
-    assert _worker_env(part, 4)["CUDA_VISIBLE_DEVICES"] == "2"
-    cpu = Part(1, 2, 4, "cpu", Path("p1"))
-    env = _worker_env(cpu, 2)
-    assert _worker_recipe(recipe, cpu)["quantize"]["device_map"] == "cpu"
-    assert env["CUDA_VISIBLE_DEVICES"] == "" and int(env["OMP_NUM_THREADS"]) >= 1
-
-
-class _Proc:
-    def __init__(self, returncode=None):
-        self.returncode = returncode
-
-
-def test_workers_beyond_the_gpus_queue_one_per_gpu(tmp_path):
-    from reap.parallel import _Launcher, _workers_at_once, plan_parts
-    from reap.rundir import RunDir
-
-    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 5, "quantize.device_map": "auto"})
-    parts = plan_parts(RunDir(tmp_path), 10, recipe, ["0", "1"])
-    assert [p.device for p in parts] == ["0", "1", "0", "1", "0"]
-    at_once = _workers_at_once(recipe, parts)
-    assert at_once == 2
-    launcher = _Launcher(None, recipe, at_once, {}, [])
-    launcher.parts, launcher.procs = {0: parts[0]}, {0: _Proc()}
-    assert not launcher.free(parts[2]) and launcher.free(parts[1])  # GPU 0 is busy
-    launcher.procs[0].returncode = 0
-    assert launcher.free(parts[2])
+    if (root / "config.json").is_file():
+        return root
+    root.mkdir(parents=True)
+    text = {"num_hidden_layers": blocks, "num_experts": 4, "hidden_size": 8}
+    (root / "config.json").write_text(json.dumps({"model_type": "qwen3_5_moe", "text_config": text}))
+    tensors = {
+        f"model.language_model.layers.{i}.mlp.experts.0.up_proj.weight": torch.zeros(8, 8) for i in range(blocks)
+    }
+    save_file({**tensors, "lm_head.weight": torch.zeros(8, 8)}, str(root / "model.safetensors"))
+    return root
 
 
-def test_workers_at_once_bounds_cpu_workers(tmp_path):
-    from reap.parallel import CAPTURE, Part, _Launcher, _workers_at_once, plan_parts
-    from reap.rundir import RunDir
+def _plan(tmp_path, overrides, gpus=(), blocks=2, topology=None):
+    from reap.parallel import Topology, plan_parts
 
-    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 4})
-    parts = plan_parts(RunDir(tmp_path), 8, recipe, [])
-    assert _workers_at_once(recipe, parts) == 4  # CPU workers all at once by default
-    recipe = load_recipe(DEMO_RECIPE, {"quantize.parallel": 4, "quantize.workers_at_once": 1})
-    at_once = _workers_at_once(recipe, parts)
-    launcher = _Launcher(None, recipe, at_once, {}, [])
-    capture = Part(CAPTURE, 0, 7, "cpu", tmp_path / "capture")
-    launcher.parts, launcher.procs = {CAPTURE: capture}, {CAPTURE: _Proc()}
-    assert not launcher.free(parts[0])  # the capture counts
-    launcher.procs[CAPTURE].returncode = 0
-    assert launcher.free(parts[0])
-    launcher.parts[0], launcher.procs[0] = parts[0], _Proc()
-    assert not launcher.free(parts[1])
+    src = Checkpoint.open(_blocks_checkpoint(tmp_path / "src", blocks))
+    recipe = load_recipe(DEMO_RECIPE, {"model.path": str(src.root), **overrides})
+    return plan_parts(tmp_path / "run", src, recipe, list(gpus), topology or Topology()), src, recipe
+
+
+def test_gpu_ranks_run_on_their_one_visible_gpu(tmp_path):
+    from reap.parallel import _part_recipe, _rank_env
+
+    parts, _, recipe = _plan(tmp_path, {"quantize.device_map": "0,1", "quantize.parallel": 2}, gpus=["0", "1"])
+    assert [p.device for p in parts] == ["0", "1"]
+    assert _part_recipe(recipe, parts[1]).quantize.device_map == 0
+    env = _rank_env(1, 2, 1, 2, "1", ("127.0.0.1", 29500))
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["RANK"] == "1" and env["WORLD_SIZE"] == "2"
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == "29500"
+    cpu = _rank_env(0, 2, 0, 2, "cpu", ("127.0.0.1", 1))
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and int(cpu["OMP_NUM_THREADS"]) >= 1
+
+
+def test_ranges_beyond_the_ranks_take_turns_on_them(tmp_path):
+    """More ranges than GPUs (or quantize.workers_at_once): rank r takes ranges r, r + W, ...; a range after
+    one of the same rank reads the inputs that rank saved, the others receive them."""
+    parts, _, _ = _plan(tmp_path, {"quantize.parallel": 5, "quantize.device_map": "auto"}, gpus=["0", "1"], blocks=10)
+    assert [(p.rank, p.device) for p in parts] == [(0, "0"), (1, "1"), (0, "0"), (1, "1"), (0, "0")]
+    assert [p.inputs for p in parts] == ["calibration", "recv", "recv", "recv", "recv"]
+    assert [p.forward for p in parts] == [True] * 4 + [False] and [p.send for p in parts] == [True] * 4 + [False]
+    parts, _, _ = _plan(tmp_path, {"quantize.parallel": 4, "quantize.workers_at_once": 1}, blocks=8)
+    assert {p.rank for p in parts} == {0} and [p.inputs for p in parts] == ["calibration", "file", "file", "file"]
+    assert not any(p.send for p in parts) and [p.forward for p in parts] == [True, True, True, False]
+
+
+def test_a_rerun_keeps_finished_ranges_and_reads_what_they_handed_on(tmp_path):
+    from reap.parallel import source_fingerprint
+
+    parts, src, recipe = _plan(tmp_path, {"quantize.parallel": 2})
+    done = {"stages": {"worker": {"status": "done", "fingerprint": parts[0].fingerprint}}}
+    parts[0].model.mkdir(parents=True)
+    (parts[0].root / "manifest.json").write_text(json.dumps(done))
+    again, _, _ = _plan(tmp_path, {"quantize.parallel": 2})
+    assert not again[0].kept  # its handed-on inputs are missing: redone, so that range 1 gets them
+    handed = parts[1].inputs_file
+    handed.write_bytes(b"tensors")
+    handed.with_suffix(".json").write_text(json.dumps({"fingerprint": source_fingerprint(src, recipe, [1])}))
+    again, _, _ = _plan(tmp_path, {"quantize.parallel": 2})
+    assert again[0].kept and not again[1].kept and again[1].inputs == "file" and not again[0].forward
+    handed.with_suffix(".json").write_text(json.dumps({"fingerprint": "another source"}))
+    again, _, _ = _plan(tmp_path, {"quantize.parallel": 2})
+    assert not again[0].kept and again[1].inputs == "recv"
+
+
+def test_hosts_share_the_ranks_in_order(tmp_path):
+    from reap.parallel import Topology, node_of
+
+    parts, _, recipe = _plan(tmp_path, {"quantize.parallel": 4}, blocks=4, topology=Topology(2, 1, "host0", 29500))
+    assert [node_of(p.rank, 4, Topology(2, 1, "host0", 29500)) for p in parts] == [0, 0, 1, 1]
+    with pytest.raises(InputError, match="3 ranks do not divide among 2 hosts"):
+        _plan(tmp_path, {"quantize.parallel": 3}, blocks=4, topology=Topology(2, 0, "host0", 29500))

@@ -98,6 +98,37 @@ def test_a_signal_marks_the_stage_interrupted_and_stops_its_children(tmp_path, s
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
 
 
+FINALIZER_SCRIPT = """
+import os, signal, sys, time
+from pathlib import Path
+from reap.rundir import RunDir
+
+class Slow:
+    def __del__(self):  # the SIGTERM arrives while the garbage collector runs this
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10**6))
+
+with RunDir(Path(sys.argv[1])).stage("work"):
+    Slow()
+    for _ in range(100):
+        time.sleep(0.1)
+"""
+
+
+def test_a_sigterm_taken_inside_a_finalizer_still_interrupts_the_stage(tmp_path):
+    """Python ignores an exception raised in __del__; the SIGTERM is delivered again just after."""
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-c", FINALIZER_SCRIPT, str(run.root)],
+        env=dict(os.environ, PYTHONPATH=SRC),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert run.read_manifest()["stages"]["work"]["status"] == "interrupted"
+
+
 def test_records_of_another_checkpoint_are_stale(tmp_path):
     run = RunDir(tmp_path)
     with run.stage("build", checkpoint="m1"):
