@@ -72,7 +72,7 @@ def main() -> None:
         "peak_rss_gb": {"sequential": seq["peak_rss_gb"], "parallel": par["peak_rss_gb"]},
         "peak_vram_gb": {"sequential": seq.get("peak_vram_gb"), "parallel": par.get("peak_vram_gb")},
         "workers": par["parallel"]["workers"],
-        "input_capture": par["parallel"].get("input_capture"),
+        "predicted_wall_s": par["parallel"].get("predicted_wall_s"),
         "blocks": rows,
         "verified": [seq["verification"]["passed"], par["verification"]["passed"]],
     }
@@ -81,15 +81,14 @@ def main() -> None:
         f"-> {report['speedup']}x; peak RSS {seq['peak_rss_gb']:.1f} / {par['peak_rss_gb']:.1f} GB; "
         f"both verified: {all(report['verified'])}"
     )
-    if cap := report["input_capture"]:
-        print(
-            f"  input capture ({cap['device']}) through blocks {cap['forward_blocks'][0]}-{cap['forward_blocks'][1]}: "
-            f"{cap['wall_s']:.1f} s, peak RSS {cap['peak_rss_gb']:.1f} GB"
-        )
+    print(f"  cost model's prediction for the parallel quantization: {report['predicted_wall_s']} s")
     for w in report["workers"]:
+        guess = w.get("predicted") or {}
         print(
-            f"  worker {w['index']} ({w['device']}) blocks {w['blocks'][0]}-{w['blocks'][1]}: {w['wall_s']:.1f} s, "
-            f"started at {w['started_after_s'] or 0:.1f} s, blocks {w['block_wall_s']}, "
+            f"  worker {w['index']} (rank {w.get('rank')}, {w['device']}) blocks {w['blocks'][0]}-{w['blocks'][1]}: "
+            f"started {w['started_after_s'] or 0:.1f} s, inputs at {w.get('inputs_after_s') or 0:.1f} s "
+            f"(predicted {guess.get('inputs_s')}), finished {w.get('finished_after_s') or 0:.1f} s "
+            f"(predicted {guess.get('finish_s')}), substages {w['substages']}, blocks {w['block_wall_s']}, "
             f"peak RSS {w['peak_rss_gb']:.1f} GB, peak VRAM {w.get('peak_vram_gb')}"
         )
     print("block worker  seq loss0 -> best    par loss0 -> best    seq s   par s  identical")

@@ -34,29 +34,31 @@ class Costs:
     save_s_per_b: float  # writing the packed block
 
 
-# Fitted on one H200 with blocks of the 212B width (3.4-3.5 B parameters; docs/benchmarks.md): a DeltaNet
-# block ~26 s at iters 20 and ~45 s at iters 50 (23 s fixed + 0.45 s per iteration), weights loaded at
-# ~26 s per 8 blocks from a warm page cache, 18-19 s of imports and AutoRound set-up per process.
+# Fitted on one H200 and the 2-GPU kind with blocks of the 212B width (3.4-3.5 B parameters; docs/benchmarks.md,
+# "The cost model"): tuning ~41.5 s per block at iters 50 and ~26 s at iters 20 (0.13 s per iteration and
+# B parameters, 5.5 s per B beside them); weights read at ~26 s per 8 blocks from a warm page cache; a
+# full-precision pass streaming blocks from the shards 32.2 s for 4 blocks; 12-19 s of imports and AutoRound
+# set-up per process. The sequential 8-block build at iters 50 (371.5 s measured) is predicted within 3 %.
 GPU = Costs(
-    startup_s=18.0,
-    load_s_per_b=0.95,
-    calibration_s=8.0,
-    forward_s_per_b=0.6,
-    tune_fixed_s_per_b=6.7,
+    startup_s=12.0,
+    load_s_per_b=0.93,
+    calibration_s=4.0,
+    forward_s_per_b=2.3,
+    tune_fixed_s_per_b=5.5,
     tune_iter_s_per_b=0.13,
     save_s_per_b=0.3,
 )
-# Fitted on the 2-core CPU machines with the demo models (blocks of ~0.6 M parameters): per block ~4 s at
-# iters 50 with 32 x 128 tokens, most of it fixed per-module cost; the per-B figures are large because the
-# blocks are tiny.
+# Fitted on the 2-core CPU machines with the 4-block demo model (~0.5 M parameters a block, one core per
+# rank): 2.3 s to read 2 blocks, 0.55 s for their full-precision pass, ~3 s a block at iters 5 and ~4 s at
+# iters 50 (32 x 128 tokens), most of it fixed per-module cost: per B the figures are large, the blocks tiny.
 CPU = Costs(
-    startup_s=12.0,
-    load_s_per_b=100.0,
-    calibration_s=1.0,
-    forward_s_per_b=500.0,
-    tune_fixed_s_per_b=2500.0,
-    tune_iter_s_per_b=60.0,
-    save_s_per_b=100.0,
+    startup_s=9.0,
+    load_s_per_b=2300.0,
+    calibration_s=1.2,
+    forward_s_per_b=550.0,
+    tune_fixed_s_per_b=5800.0,
+    tune_iter_s_per_b=44.0,
+    save_s_per_b=50.0,
 )
 
 

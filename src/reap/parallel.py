@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -367,14 +368,35 @@ def _send(obj: Any, dst: int) -> list[Any]:
     return [dist.isend(size, dst), dist.isend(data, dst), size, data]
 
 
+def _in_background(call: Any) -> Any:
+    """`call()` (a blocking torch.distributed operation) in a thread while this one waits in Python, so that
+    SIGTERM and Ctrl-C are taken meanwhile (a blocking gloo call holds them off until it returns, and its
+    asynchronous works do not report completion before `wait`); its result is returned, its failure raised."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = call()
+        except BaseException as exc:  # handed to the waiting thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if "error" in out:
+        raise out["error"]
+    return out.get("value")
+
+
 def _recv(src: int) -> Any:
     import torch
     import torch.distributed as dist
 
     size = torch.zeros(1, dtype=torch.int64)
-    dist.recv(size, src)
+    _in_background(lambda: dist.recv(size, src))
     data = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(data, src)
+    _in_background(lambda: dist.recv(data, src))
     return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
 
 
@@ -528,8 +550,8 @@ def rank_main(job_path: Path) -> int:
         ok = False
     for part in (p for p in parts if p.rank == rank and not p.kept):
         ok = ok and run_part(part, parts, src, recipe, job)
-    try:
-        dist.barrier()  # rank 0's host merges once every rank is done; a rank that died ends this at once
+    try:  # rank 0's host merges once every rank is done; a rank that died ends this at once
+        _in_background(dist.barrier)
     except RuntimeError:
         ok = False
     dist.destroy_process_group()

@@ -79,15 +79,15 @@ class QuantizeSection(_Section):
     parallel: int = Field(
         1,
         ge=1,
-        description="worker processes quantizing contiguous block ranges, one per GPU "
-        "(`reap build --gpus N`); more workers than GPUs queue, one at a time per GPU; CPU "
+        description="contiguous block ranges quantized at once by the ranks of one torch.distributed job, one "
+        "per GPU (`reap build --gpus N`, times --nodes); more ranges than GPUs take turns on the ranks; CPU "
         "processes sharing the cores where no GPU is used",
     )
     workers_at_once: int | None = Field(
         None,
         ge=1,
-        description="at most this many workers run at the same time "
-        "(default: one per GPU; on the CPU all): each running worker holds its "
+        description="at most this many ranks run at the same time, each taking its ranges in turn "
+        "(default: one per GPU of every host; on the CPU all): each running rank holds its "
         "range in host RAM, so fewer at once bound the build's peak RAM",
     )
     routed_experts: Literal["quantize", "keep_16bit", "auto"] = Field(

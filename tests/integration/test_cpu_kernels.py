@@ -37,7 +37,7 @@ int4 = scalar_types.uint4b8
 layer = SimpleNamespace(qweight=param(pack_quantized_values_into_int32(q, int4, 0)), scales=param(scales))
 kernel = SimpleNamespace(w_q_name="qweight", w_s_name="scales", config=SimpleNamespace(weight_type=int4))
 CPUWNA16LinearKernel._process_gptq_weights_w4a16(kernel, layer)  # vLLM's own repacking, in place
-x, bias = torch.randn(5, k, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)  # model dtype
+x, bias = torch.randn(5, k, generator=g).to(torch.bfloat16), torch.randn(n, generator=g).to(torch.bfloat16)
 out = torch.empty(5, n, dtype=torch.bfloat16)
 torch.ops._C.cpu_gemm_wna16(x, layer.qweight, out, layer.scales, None, bias, 8, "vec")  # vLLM's or reap's
 ref = torch.empty_like(out)

@@ -1,7 +1,7 @@
-"""Block-parallel build on the CPU: the demo model quantized by 2 worker processes (blocks 0-1 and 2-3, the
-second starting from the inputs the input capture computed in full precision), compared with the sequential
-build of the same recipe (the session's `servable_build`: the demo recipe as it is); a worker killed mid-run
-is redone alone by the re-run."""
+"""Block-parallel build on the CPU: the demo model quantized by the 2 ranks of a torch.distributed job (blocks
+0-1 and 2-3, the second starting from the full-precision inputs the first handed on), compared with the
+sequential build of the same recipe (the session's `servable_build`: the demo recipe as it is); a rank killed
+mid-run is redone alone by the re-run; the same job over two "hosts" (two launchers on this machine)."""
 
 from __future__ import annotations
 
@@ -72,15 +72,15 @@ def test_a_killed_worker_is_reported_in_one_line_and_only_its_range_is_redone(bu
     assert first["rc"] == 1 and not first["model_exists"]
     errors = [line for line in first["stderr"].splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "Traceback" not in first["stderr"], first["stderr"][-3000:]
-    assert "worker 1 (CPU, blocks 2-3) failed" in errors[0] and "part-1/worker.log" in errors[0]
+    assert "worker 1 (rank 1, CPU, blocks 2-3) failed: its rank died while on it (exit -9" in errors[0]
+    assert "part-1/worker.log" in errors[0]
     assert "re-run the build to redo only the rest" in errors[0]
     assert first["manifest"]["stages"]["build"]["status"] == "failed"
     assert first["part0"]["status"] == "done"  # worker 0 finished its range although worker 1 died
     assert first["part0_blocks"] == {0, 1, None}  # its view held its own blocks only
     log = builds["rerun"].stderr
-    assert "worker 0 (CPU, blocks 0-1): kept from an earlier attempt" in log
-    assert "input capture (CPU, full-precision pass through blocks 0-1): kept from an earlier attempt" in log
-    assert "worker 1 (CPU, blocks 2-3): started" in log and "worker 0 (CPU, blocks 0-1): started" not in log
+    assert "worker 0 (rank 0, CPU, blocks 0-1): kept from an earlier attempt" in log
+    assert "rank 0: nothing left to do" in log and "rank 1: worker 1 (rank 1, CPU, blocks 2-3)" in log
     assert not (builds["par"] / ".parallel").exists()  # removed once the merged checkpoint is in place
 
 
@@ -107,45 +107,60 @@ def test_merged_checkpoint_has_the_sequential_layout(builds):
 def test_manifest_and_card_record_each_worker(builds):
     build = manifest(builds["par"])["stages"]["build"]
     workers = build["parallel"]["workers"]
-    assert [(w["index"], w["device"], w["blocks"]) for w in workers] == [(0, "cpu", [0, 1]), (1, "cpu", [2, 3])]
+    assert [(w["index"], w["rank"], w["device"], w["blocks"]) for w in workers] == [
+        (0, 0, "cpu", [0, 1]),
+        (1, 1, "cpu", [2, 3]),
+    ]
     assert [w["kept_from_earlier_attempt"] for w in workers] == [True, False]
+    # the re-run: worker 1 read the inputs worker 0 handed on in the first attempt (worker 0 was kept)
+    assert [w["inputs"] for w in workers] == ["calibration", "file"]
     for w in workers:
         assert len(w["block_wall_s"]) == 2 and all(t > 0 for t in w["block_wall_s"]) and w["wall_s"] > 0
-    capture = build["parallel"]["input_capture"]
-    assert capture["forward_blocks"] == [0, 1] and capture["kept_from_earlier_attempt"] and capture["wall_s"] > 0
+        assert w["predicted"]["finish_s"] > 0 and w["finished_after_s"] > 0
+    assert build["parallel"]["engine"] == "torch.distributed (gloo)" and build["parallel"]["ranks"] == 2
+    assert "full_precision_pass" in builds["first"]["part0"]["substages"]  # worker 0 ran blocks 0-1 for worker 1
     assert [(b["index"], b["worker"]) for b in build["blocks"]] == [(i, 0 if i < 2 else 1) for i in range(4)]
     assert all("loss_best" in b for b in build["blocks"])
     assert build["autoround_summary"] == manifest(builds["seq"])["stages"]["build"]["autoround_summary"]
     card = (builds["par"] / "model" / "README.md").read_text()
     assert "| worker 0 | CPU, blocks 0-1:" in card and "| worker 1 | CPU, blocks 2-3:" in card
-    assert "| input capture | CPU, full-precision pass through blocks 0-1:" in card
+    assert "its inputs after" in card and "(full precision, from worker 0)" in card
 
 
-def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path):
-    """The inputs the capture saves for blocks 2 and 3 (block 0's from AutoRound, then blocks streamed from
-    the shards one at a time) are the hidden states transformers' whole model computes for the same tokens."""
+class _Captured(Exception):
+    pass
+
+
+def test_the_inputs_handed_on_are_what_the_source_model_computes(demo_source, tmp_path):
+    """Block 0's inputs from AutoRound's calibration pass, run through blocks 0-1 and then block 2 in full
+    precision as a rank does before handing them on (each block streamed from the shards), are the hidden
+    states transformers' whole model computes for the same tokens."""
     import torch
 
-    from reap import compat
-    from reap.parallel import capture_inputs, write_view
+    from reap import compat, engine
+    from reap.errors import StageError
+    from reap.parallel import full_precision_pass, write_range_view
     from reap.recipe import load_recipe
     from reap.stats import Clock
 
+    src = Checkpoint.open(demo_source)
     recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo_source), "quantize.nsamples": 4})
-    write_view(demo_source, tmp_path / "view", 1)
-    files = [tmp_path / "inputs-2.pt", tmp_path / "inputs-3.pt"]
-    capture_inputs(
-        Checkpoint.open(demo_source),
-        Checkpoint.open(tmp_path / "view"),
-        recipe,
-        [2, 3],
-        files,
-        tmp_path / "log",
-        Clock(),
-    )
-    first = torch.load(tmp_path / "inputs-0.pt", weights_only=True)["inputs"]["hidden_states"]
-    captured = [torch.load(f, weights_only=True)["inputs"]["hidden_states"] for f in files]
-    assert len(first) == 4 and all(len(c) == 4 for c in captured)
+    write_range_view(src, tmp_path / "view", 0, 2)
+    view, saved = Checkpoint.open(tmp_path / "view"), {}
+
+    def handed(inputs):
+        saved.update(inputs)
+        raise _Captured  # AutoRound need not tune anything here
+
+    kept = engine.keep_16bit_layers(view, recipe)
+    with pytest.raises(StageError, match="_Captured"):
+        with engine.autoround_session(view, recipe, kept, tmp_path / "log", Clock(), []) as (ar, _, _):
+            with compat.autoround_block_inputs(lambda: None, handed):
+                ar.quantize_and_save(str(tmp_path / "out"), format=recipe.quantize.format)
+    first = saved["inputs"]["hidden_states"]
+    after2 = full_precision_pass(src, saved, 0, 2)
+    after3 = full_precision_pass(src, dict(saved, inputs=dict(saved["inputs"], hidden_states=after2)), 2, 3)
+    assert len(first) == 4 and len(after2) == len(after3) == 4
     compat.ensure_torchvision_importable()
     from transformers import AutoModelForImageTextToText
 
@@ -157,12 +172,44 @@ def test_the_capture_saves_what_the_source_model_computes(demo_source, tmp_path)
         assert embed[tokens].equal(h0[0])
         with torch.no_grad():
             states = model(input_ids=tokens[None], output_hidden_states=True, use_cache=False).hidden_states
-        for c, start in zip(captured, (2, 3), strict=True):
-            assert torch.isfinite(c[j]).all(), f"sample {j}, block {start}"
-            if c[j].dtype == torch.bfloat16:  # bit for bit, as the whole model computes it
-                assert c[j].equal(states[start]), f"sample {j}, block {start}"
+        for got, block in ((after2, 2), (after3, 3)):
+            assert torch.isfinite(got[j]).all(), f"sample {j}, block {block}"
+            if got[j].dtype == torch.bfloat16:  # bit for bit, as the whole model computes it
+                assert got[j].equal(states[block]), f"sample {j}, block {block}"
             else:  # float32 (no bf16 on this CPU): one block at a time rounds a little apart from the whole model
-                torch.testing.assert_close(c[j], states[start], rtol=1e-4, atol=1e-4, msg=f"sample {j}, block {start}")
+                torch.testing.assert_close(got[j], states[block], rtol=1e-4, atol=1e-4, msg=f"sample {j}, {block}")
+
+
+def test_two_hosts_build_what_one_host_builds(demo_source, builds, tmp_path):
+    """The same job launched by two `reap build` processes with their own --node-rank (one rank each, the
+    "hosts" sharing the run folder, rank 0 listening at --master): node 1 runs its range and exits, node 0
+    merges, verifies and writes the card; the first range is bit-identical to the one-host build's."""
+    from safetensors import safe_open
+
+    out = tmp_path / "two-hosts"
+    master = f"127.0.0.1:{free_port()}"
+    hosts = [
+        subprocess.Popen(
+            [*REAP, *_build_args(demo_source, out, 2), "--nodes", "2", "--node-rank", str(i), "--master", master],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 0)
+    ]
+    (out1, err1), (out0, err0) = (h.communicate(timeout=900) for h in hosts)
+    assert hosts[0].returncode == 0 and "node 1: worker 1 done; node 0 merges" in out1, err1[-3000:]
+    assert hosts[1].returncode == 0, err0[-3000:]
+    build = manifest(out)["stages"]["build"]
+    assert build["status"] == "done" and build["verification"]["passed"] and build["parallel"]["nodes"] == 2
+    two, one = Checkpoint.open(out / "model"), Checkpoint.open(builds["par"] / "model")
+    assert set(two.weight_map) == set(one.weight_map) and two.quantization_config == one.quantization_config
+    for name in (n for n in one.weight_map if (layer_index(n) or 0) < 2):
+        with (
+            safe_open(str(one.root / one.weight_map[name]), "pt") as a,
+            safe_open(str(two.root / two.weight_map[name]), "pt") as b,
+        ):
+            assert a.get_tensor(name).equal(b.get_tensor(name)), name
 
 
 def test_demo_suite_score_matches_the_sequential_build(builds, demo_server):

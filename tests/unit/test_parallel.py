@@ -169,6 +169,22 @@ def test_cli_refuses_more_workers_than_blocks(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "args,needles",
+    [
+        (["--nodes", "2"], ["--nodes 2 needs --master ADDR:PORT"]),
+        (["--nodes", "2", "--master", "host0"], ["needs --master ADDR:PORT", "host0:29500"]),
+        (["--nodes", "2", "--node-rank", "2", "--master", "h:1"], ["--node-rank 2 is not below --nodes 2"]),
+        (["--master", "h:29500"], ["--master is for builds over several hosts"]),
+        (["--nodes", "2", "--master", "h:29500"], ["--nodes 2 needs at least 2 ranges"]),
+    ],
+)
+def test_cli_refuses_a_host_layout_that_cannot_run(tmp_path, args, needles):
+    r = run("build", DEMO_RECIPE, "--out", str(tmp_path / "run"), *args)
+    one_error_line(r, *needles)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_rank_left_running_by_a_killed_build_is_not_overwritten(tmp_path):
     """A build killed with SIGKILL leaves its ranks running: a re-run refuses to start over their folders."""
     import socket
