@@ -32,6 +32,7 @@ from reap.rundir import (
 )
 from reap.secrets import hide_local_paths
 from reap.stats import Clock, hardware_inventory, log, package_versions
+from reap.verify import preload as preload_gates
 from reap.verify import raise_on_failure, verify_checkpoint
 
 
@@ -132,6 +133,7 @@ def build(
             rec["pruning"] = pruning_summary(pruning)
         try:
             if recipe.quantize.parallel > 1:
+                preload_gates()  # while the ranks quantize
                 result = parallel.quantize_parallel(
                     src, recipe, work, run, clock, rec.sampler, topology or parallel.Topology()
                 )

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -42,7 +43,7 @@ from typing import Any
 import psutil
 
 from reap import compat, costmodel, engine, procs
-from reap.checkpoint import Checkpoint, layer_index, shift_layer
+from reap.checkpoint import Checkpoint, layer_index, read_header_and_offset, shift_layer
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import decoder_layer, moe_layout, text_config
 from reap.recipe import Recipe
@@ -156,23 +157,42 @@ def _link_files(src: Path, dest: Path, weights: bool) -> None:
             (dest / f.name).symlink_to(f.resolve())
 
 
+def _copy_tensors(shard: Path, names: list[str], offset: int, out: Path) -> int:
+    """Write the tensors `names` of the safetensors file `shard` into the new file `out`, block numbers moved
+    by `offset`: a new header, then each tensor's bytes copied file to file by the kernel (copy_file_range),
+    never decoded into memory. Returns the bytes of tensor data written."""
+    header, data_start = read_header_and_offset(shard)
+    entries, position = {}, 0
+    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+        begin, end = header[name]["data_offsets"]
+        entries[shift_layer(name, offset)] = dict(header[name], data_offsets=[position, position + end - begin])
+        position += end - begin
+    text = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(shard, "rb") as src, open(out, "wb") as dst:
+        dst.write(struct.pack("<Q", len(text)) + text)
+        dst.flush()  # the kernel copies after it, at the descriptor's position
+        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+            begin, end = header[name]["data_offsets"]
+            left, at = end - begin, data_start + begin
+            while left:
+                done = os.copy_file_range(src.fileno(), dst.fileno(), left, at)
+                if not done:
+                    raise OSError(f"{shard} ended before tensor {name}'s data; rebuild it")
+                left, at = left - done, at + done
+    return position
+
+
 def _write_shards(jobs: list[tuple[Path, list[str], int]], dest: Path) -> int:
     """Copy tensors into `dest`, one output file per (source file, tensor names, block offset) job, the block
-    numbers moved by the offset: `model.safetensors`, or numbered shards and their index. Reads are
-    memory-mapped and one job is in memory at a time. Returns the number of tensors written."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
+    numbers moved by the offset: `model.safetensors`, or numbered shards and their index. Returns the number
+    of tensors written."""
     weight_map, total = {}, 0
     single = len(jobs) == 1
     for i, (shard, names, offset) in enumerate(jobs, 1):
         out_name = "model.safetensors" if single else f"model-{i:05d}-of-{len(jobs):05d}.safetensors"
-        with safe_open(str(shard), "pt") as f:
-            tensors = {shift_layer(n, offset): f.get_tensor(n) for n in names}
-        save_file(tensors, str(dest / out_name), metadata={"format": "pt"})
-        total += sum(t.numel() * t.element_size() for t in tensors.values())
-        weight_map.update(dict.fromkeys(tensors, out_name))
-        del tensors
+        total += _copy_tensors(shard, names, offset, dest / out_name)
+        weight_map.update(dict.fromkeys((shift_layer(n, offset) for n in names), out_name))
     if not single:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         atomic_write_text(dest / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,28 @@ def _shown(items: list[str]) -> str:
 # --- the layout the config predicts -------------------------------------------------------------------
 
 
+def _import_layout_libraries() -> None:
+    from reap.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torch  # noqa: F401
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration  # noqa: F401
+
+
+def preload() -> threading.Thread:
+    """Import what the gates need (torch, transformers' Qwen3.5 classes) in the background: a block-parallel
+    build's own process quantizes nothing, so without it these imports came after the merge (measured: 7.9 s
+    of "verification" for the 4-block demo on this CPU, 0.1 s in a sequential build; 8.5 s vs 0.6 s on GPUs)."""
+    thread = threading.Thread(target=_import_layout_libraries, daemon=True)
+    thread.start()
+    return thread
+
+
 @lru_cache(maxsize=4)
 def _meta_layout(root: str, mtime: float) -> tuple[frozenset[str], frozenset[str]]:
     """(tensor keys on disk, Linear module names) of the architecture in `root`/config.json, built on the
     meta device (no weights read). Fused experts are expanded to the per-expert layout saved on disk."""
-    from reap.compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
+    _import_layout_libraries()
     import torch
     from transformers import AutoConfig, Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration
 

@@ -306,10 +306,25 @@ def test_parallel_rtn_build_has_no_per_block_times(manifest):
             {"index": i, "device": "cpu", "blocks": [2 * i, 2 * i + 1], "wall_s": 28.4, "block_wall_s": []}
             for i in range(2)
         ],
-        "input_capture": None,
     }
     text = str(render_card(manifest))
     assert "| worker 0 | CPU, blocks 0-1: 28.4 s in all |" in text and "blocks of mean" not in text
+
+
+def test_a_parallel_build_card_says_when_each_range_had_its_inputs(manifest):
+    manifest["stages"]["build"]["parallel"] = {
+        "workers": [
+            {"index": i, "device": str(i), "blocks": [4 * i, 4 * i + 3], "wall_s": 200.0, "block_wall_s": [41.0] * 4}
+            | {"inputs_after_s": [29.0, 61.5][i], "kept_from_earlier_attempt": False}
+            for i in range(2)
+        ],
+    }
+    text = str(render_card(manifest))
+    assert "| worker 0 | GPU 0, blocks 0-3: 3.3 min in all, 4 blocks of mean 41.0 s |" in text  # range 0: at once
+    assert (
+        "| worker 1 | GPU 1, blocks 4-7: 3.3 min in all, 4 blocks of mean 41.0 s, its inputs after 61.5 s "
+        "(full precision, from worker 0) |"
+    ) in text
 
 
 def test_the_card_says_which_path_tuned_the_routed_experts(manifest):
