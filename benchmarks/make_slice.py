@@ -46,11 +46,11 @@ def write_slice(
         CHAT_TEMPLATE,
         TASKS,
         answer_of,
-        calibration_texts,
         demo_config,
         prompt_of,
         read_task_rows,
         save_processor,
+        task_texts,
         train_tokenizer,
     )
 
@@ -102,7 +102,7 @@ def write_slice(
     (out / "README.md").write_text(
         "---\nlicense: apache-2.0\n---\n# random-init Qwen3.5-MoE slice (212B layer shapes)\n"
     )
-    long_rows = ["".join(calibration_texts(rows=rows * 4, per_row=12)[i * 4 : (i + 1) * 4]) for i in range(rows)]
+    long_rows = ["".join(task_texts("train", rows * 4, per_row=12)[i * 4 : (i + 1) * 4]) for i in range(rows)]
     (out / "calibration.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in long_rows))
     params = sum(p.numel() for p in model.parameters())
     return {"params_b": round(params / 1e9, 4), "seconds": round(time.perf_counter() - t0, 1)}

@@ -36,14 +36,16 @@ class Costs:
 
 # Fitted on one H200 and the 2-GPU kind with blocks of the 212B width (3.4-3.5 B parameters; docs/benchmarks.md,
 # "The cost model"): tuning ~41.5 s per block at iters 50 and ~26 s at iters 20 (0.13 s per iteration and
-# B parameters, 5.5 s per B beside them); weights read at ~26 s per 8 blocks from a warm page cache; a
-# full-precision pass streaming blocks from the shards 32.2 s for 4 blocks; 12-19 s of imports and AutoRound
-# set-up per process. The sequential 8-block build at iters 50 (371.5 s measured) is predicted within 3 %.
+# B parameters, 5.5 s per B beside them). The job's own phases, measured with two ranks on one H200
+# (2026-12-04, blocks of ~0.95 B): ~20 s from launch to a rank ready to load (imports, torch.distributed,
+# AutoRound set-up), the range view's copy and loading 2.2 s per B, AutoRound's calibration pass ~2 s, the
+# full-precision pass 3.7 s per B (blocks streamed from the shards). The sequential 8-block build at iters 50
+# (371.5 s measured) is predicted within 5 %.
 GPU = Costs(
-    startup_s=12.0,
-    load_s_per_b=0.93,
-    calibration_s=4.0,
-    forward_s_per_b=2.3,
+    startup_s=20.0,
+    load_s_per_b=2.2,
+    calibration_s=2.0,
+    forward_s_per_b=3.7,
     tune_fixed_s_per_b=5.5,
     tune_iter_s_per_b=0.13,
     save_s_per_b=0.3,
