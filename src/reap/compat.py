@@ -249,19 +249,24 @@ def autoround_block_inputs(provide: Callable[[], Any], handed: Callable[[dict[st
 
 
 @contextmanager
-def autoround_without_ddp() -> Iterator[None]:
+def autoround_without_ddp() -> Iterator[bool]:
     """A block-parallel rank runs inside a torch.distributed job whose ranks quantize *different* blocks;
     AutoRound 0.16.1, seeing an initialized process group of more than one rank, wraps each block it tunes
     in DistributedDataParallel to average gradients across the ranks (data parallelism over the same block;
     measured: "AutoRound DDP is an experimental feature" and the ranks stuck in DDP's start-up broadcast).
-    Here each rank tunes its own blocks alone."""
+    Here each rank tunes its own blocks alone; applied only in a job of more than one rank. Yields whether."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        yield False
+        return
     ensure_torchvision_importable()
     import auto_round.algorithms.quantization.sign_round.quantizer as sign_round
 
     orig = sign_round.setup_ddp_if_needed_
     sign_round.setup_ddp_if_needed_ = lambda ar, block, device_list: (block, lambda: None)
     try:
-        yield
+        yield True
     finally:
         sign_round.setup_ddp_if_needed_ = orig
 

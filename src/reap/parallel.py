@@ -531,10 +531,12 @@ def run_part(part: Part, parts: list[Part], src: Checkpoint, recipe: Recipe, job
         ) as rec:
             with clock.span("range_view"):
                 write_range_view(src, part.view, part.start, part.stop)
-            with compat.autoround_without_ddp():
+            with compat.autoround_without_ddp() as no_ddp:
                 out = engine.quantize(
                     Checkpoint.open(part.view), _part_recipe(recipe, part), part.model, part.log_path, clock, handoff
                 )
+            if no_ddp:
+                out["fixes_applied"].append("autoround_without_ddp")
             shutil.rmtree(part.view, ignore_errors=True)
             rec.update(
                 out,
