@@ -9,7 +9,8 @@ A rank r of `reap build --gpus N` holding blocks [a, b):
     finish_r  = handed_r (inputs_r for the last) + tune(a, b) + save(a, b)
 Every term is proportional to the blocks' parameters (shard headers), tuning to `fixed + per_iter * iters`
 and the forward to the calibration tokens. `plan_ranges` picks the contiguous ranges that minimize the last
-finish: later ranks start later (the full-precision pass reaches them later), so they get fewer blocks.
+finish: later ranks get their inputs later (the full-precision passes of the ranges before them), so they
+get fewer blocks, unless that pass is slow against tuning: then the first ranges shrink, to hand on sooner.
 The constants are fitted from measured builds (docs/benchmarks.md, "The cost model"); only their ratios
 shape the ranges, their values give the predicted wall time recorded beside the measured one.
 """
@@ -38,14 +39,15 @@ class Costs:
 # "The cost model"): tuning ~41.5 s per block at iters 50 and ~26 s at iters 20 (0.13 s per iteration and
 # B parameters, 5.5 s per B beside them). The job's own phases, measured with two ranks on one H200
 # (2026-12-04, blocks of ~0.95 B): ~20 s from launch to a rank ready to load (imports, torch.distributed,
-# AutoRound set-up), the range view's copy and loading 2.2 s per B, AutoRound's calibration pass ~2 s, the
-# full-precision pass 3.7 s per B (blocks streamed from the shards). The sequential 8-block build at iters 50
-# (371.5 s measured) is predicted within 5 %.
+# AutoRound set-up), the range view's copy and loading 2.2 s per B, AutoRound's calibration pass ~2 s; the
+# full-precision pass with its samples as one batch 0.6 s per B at the 212B width (read 0.55 s, to the GPU
+# 0.85 s, run 0.5-0.8 s a block of 3.5 B; benchmarks/fp_pass_profile.py; 1.85 s per B for blocks of 64
+# experts).
 GPU = Costs(
     startup_s=20.0,
     load_s_per_b=2.2,
     calibration_s=2.0,
-    forward_s_per_b=3.7,
+    forward_s_per_b=0.6,
     tune_fixed_s_per_b=5.5,
     tune_iter_s_per_b=0.13,
     save_s_per_b=0.3,
