@@ -712,7 +712,14 @@ def run_ranks(
     for proc in ranks.values():
         procs.release(proc)
     mine = parts if topology.node_rank == 0 else [p for p in parts if p.rank in ranks]
-    failed = [_why_not_done(p, ranks) for p in mine if not p.kept and (p.result() or {}).get("status") != "done"]
+
+    def done(part: Part) -> bool:
+        # a rank that exits 0 finished all its ranges (and met every other rank at the end): on hosts other than
+        # node 0 this is what counts, since node 0 may already have merged and removed the part records
+        rank = ranks.get(part.rank)
+        return part.kept or (rank is not None and rank.returncode == 0) or (part.result() or {}).get("status") == "done"
+
+    failed = [_why_not_done(p, ranks) for p in mine if not done(p)]
     if failed:
         raise StageError("; ".join(failed) + "; finished ranges are kept, re-run the build to redo only the rest")
     return parts, job
