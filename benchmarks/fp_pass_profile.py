@@ -1,6 +1,7 @@
 """Where the full-precision pass of a block-parallel rank spends its time (docs/benchmarks.md): for each block
 of a slice, reading its tensors from the shards (host), moving the layer to the GPU, and running the
-calibration samples through it one at a time (as reap.parallel.full_precision_pass does) or as one batch.
+calibration samples through it one at a time (as AutoRound runs them) or as one batch (as
+reap.parallel.full_precision_pass does when they share a shape and keyword arguments).
 
     python benchmarks/fp_pass_profile.py SLICE_DIR [--blocks 2] [--nsamples 64] [--seqlen 512]
 
@@ -15,50 +16,6 @@ import json
 import tempfile
 import time
 from pathlib import Path
-
-
-class _Captured(Exception):
-    pass
-
-
-def _repeat(value, n: int):
-    """One sample's keyword argument for a batch of n: tensors repeated along their first size-1 dimension
-    (the batch one: position embeddings [1, T, D], mrope position ids [3, 1, T], masks [1, 1, T, T])."""
-    import torch
-
-    if isinstance(value, tuple):
-        return tuple(_repeat(v, n) for v in value)
-    if torch.is_tensor(value) and 1 in value.shape:
-        dim = list(value.shape).index(1)
-        return torch.cat([value] * n, dim=dim)
-    return value
-
-
-def block0_inputs(src, recipe) -> dict:
-    from reap import compat, engine
-    from reap.errors import StageError
-    from reap.parallel import write_range_view
-    from reap.stats import Clock
-
-    saved: dict = {}
-
-    def handed(inputs: dict) -> None:
-        saved.update(inputs)
-        raise _Captured
-
-    with tempfile.TemporaryDirectory() as tmp:
-        write_range_view(src, Path(tmp) / "view", 0, 1)
-        from reap.checkpoint import Checkpoint
-
-        view = Checkpoint.open(Path(tmp) / "view")
-        kept = engine.keep_16bit_layers(view, recipe)
-        try:
-            with engine.autoround_session(view, recipe, kept, Path(tmp) / "log", Clock(), []) as (ar, _, _):
-                with compat.autoround_block_inputs(lambda: None, handed):
-                    ar.quantize_and_save(str(Path(tmp) / "out"), format=recipe.quantize.format)
-        except StageError:
-            pass
-    return saved
 
 
 def main() -> None:
@@ -76,6 +33,7 @@ def main() -> None:
     from auto_round.utils import to_device
 
     from reap.checkpoint import Checkpoint
+    from reap.parallel import _repeated, calibration_inputs
     from reap.prune import ARCHS, _load_layer, layer_state, moe_layout, text_config
     from reap.recipe import load_recipe
 
@@ -90,7 +48,8 @@ def main() -> None:
             "quantize.device_map": 0 if args.device == "cuda" else "cpu",
         },
     )
-    saved = block0_inputs(src, recipe)
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = calibration_inputs(src, recipe, Path(tmp))
     hidden = list(saved["inputs"]["hidden_states"])
     others = {k: v for k, v in saved["inputs"].items() if k not in ("hidden_states", "positional_inputs")}
     layout, config = moe_layout(src), text_config(src)
@@ -119,7 +78,7 @@ def main() -> None:
             sync()
             t3 = time.perf_counter()
             kw = {
-                k: _repeat(to_device(v[0] if isinstance(v, list) else v, dev), len(hidden)) for k, v in others.items()
+                k: _repeated(to_device(v[0] if isinstance(v, list) else v, dev), len(hidden)) for k, v in others.items()
             }
             batch = torch.cat(hidden).to(dev)
             out_b = layer(batch, **kw)

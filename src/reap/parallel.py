@@ -24,6 +24,7 @@ reads RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from the environment, as tor
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -51,7 +52,6 @@ from reap.rundir import RunDir, atomic_write_text, digest
 from reap.stats import GB, Clock, ResourceSampler, gpu_inventory, log, visible_gpu_ids
 
 PARALLEL_DIR = ".parallel"
-JOB_FILE = "job.json"
 # Bytes of GPU memory per parameter of the largest block while AutoRound tunes it (weights, their fp32
 # rounding parameters and gradients); measured: a 3.5 B-parameter block of the 212B model's width took
 # 67-70 GB at iters 200 on an H100 (issue #8) and 85 GB NVML peak at iters 20 on an H200. RTN needs far less.
@@ -147,13 +147,13 @@ def _write_view_config(src: Path, dest: Path, start: int, stop: int) -> None:
     atomic_write_text(dest / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def _link_files(src: Path, dest: Path, weights: bool) -> None:
-    """`dest` anew, with links to the files of `src` but its config (and its weights unless `weights`)."""
+def _link_files(src: Path, dest: Path) -> None:
+    """`dest` anew, with links to the files of `src` but its config and its weights."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     for f in src.iterdir():
         is_weights = f.name.endswith(".safetensors") or f.name == "model.safetensors.index.json"
-        if f.name != "config.json" and (weights or not is_weights):
+        if f.name != "config.json" and not is_weights:
             (dest / f.name).symlink_to(f.resolve())
 
 
@@ -162,8 +162,9 @@ def _copy_tensors(shard: Path, names: list[str], offset: int, out: Path) -> int:
     by `offset`: a new header, then each tensor's bytes copied file to file by the kernel (copy_file_range),
     never decoded into memory. Returns the bytes of tensor data written."""
     header, data_start = read_header_and_offset(shard)
+    ordered = sorted(names, key=lambda n: header[n]["data_offsets"][0])  # file order: sequential reads
     entries, position = {}, 0
-    for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+    for name in ordered:
         begin, end = header[name]["data_offsets"]
         entries[shift_layer(name, offset)] = dict(header[name], data_offsets=[position, position + end - begin])
         position += end - begin
@@ -172,7 +173,7 @@ def _copy_tensors(shard: Path, names: list[str], offset: int, out: Path) -> int:
     with open(shard, "rb") as src, open(out, "wb") as dst:
         dst.write(struct.pack("<Q", len(text)) + text)
         dst.flush()  # the kernel copies after it, at the descriptor's position
-        for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+        for name in ordered:
             begin, end = header[name]["data_offsets"]
             left, at = end - begin, data_start + begin
             while left:
@@ -204,7 +205,7 @@ def write_range_view(src: Checkpoint, dest: Path, start: int, stop: int) -> None
     decoder blocks, so that its rank loads nothing else. (A rename at load time instead of the copy does not
     reach AutoRound 0.16.1: with low_cpu_mem_usage it reads each block's weights by name from the folder's
     shards itself; measured: the source's block 0 tuned in place of the range's first block.)"""
-    _link_files(src.root, dest, weights=False)
+    _link_files(src.root, dest)
     by_shard: dict[str, list[str]] = {}
     for name, shard in src.weight_map.items():
         layer = layer_index(name)
@@ -253,6 +254,7 @@ class Part:
     device: str  # the CUDA_VISIBLE_DEVICES entry, or "cpu"
     root: Path
     fingerprint: str
+    inputs_fingerprint: str  # of the full-precision inputs of block `start` (what `inputs_file` must hold)
     inputs: str = "calibration"  # "calibration" | "recv" | "file"
     forward: bool = False
     send: bool = False
@@ -342,10 +344,9 @@ def plan_parts(root: Path, src: Checkpoint, recipe: Recipe, gpus: list[str], top
     for k, (a, b) in enumerate(ranges):
         rank = k % world
         device = gpus[(rank % per_node) % len(gpus)] if gpus else "cpu"
-        fp = source_fingerprint(src, recipe, [a, b])
-        parts.append(Part(k, a, b, rank, device, root / f"part-{k}", fp))
-    handed_fp = {p.start: source_fingerprint(src, recipe, [p.start]) for p in parts}
-    valid = {a for a, fp in handed_fp.items() if a and handed_inputs_valid(root / f"inputs-{a}.pt", fp)}
+        fingerprints = source_fingerprint(src, recipe, [a, b]), source_fingerprint(src, recipe, [a])
+        parts.append(Part(k, a, b, rank, device, root / f"part-{k}", *fingerprints))
+    valid = {p.start for p in parts if p.start and handed_inputs_valid(p.inputs_file, p.inputs_fingerprint)}
     for k, part in enumerate(parts):
         done = part.result() or {}
         part.kept = (
@@ -366,10 +367,6 @@ def plan_parts(root: Path, src: Checkpoint, recipe: Recipe, gpus: list[str], top
 
 def node_of(rank: int, world: int, topology: Topology) -> int:
     return rank // (world // topology.nodes)
-
-
-def handed_fingerprint(job: dict[str, Any], start: int) -> str:
-    return job["handed"][str(start)]
 
 
 # --- a rank ---------------------------------------------------------------------------------------------
@@ -479,13 +476,39 @@ def full_precision_pass(src: Checkpoint, saved: dict[str, Any], start: int, stop
     return hidden
 
 
+class _BlockInputsTaken(Exception):
+    """Stops AutoRound once it has cached block 0's inputs (`calibration_inputs`)."""
+
+
+def calibration_inputs(src: Checkpoint, recipe: Recipe, work: Path) -> dict[str, Any]:
+    """Block 0's inputs in the form a range hands them on, from AutoRound's own calibration pass over `src`
+    with the recipe's settings, AutoRound stopped right after (a range view of block 0 is written into
+    `work`): what checks and profiles of the full-precision pass start from."""
+    write_range_view(src, work / "view", 0, 1)
+    view, saved = Checkpoint.open(work / "view"), {}
+
+    def handed(inputs: dict[str, Any]) -> None:
+        saved.update(inputs)
+        raise _BlockInputsTaken
+
+    kept = engine.keep_16bit_layers(view, recipe)
+    try:
+        with engine.autoround_session(view, recipe, kept, work / "autoround.log", Clock(), []) as (ar, _, _):
+            with compat.autoround_block_inputs(lambda: None, handed):
+                ar.quantize_and_save(str(work / "unused"), format=recipe.quantize.format)
+    except StageError:  # the session reports the stop as AutoRound's failure; any other failure left no inputs
+        if not saved:
+            raise
+    return saved
+
+
 class _Handoff:
     """A part's first block's inputs (`provide`: None for AutoRound's own calibration pass) and what it hands
     on once it has them (`handed`: the full-precision pass through its blocks, sent to the next range's rank
     and saved for a re-run), as `compat.autoround_block_inputs` calls them."""
 
-    def __init__(self, part: Part, parts: list[Part], src: Checkpoint, job: dict[str, Any], clock: Clock):
-        self.part, self.src, self.job, self.clock = part, src, job, clock
+    def __init__(self, part: Part, parts: list[Part], src: Checkpoint, clock: Clock):
+        self.part, self.src, self.clock = part, src, clock
         self.prev = parts[part.index - 1] if part.index else None
         self.next = parts[part.index + 1] if part.index + 1 < len(parts) else None
         self.pending: list[Any] = []
@@ -494,10 +517,10 @@ class _Handoff:
     def provide(self) -> dict[str, Any] | None:
         import torch
 
+        if self.part.inputs == "calibration":
+            return None
         t0 = time.time()
         try:
-            if self.part.inputs == "calibration":
-                return None
             if self.part.inputs == "file":
                 return torch.load(self.part.inputs_file, weights_only=True)
             try:
@@ -509,11 +532,9 @@ class _Handoff:
                 ) from None
         finally:
             self.clock.spans["waiting_for_inputs"] = round(time.time() - t0, 3)
-            self.inputs_at = time.time()
 
     def handed(self, saved: dict[str, Any]) -> None:
-        if self.inputs_at is None:
-            self.inputs_at = time.time()
+        self.inputs_at = time.time()
         if not self.part.forward:
             return
         import torch
@@ -527,16 +548,14 @@ class _Handoff:
         tmp = file.with_name(file.name + ".tmp")
         torch.save(out, tmp)
         tmp.replace(file)
-        sidecar = {"fingerprint": handed_fingerprint(self.job, self.part.stop), "by": self.part.describe()}
+        sidecar = {"fingerprint": self.next.inputs_fingerprint, "by": self.part.describe()}
         atomic_write_text(file.with_suffix(".json"), json.dumps(sidecar) + "\n")
 
     def wait(self) -> None:
         """The sends have reached the next rank (or failed: then that rank reports it)."""
         for work in self.pending[:2]:
-            try:
+            with contextlib.suppress(RuntimeError):
                 work.wait()
-            except RuntimeError:
-                pass
         self.pending = []
 
 
@@ -551,7 +570,7 @@ def run_part(part: Part, parts: list[Part], src: Checkpoint, recipe: Recipe, job
     """Quantize one range as the `worker` stage of its part folder; False when it did not end done (the
     stage recorded why in one line)."""
     clock = Clock()
-    handoff = _Handoff(part, parts, src, job, clock)
+    handoff = _Handoff(part, parts, src, clock)
     started = time.time()
     try:
         shutil.rmtree(part.root, ignore_errors=True)
@@ -663,10 +682,8 @@ def _refuse_running(parts: list[Part]) -> None:
             )
 
 
-def run_ranks(
-    src: Checkpoint, recipe: Recipe, root: Path, gpus: list[str], topology: Topology
-) -> tuple[list[Part], dict[str, Any]]:
-    """Plan the ranges, start this host's ranks, wait for them. Returns the parts and the job. Raises
+def run_ranks(src: Checkpoint, recipe: Recipe, root: Path, gpus: list[str], topology: Topology) -> list[Part]:
+    """Plan the ranges, start this host's ranks, wait for them. Returns the parts. Raises
     StageError naming every range of the job that is not done (when this host is node 0, or for this host's
     own ranges on the others)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -674,13 +691,11 @@ def run_ranks(
     _refuse_running([p for p in parts if not p.kept])
     world = ranks_at_once(recipe, gpus, topology)
     master = (topology.master_addr, topology.master_port or _free_port())
-    handed = {str(p.start): source_fingerprint(src, recipe, [p.start]) for p in parts}
     plan = [(p.start, p.stop, p.rank, p.kept, p.inputs, p.forward, p.send) for p in parts]
     job = {
         "recipe": recipe.model_dump(mode="json"),
         "source": str(src.root),
         "parts": [p.spec() for p in parts],
-        "handed": handed,
         "digest": digest(plan),
         "t0": time.time(),
     }
@@ -722,7 +737,7 @@ def run_ranks(
     failed = [_why_not_done(p, ranks) for p in mine if not done(p)]
     if failed:
         raise StageError("; ".join(failed) + "; finished ranges are kept, re-run the build to redo only the rest")
-    return parts, job
+    return parts
 
 
 def _why_not_done(part: Part, ranks: dict[int, subprocess.Popen]) -> str:
@@ -815,7 +830,7 @@ def quantize_parallel(
     `sampler`, which NVML numbers as CUDA does by default) and the cost model's prediction beside it."""
     gpus, _ = gpus_for(recipe)
     with clock.span("parallel_quantization"):
-        parts, job = run_ranks(src, recipe, run.root / PARALLEL_DIR, gpus, topology)
+        parts = run_ranks(src, recipe, run.root / PARALLEL_DIR, gpus, topology)
     with clock.span("merge"):
         merged = merge_parts(parts, work, src.config)
     sampler.sample()
@@ -878,7 +893,7 @@ def join(src: Checkpoint, recipe: Recipe, out: Path, topology: Topology) -> list
     """A host other than node 0: run its ranks of the job in the shared run folder `out`; node 0 merges,
     verifies and writes the card."""
     gpus, _ = gpus_for(recipe)
-    parts, _ = run_ranks(src, recipe, out / PARALLEL_DIR, gpus, topology)
+    parts = run_ranks(src, recipe, out / PARALLEL_DIR, gpus, topology)
     world = ranks_at_once(recipe, gpus, topology)
     return [p for p in parts if node_of(p.rank, world, topology) == topology.node_rank]
 

@@ -39,13 +39,11 @@ def _import_layout_libraries() -> None:
     from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration  # noqa: F401
 
 
-def preload() -> threading.Thread:
+def preload() -> None:
     """Import what the gates need (torch, transformers' Qwen3.5 classes) in the background: a block-parallel
     build's own process quantizes nothing, so without it these imports came after the merge (measured: 7.9 s
     of "verification" for the 4-block demo on this CPU, 0.1 s in a sequential build; 8.5 s vs 0.6 s on GPUs)."""
-    thread = threading.Thread(target=_import_layout_libraries, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=_import_layout_libraries, daemon=True).start()
 
 
 @lru_cache(maxsize=4)

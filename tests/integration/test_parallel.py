@@ -127,36 +127,19 @@ def test_manifest_and_card_record_each_worker(builds):
     assert "its inputs after" in card and "(full precision, from worker 0)" in card
 
 
-class _Captured(Exception):
-    pass
-
-
 def test_the_inputs_handed_on_are_what_the_source_model_computes(demo_source, tmp_path):
     """Block 0's inputs from AutoRound's calibration pass, run through blocks 0-1 and then block 2 in full
     precision as a rank does before handing them on (each block streamed from the shards), are the hidden
     states transformers' whole model computes for the same tokens."""
     import torch
 
-    from reap import compat, engine
-    from reap.errors import StageError
-    from reap.parallel import full_precision_pass, write_range_view
+    from reap import compat
+    from reap.parallel import calibration_inputs, full_precision_pass
     from reap.recipe import load_recipe
-    from reap.stats import Clock
 
     src = Checkpoint.open(demo_source)
     recipe = load_recipe(DEMO_RECIPE, {"model.path": str(demo_source), "quantize.nsamples": 4})
-    write_range_view(src, tmp_path / "view", 0, 2)
-    view, saved = Checkpoint.open(tmp_path / "view"), {}
-
-    def handed(inputs):
-        saved.update(inputs)
-        raise _Captured  # AutoRound need not tune anything here
-
-    kept = engine.keep_16bit_layers(view, recipe)
-    with pytest.raises(StageError, match="_Captured"):
-        with engine.autoround_session(view, recipe, kept, tmp_path / "log", Clock(), []) as (ar, _, _):
-            with compat.autoround_block_inputs(lambda: None, handed):
-                ar.quantize_and_save(str(tmp_path / "out"), format=recipe.quantize.format)
+    saved = calibration_inputs(src, recipe, tmp_path)
     first = saved["inputs"]["hidden_states"]
     after2 = full_precision_pass(src, saved, 0, 2)
     after3 = full_precision_pass(src, dict(saved, inputs=dict(saved["inputs"], hidden_states=after2)), 2, 3)

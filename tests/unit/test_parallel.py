@@ -68,7 +68,7 @@ def _part_outputs(tmp_path: Path) -> tuple[Checkpoint, list[Part]]:
     src = Checkpoint.open(make_checkpoint(tmp_path / "src"))
     parts = []
     for k in range(2):
-        part = Part(k, k, k + 1, k, "cpu", tmp_path / f"part-{k}", "fp")
+        part = Part(k, k, k + 1, k, "cpu", tmp_path / f"part-{k}", "fp", "in")
         write_range_view(src, part.model, k, k + 1)
         cfg = json.loads((part.model / "config.json").read_text())
         extra = cfg["quantization_config"]["extra_config"]
@@ -121,7 +121,7 @@ def test_merge_of_gptq_configs_is_the_sequential_one():
         "dynamic": dynamic(range(12)),
         "modules_in_block_to_quantize": [["a", "b", "self_attn.q_proj"]],
     }
-    parts = [Part(0, 0, 6, 0, "0", Path("p0"), "fp"), Part(1, 6, 12, 1, "1", Path("p1"), "fp")]
+    parts = [Part(0, 0, 6, 0, "0", Path("p0"), "fp", "in"), Part(1, 6, 12, 1, "1", Path("p1"), "fp", "in")]
     # each worker numbers its blocks from 0
     w0 = dict(seq, dynamic=dynamic(range(6)), modules_in_block_to_quantize=[["a", "b"]])
     w1 = dict(w0, modules_in_block_to_quantize=[["a", "self_attn.q_proj"]])
