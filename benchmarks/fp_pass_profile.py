@@ -33,9 +33,10 @@ def main() -> None:
     from auto_round.utils import to_device
 
     from reap.checkpoint import Checkpoint
-    from reap.parallel import _repeated, calibration_inputs
+    from reap.parallel import calibration_inputs
     from reap.prune import ARCHS, _load_layer, layer_state, moe_layout, text_config
     from reap.recipe import load_recipe
+    from reap.samples import repeated
 
     src = Checkpoint.open(args.slice)
     recipe = load_recipe(
@@ -78,7 +79,7 @@ def main() -> None:
             sync()
             t3 = time.perf_counter()
             kw = {
-                k: _repeated(to_device(v[0] if isinstance(v, list) else v, dev), len(hidden)) for k, v in others.items()
+                k: repeated(to_device(v[0] if isinstance(v, list) else v, dev), len(hidden)) for k, v in others.items()
             }
             batch = torch.cat(hidden).to(dev)
             out_b = layer(batch, **kw)

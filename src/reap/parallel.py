@@ -43,7 +43,7 @@ from typing import Any
 
 import psutil
 
-from reap import compat, costmodel, engine, procs
+from reap import compat, costmodel, engine, procs, samples
 from reap.checkpoint import Checkpoint, layer_index, read_header_and_offset, shift_layer
 from reap.errors import InputError, ReapError, StageError
 from reap.prune import decoder_layer, moe_layout, text_config
@@ -417,32 +417,6 @@ def _recv(src: int) -> Any:
     return torch.load(io.BytesIO(data.numpy().tobytes()), weights_only=True)
 
 
-def _same_for_all(values: list[Any]) -> bool:
-    """Whether the per-sample values of one keyword argument are all equal (tensors, tuples of them, None)."""
-    import torch
-
-    def same(a: Any, b: Any) -> bool:
-        if isinstance(a, tuple | list) and isinstance(b, tuple | list):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-        if torch.is_tensor(a) and torch.is_tensor(b):
-            return a.shape == b.shape and bool(torch.equal(a, b))
-        return a is b or a == b
-
-    return all(same(values[0], v) for v in values[1:])
-
-
-def _repeated(value: Any, n: int) -> Any:
-    """One sample's keyword argument for a batch of n samples: tensors repeated along their first dimension of
-    size 1, the batch one (position embeddings [1, T, D], mrope position ids [3, 1, T], masks [1, 1, T, T])."""
-    import torch
-
-    if isinstance(value, tuple):
-        return tuple(_repeated(v, n) for v in value)
-    if torch.is_tensor(value) and 1 in value.shape:
-        return torch.cat([value] * n, dim=list(value.shape).index(1))
-    return value
-
-
 def full_precision_pass(src: Checkpoint, saved: dict[str, Any], start: int, stop: int) -> list[Any]:
     """The hidden states after blocks [start, stop) in full precision, from the inputs of block `start`
     (`saved`, as AutoRound caches them: per-sample hidden states and keyword arguments). Each block is streamed
@@ -457,14 +431,14 @@ def full_precision_pass(src: Checkpoint, saved: dict[str, Any], start: int, stop
     hidden = list(saved["inputs"]["hidden_states"])
     others = {k: v for k, v in saved["inputs"].items() if k not in ("hidden_states", "positional_inputs")}
     per_sample = {k: v if isinstance(v, list) else [v] * len(hidden) for k, v in others.items()}
-    batched = len({tuple(h.shape) for h in hidden}) == 1 and all(_same_for_all(v) for v in per_sample.values())
+    batched = samples.batchable(hidden, per_sample)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layout, config = moe_layout(src), text_config(src)
     with torch.inference_mode():
         for i in range(start, stop):
             layer = decoder_layer(src, layout, config, i, device).to(hidden[0].dtype)
             if batched:
-                kwargs = {k: _repeated(to_device(v[0], device), len(hidden)) for k, v in per_sample.items()}
+                kwargs = {k: samples.repeated(to_device(v[0], device), len(hidden)) for k, v in per_sample.items()}
                 out = layer(torch.cat(hidden).to(device), **kwargs)
                 hidden = [h.clone() for h in (out[0] if isinstance(out, tuple) else out).to("cpu").split(1)]
             else:

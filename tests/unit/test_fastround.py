@@ -190,3 +190,80 @@ def test_containers_outside_the_scheme_are_left_to_autoround():
     experts[1].down_proj.bits = 4
     experts[2].up_proj.act_bits = 8
     assert not eligible(experts)
+
+
+def test_fused_sign_step_is_autoround_s_signsgd_update_bit_for_bit():
+    from reap.fastround import _fused_sign_steps, _kernel
+
+    g = torch.Generator().manual_seed(3)
+    value = torch.randn(64, 128, generator=g) * 1e-3
+    grad = torch.randn(64, 128, generator=g)
+    grad[0, :8] = 0.0  # sign 0: no step
+    lr = 1 / 200
+    expected = value.clone().add_(torch.sign(grad), alpha=-lr)  # AutoRound's _single_tensor_sgd
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:  # on CUDA the compiled kernel
+        p, d_p = value.to(device, copy=True), grad.to(device)
+        _kernel("sign_step", p.device)(p.view(-1), d_p.view(-1), torch.tensor(lr, dtype=p.dtype, device=device))
+        assert torch.equal(p.cpu(), expected), device
+        # through AutoRound's optimizer with the step patched: the same parameters, one step
+        p = torch.nn.Parameter(value.to(device, copy=True))
+        p.grad = grad.to(device)
+        with _fused_sign_steps():
+            _signsgd([p], lr).step()
+        assert torch.equal(p.detach().cpu(), expected), device
+
+
+class _CountingBlock(torch.nn.Module):
+    """A block with a decoder layer's call signature; records the batch of every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(H, H) / H**0.5)
+        self.batches: list[int] = []
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None):
+        self.batches.append(hidden_states.shape[0])
+        cos, sin = position_embeddings
+        return (torch.tanh(hidden_states @ self.weight) * cos + sin,)
+
+
+def _runner():
+    from auto_round.algorithms.block_runner import BlockForwardRunner
+
+    return BlockForwardRunner(batch_size=1, device="cpu", amp=False, enable_torch_compile=False)
+
+
+def test_nograd_passes_run_a_block_s_samples_as_one_batch_with_the_same_outputs():
+    from reap.fastround import _one_batch_nograd_passes
+
+    g = torch.Generator().manual_seed(4)
+    n, t = 5, 7
+    inputs = [torch.randn(1, t, H, generator=g) for _ in range(n)]
+    cos, sin = torch.randn(1, t, H, generator=g), torch.randn(1, t, H, generator=g)
+    others = {"position_embeddings": [(cos, sin)] * n, "attention_mask": [None] * n}
+    block = _CountingBlock()
+    with torch.no_grad():
+        one_by_one = _runner()(block, inputs, dict(others))
+        assert block.batches == [1] * n
+        block.batches.clear()
+        with _one_batch_nograd_passes():
+            batched = _runner()(block, inputs, dict(others))
+            assert block.batches == [n]
+            block.batches.clear()
+            # a tuning step's selection (indices given) stays AutoRound's, one sample at a time
+            picked = _runner()(block, inputs, dict(others), indices=[2])
+            assert block.batches == [1] and torch.allclose(picked, one_by_one[2], atol=1e-6)
+            block.batches.clear()
+            # samples of different lengths, or keyword arguments that differ per sample: one at a time
+            ragged = [*inputs[:-1], torch.randn(1, t + 1, H, generator=g)]
+            ragged_pe = [(cos, sin)] * (n - 1) + [(torch.randn(1, t + 1, H), torch.randn(1, t + 1, H))]
+            _runner()(block, ragged, {"position_embeddings": ragged_pe, "attention_mask": [None] * n})
+            assert block.batches == [1] * n
+            block.batches.clear()
+            other_sin = [(cos, sin)] * (n - 1) + [(cos, torch.zeros_like(sin))]
+            _runner()(block, inputs, {"position_embeddings": other_sin, "attention_mask": [None] * n})
+            assert block.batches == [1] * n
+    assert len(batched) == n and all(b.shape == (1, t, H) for b in batched)
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
