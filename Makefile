@@ -4,6 +4,10 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.reap-setup
 PYTEST  := $(BIN)/python -m pytest
+# pytest-xdist workers: one test file each at a time (module fixtures and file order kept); the demo model and
+# its builds are made once and shared (tests/integration/conftest.py). `make test WORKERS=0` runs serially.
+WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
 
 .PHONY: setup demo test lint format test-unit test-integration bench clean
 
@@ -26,7 +30,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	else \
 	  echo "setup: $(TORCH_PIN) from $(TORCH_INDEX)"; index='--extra-index-url $(TORCH_INDEX)'; \
 	fi; \
-	$(BIN)/pip install -q $$index -c constraints-cpu.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q --no-compile $$index -c constraints-cpu.txt -e '.[cpu,dev]'
 	$(BIN)/pip uninstall -q -y torchaudio torchcodec || true
 	touch $(STAMP)
 
@@ -40,8 +44,8 @@ demo: setup runs/demo-source
 	$(BIN)/reap run recipes/demo.yaml
 
 test: setup lint
-	$(PYTEST) tests -m "not integration" -q
-	$(PYTEST) tests -m integration -q
+	$(PYTEST) tests -m "not integration" -q $(XDIST)
+	$(PYTEST) tests -m integration -q $(XDIST)
 
 # ruff's settings are in pyproject.toml; `make format` applies what `make lint` checks.
 lint: setup
@@ -53,10 +57,10 @@ format: setup
 	$(BIN)/ruff format src tests benchmarks
 
 test-unit: setup
-	$(PYTEST) tests -m "not integration" -q
+	$(PYTEST) tests -m "not integration" -q $(XDIST)
 
 test-integration: setup
-	$(PYTEST) tests -m integration -q
+	$(PYTEST) tests -m integration -q $(XDIST)
 
 clean:
 	rm -rf runs .pytest_cache

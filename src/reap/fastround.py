@@ -54,18 +54,10 @@ def _qdq_backward(g: Any, w: Any, v: Any, scale: Any, maxq: int) -> tuple[Any, A
     return grad_t, grad_scale.to(scale.dtype)
 
 
-def _sign_step(p: Any, g: Any, lr: Any) -> None:
-    """SignSGD's update `p -= lr * sign(g)` in place (lr a 0-d tensor of p's dtype): one pass where AutoRound's
-    `param.add_(torch.sign(d_p), alpha=-lr)` writes the signs out and reads them back."""
-    import torch
-
-    p.add_(torch.sign(g) * -lr)
-
-
 def _kernel(name: str, device: Any) -> Any:
     """The eager function, or on CUDA its torch.compile'd fusion (compiled at its first call, once per
     process; where compiling fails the eager ops, which compute the same, are used from then on)."""
-    eager = {"forward": _qdq_forward, "backward": _qdq_backward, "sign_step": _sign_step}[name]
+    eager = {"forward": _qdq_forward, "backward": _qdq_backward}[name]
     if device.type != "cuda" or _COMPILED.get(name) is eager:
         return eager
     if name not in _COMPILED:
@@ -308,36 +300,6 @@ def wrap_experts(block: Any, enable_minmax_tuning: bool, device: Any) -> list[st
 
 
 @contextlib.contextmanager
-def _fused_sign_steps() -> Iterator[None]:
-    """AutoRound's SignSGD step with one fused kernel per large CUDA parameter (the stacked tuning tensors:
-    13.6 GB of fp32 offsets a block at the 212B width), the same values: `sign(g) * -lr` is exactly +-lr or 0,
-    so the sum is rounded once either way. Momentum, weight decay and `maximize` (unused by SignRound) and
-    small or CPU parameters take AutoRound's own loop."""
-    import torch
-    from auto_round.algorithms.quantization.sign_round import sign_sgd
-
-    original = sign_sgd._single_tensor_sgd
-
-    def step(params: list[Any], d_p_list: list[Any], momentum_buffer_list: list[Any], **kw: Any) -> None:
-        if kw["momentum"] or kw["weight_decay"] or kw["maximize"]:
-            return original(params, d_p_list, momentum_buffer_list, **kw)
-        rest = [(p, g) for p, g in zip(params, d_p_list, strict=True) if not (p.is_cuda and p.numel() >= 1 << 20)]
-        lr = kw["lr"]  # a tensor in AutoRound's loop (its schedule's), or a float
-        lr = lr.detach() if torch.is_tensor(lr) else torch.tensor(lr)
-        for p, g in zip(params, d_p_list, strict=True):
-            if p.is_cuda and p.numel() >= 1 << 20:
-                _kernel("sign_step", p.device)(p.view(-1), g.reshape(-1), lr.to(device=p.device, dtype=p.dtype))
-        if rest:
-            original([p for p, _ in rest], [g for _, g in rest], [None] * len(rest), **kw)
-
-    sign_sgd._single_tensor_sgd = step
-    try:
-        yield
-    finally:
-        sign_sgd._single_tensor_sgd = original
-
-
-@contextlib.contextmanager
 def _one_batch_nograd_passes() -> Iterator[None]:
     """AutoRound's no-grad passes over all of a block's cached samples (its full-precision targets, then the
     tuned block's outputs, the next block's inputs) as one batch where `reap.samples.batchable`; with
@@ -378,8 +340,8 @@ def _one_batch_nograd_passes() -> Iterator[None]:
 def stacked_expert_tuning(counter: dict[str, int]) -> Iterator[None]:
     """While the block runs, AutoRound's SignRound quantizer wraps each block with `wrapper_block` below:
     eligible experts containers stacked, everything else AutoRound's own wrappers. `counter` counts the
-    blocks and expert Linears tuned stacked. Its SignSGD steps are fused per stacked tensor and its no-grad
-    passes run the block's samples as one batch (both: the same computation in fewer passes)."""
+    blocks and expert Linears tuned stacked. Its no-grad passes run the block's samples as one batch (the same
+    computation in fewer, larger passes)."""
     from auto_round.algorithms.quantization.sign_round import quantizer as sign_round
 
     original = sign_round.wrapper_block
@@ -394,7 +356,7 @@ def stacked_expert_tuning(counter: dict[str, int]) -> Iterator[None]:
 
     sign_round.wrapper_block = wrapper_block
     try:
-        with _fused_sign_steps(), _one_batch_nograd_passes():
+        with _one_batch_nograd_passes():
             yield
     finally:
         sign_round.wrapper_block = original

@@ -192,28 +192,6 @@ def test_containers_outside_the_scheme_are_left_to_autoround():
     assert not eligible(experts)
 
 
-def test_fused_sign_step_is_autoround_s_signsgd_update_bit_for_bit():
-    from reap.fastround import _fused_sign_steps, _kernel
-
-    g = torch.Generator().manual_seed(3)
-    value = torch.randn(64, 128, generator=g) * 1e-3
-    grad = torch.randn(64, 128, generator=g)
-    grad[0, :8] = 0.0  # sign 0: no step
-    lr = 1 / 200
-    expected = value.clone().add_(torch.sign(grad), alpha=-lr)  # AutoRound's _single_tensor_sgd
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:  # on CUDA the compiled kernel
-        p, d_p = value.to(device, copy=True), grad.to(device)
-        _kernel("sign_step", p.device)(p.view(-1), d_p.view(-1), torch.tensor(lr, dtype=p.dtype, device=device))
-        assert torch.equal(p.cpu(), expected), device
-        # through AutoRound's optimizer with the step patched: the same parameters, one step
-        p = torch.nn.Parameter(value.to(device, copy=True))
-        p.grad = grad.to(device)
-        with _fused_sign_steps():
-            _signsgd([p], lr).step()
-        assert torch.equal(p.detach().cpu(), expected), device
-
-
 class _CountingBlock(torch.nn.Module):
     """A block with a decoder layer's call signature; records the batch of every call."""
 
