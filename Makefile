@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	else \
 	  echo "setup: $(TORCH_PIN) from $(TORCH_INDEX)"; index='--extra-index-url $(TORCH_INDEX)'; \
 	fi; \
-	$(BIN)/pip install -q --no-compile $$index -c constraints-cpu.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q $$index -c constraints-cpu.txt -e '.[cpu,dev]'
 	$(BIN)/pip uninstall -q -y torchaudio torchcodec || true
 	touch $(STAMP)
 

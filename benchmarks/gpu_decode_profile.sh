@@ -6,7 +6,14 @@
 # Meant to run in the background (setsid) while the vLLM wheels are uploaded (../shared/gpu/stage-wheels.sh):
 #   SHA=<bundle sha256> setsid nohup bash benchmarks/gpu_decode_profile.sh > ~/res/job.log 2>&1 &
 # Needs .whl/ (auto-round, transformers 5.19, pydantic, lm-eval and their small dependencies) and, later,
-# ~/stage/part_* (the vLLM 0.24.0 wheels). Small results in ~/res; `~/res/done` when finished.
+# ~/stage/part_* (the vLLM 0.24.0 wheels). Small results in ~/res; `~/res/done` when finished. .whl/ is made on
+# the CPU machine (git-ignored; ~30 MB, carried by the device call that starts this script):
+#   pip download -d .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 auto-round==0.16.1 transformers==5.19.0 \
+#     datasets==5.2.0 multiprocess dill pydantic==2.14.4 pydantic-core annotated-types typing-inspection loguru \
+#     lm-eval==0.4.13 evaluate pytablewriter DataProperty mbstrdecoder pathvalidate tabledata tcolorpy typepy \
+#     chardet nltk more_itertools
+#   pip wheel -w .whl --no-deps sqlitedict rouge-score word2number      # sdists only: built here (pure Python)
 set -uo pipefail
 SRC=$PWD WORK=${WORK:-/root/reap-decode} RES=${RES:-/root/res} PORT=${PORT:-8100}
 export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
