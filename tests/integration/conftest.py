@@ -23,8 +23,8 @@ REAP = [sys.executable, "-m", "reap"]
 ALL_CORES = dict(os.environ)  # for the demo model's training, which the other workers wait for
 if os.environ.get("PYTEST_XDIST_WORKER") is not None:
     # Workers side by side: each one's builds, servers and evaluations get its share of the cores instead of
-    # every process starting a thread per core (measured on 2 cores: 22 min 16 s for the integration tests with
-    # 2 workers oversubscribing, against 26 min 48 s serially).
+    # every process starting a thread per core (integration tests on 2 cores: 26 min 48 s serially, 22 min 16 s
+    # with 2 workers oversubscribing the cores, 18 min 40 s with a core each).
     share = (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, share)))
 DEMO_RECIPE = str(data_dir("recipes") / "demo.yaml")
