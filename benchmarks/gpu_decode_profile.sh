@@ -54,18 +54,16 @@ python3 -m reap serve "$WORK/run" --detach --port "$PORT" --max-model-len 2048 -
 name=$(python3 -c "import json; print(json.load(open('$WORK/run/manifest.json'))['name'])")
 
 step "batch-1 decode: 2 requests of 256 in / 128 out, profiled"
-cat > "$WORK/passes.json" <<EOF
-[["--backend", "vllm", "--base-url", "http://127.0.0.1:$PORT", "--endpoint", "/v1/completions",
-  "--model", "$name", "--tokenizer", "$WORK/run/model", "--dataset-name", "random", "--random-input-len", "256",
-  "--random-output-len", "128", "--ignore-eos", "--seed", "0", "--num-prompts", "8", "--max-concurrency", "1",
-  "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result",
-  "--result-dir", "$RES", "--result-filename", "unprofiled-c1.json"],
- ["--backend", "vllm", "--base-url", "http://127.0.0.1:$PORT", "--endpoint", "/v1/completions",
-  "--model", "$name", "--tokenizer", "$WORK/run/model", "--dataset-name", "random", "--random-input-len", "256",
-  "--random-output-len", "128", "--ignore-eos", "--seed", "1", "--num-prompts", "2", "--max-concurrency", "1",
-  "--percentile-metrics", "ttft,tpot,itl", "--metric-percentiles", "50,99", "--disable-tqdm", "--profile",
-  "--save-result", "--result-dir", "$RES", "--result-filename", "profiled-c1.json"]]
-EOF
+python3 - "$PORT" "$name" "$WORK" "$RES" <<'PY'  # reap bench's own pass arguments; the second one profiled
+import json, sys
+from pathlib import Path
+from reap.bench import Settings, pass_args
+port, name, work, res = sys.argv[1:]
+url, tok = f"http://127.0.0.1:{port}/v1", Path(work) / "run" / "model"
+plain = pass_args(url, name, tok, Settings((1,), 256, 128, num_prompts=8), 1, Path(res) / "unprofiled-c1.json")
+profiled = pass_args(url, name, tok, Settings((1,), 256, 128, num_prompts=2, seed=1), 1, Path(res) / "profiled-c1.json")
+Path(work, "passes.json").write_text(json.dumps([plain, [*profiled, "--profile"]]))
+PY
 VLLM_RPC_TIMEOUT=600000 timeout 300 python3 -m reap.vllm_bench "$WORK/passes.json" > "$RES/bench.txt" 2>&1
 step "bench exit $?"; grep -E "Output token throughput|Mean TPOT|Median TPOT|Mean ITL" "$RES/bench.txt"
 sleep 5

@@ -40,6 +40,11 @@ def reap_cli(*args: str, check: bool = True, env: dict[str, str] | None = None) 
     return proc
 
 
+def build_demo(source: Path, run: Path, *flags: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`reap build` of the demo recipe from `source` into `run`, with more flags (`--set k=v`, `--iters 0`)."""
+    return reap_cli("build", DEMO_RECIPE, "--model", str(source), "--out", str(run), *flags, check=check)
+
+
 def shared(tmp_path_factory, name: str, make) -> Path:
     """`make(folder)` once per test run: in this session's temporary folder, or, under pytest-xdist, in the
     folder all workers share, by whichever worker asks first while the others wait on its lock."""
@@ -81,16 +86,7 @@ def demo_build(demo_source, tmp_path_factory) -> Path:
     build = shared(
         tmp_path_factory,
         "demo-build",
-        lambda run: reap_cli(
-            "build",
-            DEMO_RECIPE,
-            "--model",
-            str(demo_source),
-            "--out",
-            str(run),
-            "--set",
-            "quantize.routed_experts=quantize",
-        ),
+        lambda run: build_demo(demo_source, run, "--set", "quantize.routed_experts=quantize"),
     )
     return own_copy(tmp_path_factory, build)
 
@@ -125,7 +121,7 @@ def servable_build(request, demo_source, tmp_path_factory) -> Path:
     build = shared(
         tmp_path_factory,
         "demo-cpu-build",
-        lambda run: reap_cli("build", DEMO_RECIPE, "--model", str(demo_source), "--out", str(run)),
+        lambda run: build_demo(demo_source, run),
     )
     return own_copy(tmp_path_factory, build)
 

@@ -12,7 +12,7 @@ import pytest
 from reap.card import fmt_seconds
 from reap.checkpoint import PROCESSOR_FILES
 
-from .conftest import DEMO_RECIPE, manifest, reap_cli
+from .conftest import build_demo, manifest, reap_cli
 
 pytestmark = pytest.mark.integration
 
@@ -104,13 +104,9 @@ def w4a16(demo_source, tmp_path_factory):
     out = {}
     for path in ("autoround", "stacked"):
         run = tmp_path_factory.mktemp("w4a16") / path
-        reap_cli(
-            "build",
-            DEMO_RECIPE,
-            "--model",
-            str(demo_source),
-            "--out",
-            str(run),
+        build_demo(
+            demo_source,
+            run,
             "--set",
             "quantize.format=auto_round",
             "--set",
@@ -173,13 +169,9 @@ def test_failed_rebuild_keeps_the_previous_build(demo_build, demo_source, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(demo_build, run)
     before = (run / "model" / "model.safetensors").read_bytes()
-    r = reap_cli(
-        "build",
-        DEMO_RECIPE,
-        "--model",
-        str(demo_source),
-        "--out",
-        str(run),
+    r = build_demo(
+        demo_source,
+        run,
         "--overwrite",
         "--iters",
         "0",
@@ -206,13 +198,9 @@ def test_text_only_path_when_processor_files_are_missing(demo_source, tmp_path):
     for name in PROCESSOR_FILES:
         (src / name).unlink()
     # routed_experts: keep_16bit also checks that per-layer settings reach the text model's names
-    reap_cli(
-        "build",
-        DEMO_RECIPE,
-        "--model",
-        str(src),
-        "--out",
-        str(tmp_path / "run"),
+    build_demo(
+        src,
+        tmp_path / "run",
         "--iters",
         "0",
         "--set",
