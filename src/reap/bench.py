@@ -10,6 +10,7 @@ command, vLLM version, kernels, start-up time, GPU memory after load) and the ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from reap.errors import InputError, ReapError
 from reap.evaluate import normalize_endpoint, require_served, targets
 from reap.rundir import existing_run
 from reap.secrets import mask_argv
-from reap.serve import CPU_SITE, ServeOptions, ServerPool, log_cause, serving, visible_gpus, vllm_version
+from reap.serve import CPU_SITE, ServeOptions, ServerPool, log_cause, visible_gpus, vllm_version
 from reap.stats import hardware_inventory, log
 
 # Per device: (concurrency levels, input tokens, output tokens, prompts per pass at least, prompts per slot).
@@ -245,18 +246,22 @@ def bench(
     if baseline and not (source / "config.json").is_file():
         raise InputError(f"the bf16 source of this build, {source}, is gone; restore it or leave --baseline out")
     host = urllib.parse.urlsplit(given).hostname if given else "127.0.0.1"
-    with run.stage(
-        "bench",
-        checkpoint=run.model_id(),
-        settings=asdict(settings),
-        vllm_version=vllm_version(),
-        hardware=hardware_inventory() if host in LOOPBACK else None,  # an endpoint elsewhere: not this host
-        sizes={"quantized": checkpoint_bytes(run.model_dir), "source": checkpoint_bytes(source)},
-        results=[],
-    ) as rec:
+    with (
+        contextlib.ExitStack() as own,
+        run.stage(
+            "bench",
+            checkpoint=run.model_id(),
+            settings=asdict(settings),
+            vllm_version=vllm_version(),
+            hardware=hardware_inventory() if host in LOOPBACK else None,  # an endpoint elsewhere: not this host
+            sizes={"quantized": checkpoint_bytes(run.model_dir), "source": checkpoint_bytes(source)},
+            results=[],
+        ) as rec,
+    ):
         opts = ServeOptions(port=port, extra_args=list(vllm_args))
+        pool = pool or own.enter_context(ServerPool())  # `reap bench` alone: its own servers, stopped after
         # the checkpoint a pooled server serves now first: the other one replaces it after
-        pairs = sorted(targets(run, manifest, baseline), key=lambda lt: not (pool and pool.running(lt[1], opts)))
+        pairs = sorted(targets(run, manifest, baseline), key=lambda lt: not pool.running(lt[1], opts))
         for label, target in pairs:
             entry = rec
             if label == "baseline":
@@ -275,8 +280,8 @@ def bench(
                 rec["endpoint"] = given
                 measure(given, os.environ.get("VLLM_API_KEY"))
                 continue
-            reused = bool(pool and pool.running(target, opts))  # started by `reap run`'s eval stage
-            with serving(target, opts, f"serve-bench-{label}.log", pool) as srv:
+            reused = pool.running(target, opts)  # started by `reap run`'s eval stage
+            with pool.serving(target, opts, f"serve-bench-{label}.log") as srv:
                 entry["server"] = {**srv.record(), "reused": reused}
                 rec.save()
                 measure(srv.base_url, srv.api_key)

@@ -397,7 +397,12 @@ def _server_line(label: str, srv: dict[str, Any], model: str) -> dict[str, Any]:
     ]
     return {
         "label": label,
-        "command": public_command(srv["argv"], model),
+        "command": " ".join(
+            [
+                *(f"{k}={shlex.quote(v)}" for k, v in sorted((srv.get("settings_env") or {}).items())),
+                public_command(srv["argv"], model),
+            ]
+        ),
         "startup": fmt_seconds(srv["startup_s"]) if srv.get("startup_s") is not None else "not timed",
         "kernels": ", ".join(kernels) or "none logged",
     }

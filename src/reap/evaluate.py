@@ -33,7 +33,7 @@ from reap import compat, quality
 from reap.errors import InputError, ReapError
 from reap.resources import data_dir
 from reap.rundir import RunDir, atomic_write_text, existing_run
-from reap.serve import ServeOptions, ServerPool, Target, http_request, serving
+from reap.serve import ServeOptions, ServerPool, Target, http_request
 from reap.stats import log
 
 MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
@@ -213,14 +213,25 @@ def require_served(base_url: str, served: str, api_key: str | None) -> dict[str,
     return info
 
 
+def task_manager(suite: Suite, tasks_dir: Path):
+    """lm-eval's TaskManager for the suite: its own task folder alone where it defines every task of the suite
+    (indexing lm-eval's ~14,000 built-in task YAMLs costs ~10 s on a small CPU host), else that folder and
+    lm-eval's built-in tasks."""
+    from lm_eval.tasks import TaskManager
+
+    include = prepare_include(suite.include_paths, tasks_dir)
+    if include:
+        own = TaskManager(include_path=str(include), include_defaults=False)
+        if all(s.name in own.all_tasks for s in suite.tasks):
+            return own
+    return TaskManager(include_path=str(include) if include else None)
+
+
 def preflight(suite: Suite, base_url: str, served: str, given_path: str | None, out_dir: Path, api_key: str | None):
     """Everything that can be refused before a request is scored: the endpoint, the served name, chat vs
     loglikelihood, unknown tasks. Returns (TaskManager, max_length)."""
     info = check_endpoint(suite, base_url, served, given_path, api_key)
-    from lm_eval.tasks import TaskManager
-
-    include = prepare_include(suite.include_paths, out_dir / "tasks")
-    manager = TaskManager(include_path=str(include) if include else None)
+    manager = task_manager(suite, out_dir / "tasks")
     unknown = [s.name for s in suite.tasks if s.name not in manager.all_tasks]
     if unknown:
         raise EvalError(f"unknown lm-eval task(s) {unknown}; check the name or pass --include-path with its YAML")
@@ -528,14 +539,17 @@ def evaluate(
     if given_endpoint:  # a server that is not there, or serves another model, is refused before the stage opens
         check_endpoint(suite, given_endpoint[0], manifest["name"], given_endpoint[1], os.environ.get("VLLM_API_KEY"))
     previous = (manifest.get("stages", {}).get("eval") or {}).get("baseline") or {}
-    with run.stage(
-        "eval",
-        checkpoint=run.model_id(),
-        suite=suite.name,
-        lm_eval_version=metadata.version("lm_eval"),
-        concurrency=concurrency,
-        results={},
-    ) as record:
+    with (
+        contextlib.ExitStack() as own,
+        run.stage(
+            "eval",
+            checkpoint=run.model_id(),
+            suite=suite.name,
+            lm_eval_version=metadata.version("lm_eval"),
+            concurrency=concurrency,
+            results={},
+        ) as record,
+    ):
         if baseline:
             record["baseline"] = {"model_id": build.get("source_id"), "results": {}}
         elif previous.get("results") and previous.get("model_id") == build.get("source_id"):
@@ -577,13 +591,23 @@ def evaluate(
                 )
                 record.save()
 
-        for label, target in targets(run, manifest, baseline):
+        pool = pool or own.enter_context(ServerPool())  # `reap eval` alone: its own servers, stopped after
+        served = targets(run, manifest, baseline)
+        # where they fit side by side (CPU servers), all start at once: two start-ups take as long as one
+        pool.prestart(
+            [
+                (t, ServeOptions(port=port), f"serve-{label}.log")
+                for label, t in served
+                if not (given_endpoint and label == "quantized")
+            ]
+        )
+        for label, target in served:
             if given_endpoint and label == "quantized":
                 base, given = given_endpoint
                 record["endpoint"] = base
                 measure(label, base, target.served_name, target.model_dir, given, os.environ.get("VLLM_API_KEY"))
                 continue
-            with serving(target, ServeOptions(port=port), f"serve-{label}.log", pool) as srv:
+            with pool.serving(target, ServeOptions(port=port), f"serve-{label}.log") as srv:
                 (record["baseline"] if label == "baseline" else record)["server"] = srv.record()  # kernels, start-up
                 record.save()
                 measure(label, srv.base_url, target.served_name, target.model_dir, None, srv.api_key)

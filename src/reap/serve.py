@@ -23,10 +23,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata, util
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from reap import procs
 from reap.checkpoint import Checkpoint
@@ -37,6 +39,8 @@ from reap.secrets import MASK, SECRET_ENV, mask_argv, remember
 from reap.stats import cpu_flags, cpu_vendor, gpu_memory_used_gb, log, visible_gpu_ids
 
 CPU_SITE = Path(__file__).resolve().parent / "cpu_site"
+# the environment variables of vLLM's command that are settings (shown with the command in the card)
+SETTINGS_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING")
 
 
 class ServeError(ReapError):
@@ -164,9 +168,14 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
                 f"--tp {opts.tp} needs GPUs, and this serves on the CPU "
                 f"({'--cpu given' if opts.device == 'cpu' else 'no GPU is visible'}); leave --tp out"
             )
+        # One CPU worker runs inside the engine core process (vLLM's uniprocess executor, which its CPU build
+        # allows only with VLLM_ENABLE_V1_MULTIPROCESSING=0): one Python process fewer to start, ~7 s of a
+        # ~25 s start-up on 2 cores; the engine core is still its own process, the model runs on as many threads.
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        argv += ["--distributed-executor-backend", "uni"]
         env["PYTHONPATH"] = os.pathsep.join([str(CPU_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         tp = opts.tp or recipe_serve.get("tensor_parallel_size") or 4
         have = visible_gpus()
@@ -330,9 +339,13 @@ class Server:
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
+    @property
+    def on_cpu(self) -> bool:
+        return "vllm.entrypoints.openai.api_server" in self.argv  # the CPU build's entry point
+
     def preflight(self) -> None:
         ckpt = Checkpoint.open(self.target.model_dir)
-        if "vllm.entrypoints.openai.api_server" in self.argv:  # the CPU build
+        if self.on_cpu:
             check_cpu_can_serve(ckpt)
         build = self.target.manifest.get("stages", {}).get("build", {})
         if build and build.get("verification", {}).get("passed") is False and not self.opts.force:
@@ -413,6 +426,7 @@ class Server:
         return {
             "argv": mask_argv(self.argv),
             "env": sorted(self.env_add),
+            "settings_env": {k: v for k, v in self.env_add.items() if k in SETTINGS_ENV},  # no secret, no path
             "vllm_version": vllm_version(),
             "startup_s": self.startup_s,
             "kernels": kernels,
@@ -438,15 +452,16 @@ class Server:
 
 class ServerPool:
     """The servers of one `reap run`: its eval and bench stages serve the same checkpoints, so a server one
-    stage started is kept for the next (one at a time: a GPU holds one vLLM at its memory utilisation).
+    stage started is kept for the next. On GPUs one runs at a time (a GPU holds one vLLM at its memory
+    utilisation); vLLM CPU servers that this host's memory holds side by side are all kept, each on its own
+    port, so that eval and bench start each checkpoint once.
 
     with ServerPool() as pool:
         with pool.serving(target, opts, "serve-quantized.log") as srv: ...   # started, or the running one
     """
 
     def __init__(self) -> None:
-        self.key: tuple[str, ...] | None = None
-        self.server: Server | None = None
+        self.servers: dict[tuple[str, ...], Server] = {}
 
     @staticmethod
     def _key(target: Target, opts: ServeOptions) -> tuple[str, ...]:
@@ -454,25 +469,63 @@ class ServerPool:
 
     def running(self, target: Target, opts: ServeOptions) -> bool:
         """Whether `target` is served now (by a server an earlier stage started, still alive)."""
-        return (
-            self.server is not None
-            and self.server.proc is not None
-            and self.server.proc.poll() is None
-            and self.key == self._key(target, opts)
-        )
+        srv = self.servers.get(self._key(target, opts))
+        return srv is not None and srv.proc is not None and srv.proc.poll() is None
+
+    def _fits_beside(self, srv: Server) -> bool:
+        """Whether `srv` can run beside the servers kept: all of them vLLM CPU servers, and memory for one more."""
+        starting = [s.target for s in self.servers.values() if s.startup_s is None]
+        return srv.on_cpu and all(s.on_cpu for s in self.servers.values()) and cpu_room_for(srv.target, starting)
+
+    def _launch(self, target: Target, opts: ServeOptions, log_name: str) -> Server:
+        """A new server of `target` launched beside the ones kept where they fit (else alone), not waited for."""
+        srv = Server(target, opts, log_name)
+        if not self._fits_beside(srv):
+            self.close()
+        taken = {s.opts.port for s in self.servers.values()}
+        if opts.port in taken:  # a kept server holds the recipe's port: the next free one above it
+            port = next(p for p in range(opts.port + 1, 65536) if p not in taken and port_free(opts.host, p))
+            srv = Server(target, replace(opts, port=port), log_name)
+        srv.start()
+        self.servers[self._key(target, opts)] = srv
+        return srv
+
+    def prestart(self, wanted: list[tuple[Target, ServeOptions, str]]) -> None:
+        """Start at once the CPU servers of `wanted` that this host holds side by side, and wait until all are
+        ready: their start-ups (mostly single-threaded imports) overlap, two take as long as one on 2 cores."""
+        launched = []
+        for target, opts, log_name in wanted:
+            if self.running(target, opts):
+                continue
+            if not self._fits_beside(Server(target, opts, log_name)):
+                break
+            launched.append(self._launch(target, opts, log_name))
+        for srv in launched:
+            self._ready(srv)
+
+    def _ready(self, srv: Server) -> Server:
+        try:
+            srv.wait_ready()
+        except BaseException:
+            self.stop(self.servers.pop(self._key(srv.target, srv.opts)))
+            raise
+        return srv
 
     @contextlib.contextmanager
     def serving(self, target: Target, opts: ServeOptions, log_name: str) -> Iterator[Server]:
         if not self.running(target, opts):
-            self.close()
-            self.server = Server(target, opts, log_name).__enter__()
-            self.key = self._key(target, opts)
-        yield self.server
+            self.stop(self.servers.pop(self._key(target, opts), None))
+            self._ready(self._launch(target, opts, log_name))
+        yield self.servers[self._key(target, opts)]
+
+    @staticmethod
+    def stop(srv: Server | None) -> None:
+        if srv is not None:
+            srv.stop()
 
     def close(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-        self.server = self.key = None
+        while self.servers:
+            self.stop(self.servers.popitem()[1])
 
     def __enter__(self) -> ServerPool:
         return self
@@ -481,9 +534,18 @@ class ServerPool:
         self.close()
 
 
-def serving(target: Target, opts: ServeOptions, log_name: str, pool: ServerPool | None = None):
-    """A ready server of `target`: the pool's (kept for the next stage), or one of its own, stopped after."""
-    return pool.serving(target, opts, log_name) if pool is not None else Server(target, opts, log_name)
+def cpu_server_bytes(target: Target) -> int:
+    """What a vLLM CPU server of `target` takes: its weights, its KV cache (VLLM_CPU_KVCACHE_SPACE GiB) and
+    ~2 GiB of processes (the demo's server: 2.2 GB in all)."""
+    weights = sum(f.stat().st_size for f in Path(target.model_dir).glob("*.safetensors"))
+    return weights + (int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1) + 2) * 2**30
+
+
+def cpu_room_for(target: Target, starting: list[Target]) -> bool:
+    """Whether this host's free memory holds one more vLLM CPU server of `target` twice over, beside the
+    servers `starting` (launched, their memory not yet taken)."""
+    need = 2 * cpu_server_bytes(target) + sum(cpu_server_bytes(t) for t in starting)
+    return psutil.virtual_memory().available >= need
 
 
 # --- the command's three modes ---------------------------------------------------------------------------

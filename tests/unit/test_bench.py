@@ -15,6 +15,8 @@ from reap.card import render_card, render_card_into
 from reap.recipe import parse_recipe
 from reap.rundir import RunDir
 
+from .fake_server import fake_server
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 
 
@@ -99,31 +101,18 @@ def test_the_record_names_the_checkpoint_and_the_baseline_its_source(tmp_path, m
     manifest["stages"]["build"]["model_id"] = run.model_id()
     del manifest["stages"]["bench"]
     run.write_manifest(manifest)
-    served = []
-
-    class FakeServer:
-        def __init__(self, target, opts, log_name):
-            self.target, self.base_url, self.api_key = target, f"http://127.0.0.1:{opts.port}/v1", None
-
-        def __enter__(self):
-            served.append(self.target.served_name)
-            return self
-
-        def __exit__(self, *exc):
-            pass
-
-        def record(self):
-            return {"argv": ["vllm", "serve"], "startup_s": 1.0, "kernels": {"moe_backend": "X"}}
+    events = []
+    record = {"argv": ["vllm", "serve"], "startup_s": 1.0, "kernels": {"moe_backend": "X"}}
+    monkeypatch.setattr(serve, "Server", fake_server(events, record=record))
 
     def fake_passes(base_url, served_name, tokenizer, s, out_dir, log_path, api_key):
         fast = served_name == "demo"
         return rows(100.0 if fast else 40.0, 5.0 if fast else 12.5, levels=s.concurrency)
 
-    monkeypatch.setattr(serve, "Server", FakeServer)
     monkeypatch.setattr(bench, "run_passes", fake_passes)
     monkeypatch.setattr(bench, "visible_gpus", lambda: 0)
     rec = bench.bench(run.root, baseline=True, concurrency=(1, 4))
-    assert served == ["demo", "demo-source"]
+    assert events == ["start demo:8000", "stop demo", "start demo-source:8000", "stop demo-source"]
     saved = run.read_manifest()["stages"]["bench"]
     assert saved["status"] == "done" and saved["model_id"] == run.model_id()
     assert saved["baseline"]["model_id"] == manifest["stages"]["build"]["source_id"]
@@ -135,6 +124,27 @@ def test_the_record_names_the_checkpoint_and_the_baseline_its_source(tmp_path, m
     assert "| 4 | 8/8, 8/8 | 400.0 | 160.0 | 2.50x |" in card
     assert "Checkpoint size: 100 B (W4A16) vs 400 B (bf16 source): 4.00x smaller." in card
     assert (run.model_dir / charts.THROUGHPUT).is_file() and "](serving_throughput.png)" in card
+
+
+def test_the_card_shows_a_cpu_server_command_with_the_settings_it_ran_with():
+    """`--distributed-executor-backend uni` only holds on vLLM's CPU build with VLLM_ENABLE_V1_MULTIPROCESSING=0:
+    the card's command carries the environment settings recorded with it (never a secret, never a path)."""
+    from reap.card import _server_line
+
+    argv = ["/venv/bin/python3", "-m", "vllm.entrypoints.openai.api_server", "--model", "/home/a/runs/demo/model"]
+    srv = {
+        "argv": [*argv, "--distributed-executor-backend", "uni"],
+        "env": ["PYTHONPATH", "VLLM_API_KEY", "VLLM_CPU_KVCACHE_SPACE", "VLLM_ENABLE_V1_MULTIPROCESSING"],
+        "settings_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"},
+        "startup_s": 23.1,
+        "kernels": {},
+    }
+    assert _server_line("W4A16", srv, "org/x")["command"] == (
+        "VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m vllm.entrypoints.openai.api_server "
+        "--model org/x --distributed-executor-backend uni"
+    )
+    del srv["settings_env"]  # a record from before reap kept them: the command alone
+    assert _server_line("W4A16", srv, "org/x")["command"].startswith("python -m vllm")
 
 
 def test_bench_stage_is_on_where_a_gpu_is_visible_and_opt_in_on_cpus(tmp_path, monkeypatch):
@@ -207,37 +217,70 @@ def test_the_cards_commands_name_the_checkpoint_not_this_machines_paths():
     assert "--result-dir" not in shown and "--save-result" not in shown and "/r" not in shown
 
 
-def test_reap_runs_servers_are_kept_from_eval_for_bench_one_at_a_time(tmp_path, monkeypatch):
-    """The pool behind `reap run`: a checkpoint served by the eval stage is not started again by bench; serving
-    another stops it first (one vLLM at a time); closing stops what runs."""
+@pytest.mark.parametrize(
+    "on_cpu, room, expected",
+    [
+        # GPU servers, or CPU ones the host's memory does not hold side by side: one at a time
+        (
+            False,
+            True,
+            [
+                "start demo:8000",
+                "stop demo",
+                "start demo-source:8000",
+                "stop demo-source",
+                "start demo:8000",
+                "stop demo",
+            ],
+        ),
+        (
+            True,
+            False,
+            [
+                "start demo:8000",
+                "stop demo",
+                "start demo-source:8000",
+                "stop demo-source",
+                "start demo:8000",
+                "stop demo",
+            ],
+        ),
+        # CPU servers that fit: both kept, the second on the next free port; bench starts neither again
+        (True, True, ["start demo:8000", "start demo-source:8001", "stop demo-source", "stop demo"]),
+    ],
+)
+def test_reap_runs_servers_are_kept_from_eval_for_bench(tmp_path, monkeypatch, on_cpu, room, expected):
+    """The pool behind `reap run`: a checkpoint served by the eval stage is not started again by bench; a GPU
+    serves one at a time (serving another stops it first), the CPU build keeps both where memory holds them;
+    closing stops what runs."""
     events = []
-
-    class Proc:
-        def __init__(self):
-            self.code = None
-
-        def poll(self):
-            return self.code
-
-    class FakeServer:
-        def __init__(self, target, opts, log_name):
-            self.name, self.proc = target.served_name, Proc()
-
-        def __enter__(self):
-            events.append(f"start {self.name}")
-            return self
-
-        def stop(self):
-            events.append(f"stop {self.name}")
-            self.proc.code = 0
-
-    monkeypatch.setattr(serve, "Server", FakeServer)
+    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=on_cpu))
+    monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: room)
+    monkeypatch.setattr(serve, "port_free", lambda host, port: True)
     run = RunDir(tmp_path)
     q, b = (serve.Target(tmp_path / n, n, run, {}) for n in ("demo", "demo-source"))
     opts = serve.ServeOptions()
     with serve.ServerPool() as pool:
-        for target in (q, b, b, q):
-            with serve.serving(target, opts, "x.log", pool) as srv:
-                assert srv.name == target.served_name
-        assert pool.running(q, opts) and not pool.running(b, opts)
-    assert events == ["start demo", "stop demo", "start demo-source", "stop demo-source", "start demo", "stop demo"]
+        for target in (q, b):  # eval
+            with pool.serving(target, opts, "x.log") as srv:
+                assert srv.target is target
+        for target in sorted((q, b), key=lambda t: not pool.running(t, opts)):  # bench: a running one first
+            with pool.serving(target, opts, "x.log") as srv:
+                assert srv.target is target
+        assert pool.running(q, opts) and pool.running(b, opts) is (on_cpu and room)
+    assert events == expected
+
+
+def test_cpu_room_counts_weights_kv_cache_and_processes_twice_and_the_servers_still_starting(tmp_path, monkeypatch):
+    (tmp_path / "model.safetensors").write_bytes(b"0" * 1000)
+    target = serve.Target(tmp_path, "demo", RunDir(tmp_path / "run"), {})
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    need = 1000 + 6 * 2**30
+    for available, starting, fits in (
+        (2 * need, [], True),
+        (2 * need - 1, [], False),
+        (3 * need, [target], True),
+        (3 * need - 1, [target], False),
+    ):
+        monkeypatch.setattr(serve.psutil, "virtual_memory", lambda a=available: type("VM", (), {"available": a}))
+        assert serve.cpu_room_for(target, starting) is fits

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 from reap import evaluate as ev
+from reap import serve
 from reap.errors import InputError
 from reap.rundir import RunDir
+
+from .fake_server import fake_server
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -84,7 +87,6 @@ def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(
     """Source and W4A16 answer the same 10 documents; W4A16 loses one of each task; its answers to the
     generation task reach the 4-token limit twice. Its top-1 next token differs from the source's at one of
     four positions of the held-out text."""
-    import contextlib
     import math
 
     from .ckpt_factory import make_checkpoint
@@ -98,12 +100,9 @@ def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(
     monkeypatch.setattr(ev, "check_endpoint", lambda *a, **k: {"id": "demo", "max_model_len": 1024})
     monkeypatch.setattr(ev, "token_counter", lambda tokenizer: lambda text: len(text.split()))
 
-    @contextlib.contextmanager
-    def fake_serving(target, opts, log_name, pool=None):
-        srv = {"base_url": "http://127.0.0.1:9/v1", "api_key": None, "record": lambda self: {"argv": []}}
-        yield type("Srv", (), srv)()
-
-    monkeypatch.setattr(ev, "serving", fake_serving)
+    events = []
+    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=True))
+    monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: True)
 
     def fake_evaluate(**kw):
         source = kw["model_args"]["model"] == "demo-source"
@@ -147,6 +146,7 @@ def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(
     assert a["data"] == "heldout.jsonl" and a["top_k"] == 20 and a["held_out_checked"]
     assert record["logprobs"]["sha256"] == ev.sha256((tmp_path / "eval" / "quantized" / "logprobs.jsonl").read_text())
     assert run.read_manifest()["stages"]["eval"]["agreement"] == a
+    assert events == ["start demo-source:8000", "stop demo-source"]  # W4A16 at --endpoint: the source alone served
 
     # W4A16 again without --baseline: the source's results and logprobs are kept and compared again
     record = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1")
@@ -255,3 +255,33 @@ def test_prompt_logprobs_are_asked_for_by_token_id_with_the_key(monkeypatch):
     monkeypatch.setattr(ev, "http_request", lambda *a, **k: (400, b'{"message": "This model\'s maximum context"}'))
     with pytest.raises(ev.EvalError, match="HTTP 400: .*maximum context.*must fit the server's max_model_len"):
         ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20)
+
+
+@pytest.mark.parametrize("room, expected", [(True, ["start demo:8000", "start demo-source:8001"]), (False, [])])
+def test_eval_starts_both_cpu_servers_at_once_where_they_fit(tmp_path, monkeypatch, room, expected):
+    """`reap eval --baseline` on the CPU build: W4A16 and source servers start together (two start-ups take
+    as long as one), each on its own port; where memory does not hold both, one at a time."""
+    run = RunDir(tmp_path)
+    run.write_manifest(json.loads((DATA / "golden_manifest.json").read_text()))
+    events = []
+    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=True))
+    monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: room)
+    monkeypatch.setattr(ev, "held_out_check", lambda *a: False)
+
+    def fake_run_suite(suite, base_url, served, *a, **kw):
+        events.append(f"eval {served} at {base_url}")
+
+    monkeypatch.setattr(ev, "run_suite", fake_run_suite)
+    monkeypatch.setattr(ev, "record_logprobs", lambda *a, **k: None)
+    ev.evaluate(tmp_path, baseline=True)
+    q, b = ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1") if room else ("http://127.0.0.1:8000/v1",) * 2
+    one = [] if room else ["start demo:8000"]
+    between = [] if room else ["stop demo", "start demo-source:8000"]
+    assert events == [
+        *expected,
+        *one,
+        f"eval demo at {q}",
+        *between,
+        f"eval demo-source at {b}",
+        *(["stop demo-source", "stop demo"] if room else ["stop demo-source"]),
+    ]

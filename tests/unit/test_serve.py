@@ -92,6 +92,9 @@ def test_cpu_argv_runs_the_module_with_the_shim_and_small_kv_cache(ckpt, tmp_pat
     assert "--tensor-parallel-size" not in argv
     assert env["PYTHONPATH"].split(":")[0].endswith("reap/cpu_site")
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    # the worker inside the engine core process: one process fewer to start (vLLM's CPU build needs both)
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
 
 
 def test_cpu_refuses_auto_round_format_experts(ckpt):
