@@ -284,8 +284,10 @@ def train(model, tokenizer, steps: int, batch: int, lr: float, seed: int, aux_lo
         for i, (seq, start) in enumerate(chunk):
             ids[i, : len(seq)] = torch.tensor(seq)
             labels[i, start : len(seq)] = torch.tensor(seq[start:])
-        # Right padding with a causal model: the padded tail never influences the scored tokens.
-        loss = model(input_ids=ids.to(device), labels=labels.to(device)).loss
+        # Right padding with a causal model: the padded tail never influences the scored tokens. `chunk_size`:
+        # transformers' reference DeltaNet kernel pads every sequence to a multiple of its chunk (64 tokens); one
+        # chunk as wide as the batch (~20 tokens here) gives the same loss for ~40% less time per step on a CPU.
+        loss = model(input_ids=ids.to(device), labels=labels.to(device), chunk_size=width).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
