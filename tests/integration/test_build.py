@@ -149,7 +149,12 @@ def test_stacked_expert_tuning_is_autoround_s_result_faster(w4a16):
     )
     for ref_blk, blk in zip(ref_b["blocks"], b["blocks"], strict=True):
         assert (blk["quantized"], blk["total"]) == (ref_blk["quantized"], ref_blk["total"])
-        assert blk["loss_best"] == pytest.approx(ref_blk["loss_best"], rel=0.15), (ref_blk, blk)
+        # A later block's inputs carry the earlier blocks' rounding, which the two paths' float sums make differ
+        # (block 3 of one demo model: starting loss 0.0127 vs 0.0101, best 0.0039 vs 0.0031): what is compared
+        # is what tuning achieved on each block's own inputs, best / starting loss (there 0.305 vs 0.306). The
+        # stacked path must tune as well as AutoRound's loop, within 15 %; better is no fault.
+        gain, ref_gain = (x["loss_best"] / x["loss_iter0"] for x in (blk, ref_blk))
+        assert gain <= ref_gain * 1.15, (ref_blk, blk)
     assert b["blocks"][0]["loss_iter0"] == pytest.approx(ref_b["blocks"][0]["loss_iter0"], rel=1e-3)  # same inputs
     print("held-out accuracy: autoround", ref_acc, "stacked", acc)
     for task in ref_acc:
