@@ -25,7 +25,7 @@ from reap.errors import InputError, ReapError
 from reap.evaluate import normalize_endpoint, require_served, targets
 from reap.rundir import existing_run
 from reap.secrets import mask_argv
-from reap.serve import CPU_SITE, ServeOptions, ServerPool, log_cause, visible_gpus, vllm_version
+from reap.serve import CPU_SITE, ServeOptions, ServerPool, Target, log_cause, visible_gpus, vllm_version
 from reap.stats import hardware_inventory, log
 
 # Per device: (concurrency levels, input tokens, output tokens, prompts per pass at least, prompts per slot).
@@ -139,25 +139,37 @@ def summarize(result: dict[str, Any], args: list[str]) -> dict[str, Any]:
     return row
 
 
-def run_passes(
-    base_url: str, served: str, tokenizer: Path, s: Settings, out_dir: Path, log_path: Path, api_key: str | None
-) -> list[dict[str, Any]]:
-    """One pass per concurrency against one server, in one child process group (reap.vllm_bench: vLLM's own
-    benchmark, imported once; stopped with the stage on Ctrl-C); returns the figures of each pass."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class Job:
+    """The passes against one server: the side measured, its served name and tokenizer, where results go."""
+
+    label: str
+    base_url: str
+    served: str
+    tokenizer: Path
+    out_dir: Path
+
+
+def run_passes(jobs: list[Job], s: Settings, log_path: Path, api_key: str | None) -> dict[str, list[dict[str, Any]]]:
+    """One pass per concurrency against each job's server, one server after the other, all in one child process
+    group (reap.vllm_bench: vLLM's own benchmark, imported once, ~9 s on 2 cores; stopped with the stage on
+    Ctrl-C); returns {label: the figures of each pass}."""
     passes = []
-    for c in s.concurrency:
-        result = out_dir / f"c{c}.json"
-        result.unlink(missing_ok=True)
-        passes.append((c, result, pass_args(base_url, served, tokenizer, s, c, result)))
-    spec = out_dir / "passes.json"
-    spec.write_text(json.dumps([args for _c, _r, args in passes], indent=1) + "\n")
+    for job in jobs:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        for c in s.concurrency:
+            result = job.out_dir / f"c{c}.json"
+            result.unlink(missing_ok=True)
+            passes.append((job, c, result, pass_args(job.base_url, job.served, job.tokenizer, s, c, result)))
+    spec = log_path.with_suffix(".passes.json")
+    spec.write_text(json.dumps([args for *_, args in passes], indent=1) + "\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1")  # the tokenizer is the local checkpoint's
     env["PYTHONPATH"] = os.pathsep.join([str(CPU_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
     if api_key:
         env["OPENAI_API_KEY"] = api_key  # what vLLM's benchmark sends as bearer token
     levels = ", ".join(f"{c} ({s.prompts(c)} prompts)" for c in s.concurrency)
-    log(f"bench: {served} at concurrency {levels}, {s.input_len} tokens in, {s.output_len} out")
+    for job in jobs:
+        log(f"bench: {job.served} at concurrency {levels}, {s.input_len} tokens in, {s.output_len} out")
     with open(log_path, "a") as logf:
         proc = procs.start_group(
             [sys.executable, "-m", "reap.vllm_bench", str(spec)], stdout=logf, stderr=subprocess.STDOUT, env=env
@@ -166,24 +178,24 @@ def run_passes(
             code = proc.wait()
         finally:
             procs.stop(proc, grace=5)
-    rows = []
-    for c, result, args in passes:
+    rows: dict[str, list[dict[str, Any]]] = {job.label: [] for job in jobs}
+    for job, c, result, args in passes:
         if not result.is_file():
             raise BenchError(
-                f"vLLM's benchmark exited with {code} before finishing concurrency {c} against {base_url}: "
+                f"vLLM's benchmark exited with {code} before finishing concurrency {c} against {job.base_url}: "
                 f"{log_cause(log_path)} (log: {log_path})"
             )
         row = summarize(json.loads(result.read_text()), args)
         if row["completed"] == 0 or row["failed"]:
             raise BenchError(
-                f"{served}: {row['failed']} of {row['num_prompts']} requests failed at concurrency {c}; the "
+                f"{job.served}: {row['failed']} of {row['num_prompts']} requests failed at concurrency {c}; the "
                 f"server's log says why (bench log: {log_path})"
             )
         log(
-            f"bench: {served} c={c}: {row['output_throughput']:.1f} output tok/s, "
+            f"bench: {job.served} c={c}: {row['output_throughput']:.1f} output tok/s, "
             f"TTFT {row['ttft_ms']['mean']:.1f} ms, TPOT {row['tpot_ms']['mean']:.2f} ms"
         )
-        rows.append(row)
+        rows[job.label].append(row)
     return rows
 
 
@@ -260,31 +272,42 @@ def bench(
     ):
         opts = ServeOptions(port=port, extra_args=list(vllm_args))
         pool = pool or own.enter_context(ServerPool())  # `reap bench` alone: its own servers, stopped after
-        # the checkpoint a pooled server serves now first: the other one replaces it after
-        pairs = sorted(targets(run, manifest, baseline), key=lambda lt: not pool.running(lt[1], opts))
-        for label, target in pairs:
-            entry = rec
-            if label == "baseline":
-                entry = rec["baseline"] = {"model_id": build.get("source_id"), "results": []}
-            out_dir = run.root / "bench" / label
-            log_path = run.logs_dir / f"bench-{label}.log"
+        entries = {"quantized": rec}
+        if baseline:
+            entries["baseline"] = rec["baseline"] = {"model_id": build.get("source_id"), "results": []}
+
+        def measure(side: list[tuple[str, str, Target]], api_key: str | None) -> None:
+            """The passes against the servers of `side`, (label, base URL, target) each, in one process."""
+            log_path = run.logs_dir / f"bench-{'-'.join(label for label, _, _ in side)}.log"
             log_path.unlink(missing_ok=True)
+            jobs = [Job(lb, url, t.served_name, t.model_dir, run.root / "bench" / lb) for lb, url, t in side]
+            for label, rows in run_passes(jobs, settings, log_path, api_key).items():
+                entries[label]["results"] = rows
+            rec.save()
 
-            def measure(base_url: str, api_key: str | None, target=target, entry=entry, out=out_dir, lp=log_path):
-                entry["results"] = run_passes(
-                    base_url, target.served_name, target.model_dir, settings, out, lp, api_key
-                )
-                rec.save()
-
-            if given and label == "quantized":
-                rec["endpoint"] = given
-                measure(given, os.environ.get("VLLM_API_KEY"))
-                continue
-            reused = pool.running(target, opts)  # started by `reap run`'s eval stage
+        sides = dict(targets(run, manifest, baseline))
+        if given:
+            rec["endpoint"] = given
+            measure([("quantized", given, sides.pop("quantized"))], os.environ.get("VLLM_API_KEY"))
+        # the checkpoint a pooled server serves now first: the other one replaces it after
+        pairs = sorted(sides.items(), key=lambda lt: not pool.running(lt[1], opts))
+        reused = {label for label, t in pairs if pool.running(t, opts)}  # started by `reap run`'s eval stage
+        # CPU servers this host holds side by side start at once and are measured by one benchmark process;
+        # else (GPUs) one server at a time, each its own process
+        pool.prestart([(t, opts, f"serve-bench-{label}.log") for label, t in pairs])
+        together = all(pool.running(t, opts) for _, t in pairs)
+        side: list[tuple[str, str, Target]] = []
+        for label, target in pairs:
             with pool.serving(target, opts, f"serve-bench-{label}.log") as srv:
-                entry["server"] = {**srv.record(), "reused": reused}
+                entries[label]["server"] = {**srv.record(), "reused": label in reused}
                 rec.save()
-                measure(srv.base_url, srv.api_key)
+                side.append((label, srv.base_url, target))
+                key = srv.api_key
+                if not together:
+                    measure(side, key)
+                    side = []
+        if side:
+            measure(side, key)
         if baseline:
             rec["ratio"] = ratios(rec["results"], rec["baseline"]["results"])
     return rec

@@ -41,6 +41,9 @@ MC_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling")
 # many bootstrap resamples for the others (f1, mcc, ...; bleu/chrf/ter at most 100); 0 would give none.
 BOOTSTRAP_ITERS = 1000
 MAX_GEN_TOKS = 256  # the generation limit of a task that sets none (lm-eval's default for API models)
+# Prompts per completions request (lm-eval's batch_size; chat requests take one): fewer HTTP round trips for the
+# same scores, the demo suite on one 2-core CPU server 20.5 s -> 14.9 s with identical responses.
+PROMPTS_PER_REQUEST = 16
 LOGPROBS_FILE = "logprobs.jsonl"
 
 
@@ -172,6 +175,7 @@ def model_args(
         "tokenizer_backend": "huggingface",
         "tokenized_requests": False,
         "num_concurrent": concurrency,
+        "batch_size": 1 if model_type == "local-chat-completions" else PROMPTS_PER_REQUEST,
         "max_retries": 3,
         "timeout": 600,
         "max_length": max_length,
@@ -547,6 +551,7 @@ def evaluate(
             suite=suite.name,
             lm_eval_version=metadata.version("lm_eval"),
             concurrency=concurrency,
+            prompts_per_request=PROMPTS_PER_REQUEST,
             results={},
         ) as record,
     ):

@@ -87,8 +87,28 @@ def test_ratios_pair_the_levels_measured_on_both():
     assert r == [{"concurrency": 4, "output_throughput": 2.0, "mean_tpot_ms": 0.5, "mean_ttft_ms": 1.0}]
 
 
-def test_the_record_names_the_checkpoint_and_the_baseline_its_source(tmp_path, monkeypatch, manifest):
-    """The stage's bookkeeping with vLLM's benchmark replaced: the figures of each pass, the sizes, the ratio."""
+@pytest.mark.parametrize(
+    "on_cpu, servers, processes",
+    [
+        # GPU: one server at a time, each measured by its own benchmark process
+        (
+            False,
+            ["start demo:8000", "stop demo", "start demo-source:8000", "stop demo-source"],
+            [["demo"], ["demo-source"]],
+        ),
+        # CPU servers the host holds side by side: started at once, measured one after the other by one process
+        (
+            True,
+            ["start demo:8000", "start demo-source:8001", "stop demo-source", "stop demo"],
+            [["demo", "demo-source"]],
+        ),
+    ],
+)
+def test_the_record_names_the_checkpoint_and_the_baseline_its_source(
+    tmp_path, monkeypatch, manifest, on_cpu, servers, processes
+):
+    """The stage's bookkeeping with vLLM's benchmark replaced: the figures of each pass, the sizes, the ratio;
+    which servers ran when, and which benchmark process measured them."""
     run = RunDir(tmp_path / "run")
     (run.model_dir).mkdir(parents=True)
     (run.model_dir / "config.json").write_text("{}")
@@ -103,16 +123,19 @@ def test_the_record_names_the_checkpoint_and_the_baseline_its_source(tmp_path, m
     run.write_manifest(manifest)
     events = []
     record = {"argv": ["vllm", "serve"], "startup_s": 1.0, "kernels": {"moe_backend": "X"}}
-    monkeypatch.setattr(serve, "Server", fake_server(events, record=record))
+    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=on_cpu, record=record))
+    monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: True)
+    calls = []
 
-    def fake_passes(base_url, served_name, tokenizer, s, out_dir, log_path, api_key):
-        fast = served_name == "demo"
-        return rows(100.0 if fast else 40.0, 5.0 if fast else 12.5, levels=s.concurrency)
+    def fake_passes(jobs, s, log_path, api_key):
+        calls.append([j.served for j in jobs])
+        fast = {j.label: j.served == "demo" for j in jobs}
+        return {k: rows(100.0 if f else 40.0, 5.0 if f else 12.5, levels=s.concurrency) for k, f in fast.items()}
 
     monkeypatch.setattr(bench, "run_passes", fake_passes)
     monkeypatch.setattr(bench, "visible_gpus", lambda: 0)
     rec = bench.bench(run.root, baseline=True, concurrency=(1, 4))
-    assert events == ["start demo:8000", "stop demo", "start demo-source:8000", "stop demo-source"]
+    assert events == servers and calls == processes
     saved = run.read_manifest()["stages"]["bench"]
     assert saved["status"] == "done" and saved["model_id"] == run.model_id()
     assert saved["baseline"]["model_id"] == manifest["stages"]["build"]["source_id"]

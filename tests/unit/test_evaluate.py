@@ -50,9 +50,10 @@ def test_model_args_use_local_tokenizer_server_length_and_concurrency(tmp_path):
     a = ev.model_args("local-completions", "http://h:1/v1", "demo", tmp_path, 4096, 16)
     assert a["base_url"] == "http://h:1/v1/completions" and a["tokenizer"] == str(tmp_path)
     assert a["max_length"] == 4096 and a["num_concurrent"] == 16 and a["tokenized_requests"] is False
-    assert ev.model_args("local-chat-completions", "http://h:1/v1", "d", tmp_path, 1, 1)["base_url"].endswith(
-        "/chat/completions"
-    )
+    chat = ev.model_args("local-chat-completions", "http://h:1/v1", "d", tmp_path, 1, 1)
+    assert chat["base_url"].endswith("/chat/completions")
+    # several prompts per completions request; lm-eval's chat requests take one
+    assert a["batch_size"] == ev.PROMPTS_PER_REQUEST > 1 and chat["batch_size"] == 1
 
 
 def lm_eval_result(task: str, metric: str, scores: list[int], answers: list[str] | None = None, limit: int = 16):
