@@ -403,7 +403,8 @@ def _server_line(label: str, srv: dict[str, Any], model: str) -> dict[str, Any]:
                 public_command(srv["argv"], model),
             ]
         ),
-        "startup": fmt_seconds(srv["startup_s"]) if srv.get("startup_s") is not None else "not timed",
+        "startup": (fmt_seconds(srv["startup_s"]) if srv.get("startup_s") is not None else "not timed")
+        + (f", started together with {', '.join(srv['started_with'])}" if srv.get("started_with") else ""),
         "kernels": ", ".join(kernels) or "none logged",
     }
 

@@ -473,7 +473,11 @@ def serve_cmd(
 @click.option("--include-path", type=click.Path(path_type=Path), help="A folder of your own lm-eval task YAMLs.")
 @click.option("--baseline", is_flag=True, help="Also serve and evaluate the bf16 source: the card shows recovery.")
 @click.option(
-    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port for the servers reap starts."
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    help="Port for the servers reap starts (a second CPU server beside it: the next free one).",
 )
 def eval_cmd(
     run_dir: Path,
@@ -495,7 +499,7 @@ def eval_cmd(
 
     \b
     Examples:
-      reap eval runs/demo --baseline                  # serves source and W4A16 in turn, demo suite
+      reap eval runs/demo --baseline                  # serves W4A16 and its source, demo suite
       reap eval runs/demo --endpoint http://127.0.0.1:8000/v1 --limit 100
       reap eval runs/212b --suite standard --concurrency 32
       reap eval runs/212b --tasks my_task --include-path ./my_tasks
@@ -569,7 +573,11 @@ class Concurrency(click.ParamType):
     help="Prompts per pass (default: max(16, 4 x concurrency) on GPUs, max(4, 2 x concurrency) on CPUs).",
 )
 @click.option(
-    "--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="Port for the servers reap starts."
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=8000,
+    show_default=True,
+    help="Port for the servers reap starts (a second CPU server beside it: the next free one).",
 )
 def bench_cmd(
     run_dir: Path,

@@ -35,8 +35,23 @@ def started() -> set[int]:
 
 def stop_started(keep: set[int]) -> None:
     """Stop every registered group but those in `keep` (the ones started before the stage)."""
-    for pid in sorted(set(_STARTED) - keep):
-        stop(_STARTED[pid], grace=10)
+    stop_all([_STARTED[pid] for pid in sorted(set(_STARTED) - keep)], grace=10)
+
+
+def stop_all(children: list[subprocess.Popen], grace: float = 30.0) -> None:
+    """`stop` several of our children: every group signalled first, then each waited for, so that an interrupt
+    while one is waited for leaves none of them unsignalled."""
+    for p in children:
+        terminate(p)
+    for p in children:
+        stop(p, grace)
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM our child's whole group without waiting (`stop` waits); nothing once it is stopped and ended."""
+    if proc.pid in _STARTED or proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:

@@ -152,6 +152,24 @@ def check_cpu_can_serve(ckpt: Checkpoint) -> None:
         )
 
 
+def cpu_uniprocess() -> bool:
+    """Whether vLLM's CPU build runs its one worker inside the engine core process (its uniprocess executor,
+    which that build allows only with VLLM_ENABLE_V1_MULTIPROCESSING=0): one Python process fewer to start,
+    ~7 s of a ~25 s start on 2 cores. Only on hosts of at most 2 CPUs with no thread binding asked for: there
+    vLLM's own multiprocess executor gives its worker one bound core (one core kept for the API server), the
+    same one torch thread the uniprocess engine runs; on larger hosts it binds a NUMA node's cores to the
+    worker's OpenMP threads, which the uniprocess executor does not (it runs one thread)."""
+    return len(os.sched_getaffinity(0)) <= 2 and not os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
+def kv_cache_gib() -> int:
+    """VLLM_CPU_KVCACHE_SPACE, the GiB vLLM's CPU build gives the KV cache (reap's default 1)."""
+    value = os.environ.get("VLLM_CPU_KVCACHE_SPACE") or "1"
+    if not value.isdigit() or int(value) < 1:
+        raise InputError(f"VLLM_CPU_KVCACHE_SPACE={value!r}: give a whole number of GiB (1 or more), or unset it")
+    return int(value)
+
+
 def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[str, str]]:
     """(argv, environment additions) for vLLM. Secrets are read from the environment and never put in argv."""
     ckpt = Checkpoint.open(target.model_dir)
@@ -168,14 +186,12 @@ def build_command(target: Target, opts: ServeOptions) -> tuple[list[str], dict[s
                 f"--tp {opts.tp} needs GPUs, and this serves on the CPU "
                 f"({'--cpu given' if opts.device == 'cpu' else 'no GPU is visible'}); leave --tp out"
             )
-        # One CPU worker runs inside the engine core process (vLLM's uniprocess executor, which its CPU build
-        # allows only with VLLM_ENABLE_V1_MULTIPROCESSING=0): one Python process fewer to start, ~7 s of a
-        # ~25 s start-up on 2 cores; the engine core is still its own process, the model runs on as many threads.
         argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-        argv += ["--distributed-executor-backend", "uni"]
         env["PYTHONPATH"] = os.pathsep.join([str(CPU_SITE), *filter(None, [os.environ.get("PYTHONPATH")])])
-        env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib())
+        if cpu_uniprocess():
+            argv += ["--distributed-executor-backend", "uni"]
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     else:
         tp = opts.tp or recipe_serve.get("tensor_parallel_size") or 4
         have = visible_gpus()
@@ -338,6 +354,7 @@ class Server:
         self.log_path = target.run.logs_dir / log_name
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
+        self.started_with: list[str] = []  # the served names of the servers started at the same time
 
     @property
     def on_cpu(self) -> bool:
@@ -372,27 +389,32 @@ class Server:
                     f"{self.argv[0]} not found; install vLLM (pip install 'reap[gpu]' on GPU hosts, "
                     "make setup for the CPU build)"
                 ) from None
-        self._t0 = time.perf_counter()
+        self._t0, self._deadline = time.perf_counter(), time.monotonic() + self.opts.ready_timeout
 
     def wait_ready(self) -> None:
         """/health, then /v1/models listing the served name, then one generated token: vLLM answers
         /health before its engine has run a forward pass, and a kernel that cannot run (e.g. one whose
         package is missing) only shows at the first request."""
-        assert self.proc is not None
-        deadline = time.monotonic() + self.opts.ready_timeout
-        root = self.base_url.removesuffix("/v1")
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._fail(f"vLLM exited ({self.proc.returncode})")
-            code, _ = http_request(f"{root}/health", api_key=self.api_key)
-            if code == 200:
-                code, body = http_request(f"{self.base_url}/models", api_key=self.api_key)
-                if code == 200 and self.target.served_name in body.decode(errors="replace"):
-                    self._first_token(deadline)
-                    self.startup_s = round(time.perf_counter() - self._t0, 1)
-                    return
+        while not self.ready_now():
             time.sleep(1.0)
-        self._fail(f"vLLM not ready after {self.opts.ready_timeout:.0f} s")
+
+    def ready_now(self) -> bool:
+        """One probe of `wait_ready`: True once ready (`startup_s` set); ServeError (the server stopped) when
+        vLLM exited or is not ready `ready_timeout` seconds after its launch."""
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            self._fail(f"vLLM exited ({self.proc.returncode})")
+        if time.monotonic() > self._deadline:
+            self._fail(f"vLLM not ready after {self.opts.ready_timeout:.0f} s")
+        root = self.base_url.removesuffix("/v1")
+        code, _ = http_request(f"{root}/health", api_key=self.api_key)
+        if code == 200:
+            code, body = http_request(f"{self.base_url}/models", api_key=self.api_key)
+            if code == 200 and self.target.served_name in body.decode(errors="replace"):
+                self._first_token(self._deadline)
+                self.startup_s = round(time.perf_counter() - self._t0, 1)
+                return True
+        return False
 
     def _first_token(self, deadline: float) -> None:
         probe = {"model": self.target.served_name, "prompt": "Hello", "max_tokens": 1}
@@ -415,6 +437,11 @@ class Server:
         if self.proc is not None:
             procs.stop(self.proc, grace)
 
+    def terminate(self) -> None:
+        """Signal the server to stop, without waiting (`stop` waits)."""
+        if self.proc is not None:
+            procs.terminate(self.proc)
+
     def record(self) -> dict[str, Any]:
         text = self.log_path.read_text(errors="replace") if self.log_path.is_file() else ""
         kernels = parse_kernels(text)
@@ -427,6 +454,7 @@ class Server:
             "argv": mask_argv(self.argv),
             "env": sorted(self.env_add),
             "settings_env": {k: v for k, v in self.env_add.items() if k in SETTINGS_ENV},  # no secret, no path
+            "started_with": self.started_with,
             "vllm_version": vllm_version(),
             "startup_s": self.startup_s,
             "kernels": kernels,
@@ -477,45 +505,61 @@ class ServerPool:
         starting = [s.target for s in self.servers.values() if s.startup_s is None]
         return srv.on_cpu and all(s.on_cpu for s in self.servers.values()) and cpu_room_for(srv.target, starting)
 
-    def _launch(self, target: Target, opts: ServeOptions, log_name: str) -> Server:
-        """A new server of `target` launched beside the ones kept where they fit (else alone), not waited for."""
+    def _launch(self, target: Target, opts: ServeOptions, log_name: str, beside: bool | None = None) -> Server:
+        """A new server of `target`, launched, not waited for: beside the servers kept where `beside` (by default:
+        where it fits), on the next free port above the recipe's when a kept one holds that; else alone."""
         srv = Server(target, opts, log_name)
-        if not self._fits_beside(srv):
+        if not (self._fits_beside(srv) if beside is None else beside):
             self.close()
         taken = {s.opts.port for s in self.servers.values()}
-        if opts.port in taken:  # a kept server holds the recipe's port: the next free one above it
+        if opts.port in taken:
             port = next(p for p in range(opts.port + 1, 65536) if p not in taken and port_free(opts.host, p))
             srv = Server(target, replace(opts, port=port), log_name)
         srv.start()
         self.servers[self._key(target, opts)] = srv
         return srv
 
+    def _ready(self, launched: list[Server], keep_going: bool = False) -> None:
+        """Wait until the servers of `launched` are ready, probing them in turn, so that each gets its own
+        start-up time. One that fails is stopped and dropped: raised, or with `keep_going` logged and left for
+        `serving` to start again in its turn (so the other side is measured first)."""
+        pending = list(launched)
+        while pending:
+            for srv in list(pending):
+                try:
+                    done = srv.ready_now()
+                except ServeError as exc:
+                    self.servers.pop(self._key(srv.target, srv.opts), None)
+                    pending.remove(srv)
+                    if not keep_going:
+                        raise
+                    log(f"serve: {srv.target.served_name} did not start beside the others ({exc}); it is tried again")
+                    continue
+                if done:
+                    pending.remove(srv)
+            if pending:
+                time.sleep(1.0)
+
     def prestart(self, wanted: list[tuple[Target, ServeOptions, str]]) -> None:
-        """Start at once the CPU servers of `wanted` that this host holds side by side, and wait until all are
+        """Start at once the CPU servers of `wanted` that this host holds side by side, and wait until they are
         ready: their start-ups (mostly single-threaded imports) overlap, two take as long as one on 2 cores."""
         launched = []
         for target, opts, log_name in wanted:
             if self.running(target, opts):
                 continue
+            self.stop(self.servers.pop(self._key(target, opts), None))  # one that ended
             if not self._fits_beside(Server(target, opts, log_name)):
                 break
-            launched.append(self._launch(target, opts, log_name))
+            launched.append(self._launch(target, opts, log_name, beside=True))
         for srv in launched:
-            self._ready(srv)
-
-    def _ready(self, srv: Server) -> Server:
-        try:
-            srv.wait_ready()
-        except BaseException:
-            self.stop(self.servers.pop(self._key(srv.target, srv.opts)))
-            raise
-        return srv
+            srv.started_with = [s.target.served_name for s in launched if s is not srv]
+        self._ready(launched, keep_going=True)
 
     @contextlib.contextmanager
     def serving(self, target: Target, opts: ServeOptions, log_name: str) -> Iterator[Server]:
         if not self.running(target, opts):
             self.stop(self.servers.pop(self._key(target, opts), None))
-            self._ready(self._launch(target, opts, log_name))
+            self._ready([self._launch(target, opts, log_name)])
         yield self.servers[self._key(target, opts)]
 
     @staticmethod
@@ -524,8 +568,13 @@ class ServerPool:
             srv.stop()
 
     def close(self) -> None:
-        while self.servers:
-            self.stop(self.servers.popitem()[1])
+        """Stop every server: all signalled at once, then waited for (an interrupt while waiting leaves none
+        unsignalled)."""
+        servers, self.servers = list(self.servers.values()), {}
+        for srv in servers:
+            srv.terminate()
+        for srv in servers:
+            srv.stop()
 
     def __enter__(self) -> ServerPool:
         return self
@@ -538,7 +587,7 @@ def cpu_server_bytes(target: Target) -> int:
     """What a vLLM CPU server of `target` takes: its weights, its KV cache (VLLM_CPU_KVCACHE_SPACE GiB) and
     ~2 GiB of processes (the demo's server: 2.2 GB in all)."""
     weights = sum(f.stat().st_size for f in Path(target.model_dir).glob("*.safetensors"))
-    return weights + (int(os.environ.get("VLLM_CPU_KVCACHE_SPACE") or 1) + 2) * 2**30
+    return weights + (kv_cache_gib() + 2) * 2**30
 
 
 def cpu_room_for(target: Target, starting: list[Target]) -> bool:

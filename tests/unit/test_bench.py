@@ -93,13 +93,27 @@ def test_ratios_pair_the_levels_measured_on_both():
         # GPU: one server at a time, each measured by its own benchmark process
         (
             False,
-            ["start demo:8000", "stop demo", "start demo-source:8000", "stop demo-source"],
+            [
+                "start demo:8000",
+                "term demo",
+                "stop demo",
+                "start demo-source:8000",
+                "term demo-source",
+                "stop demo-source",
+            ],
             [["demo"], ["demo-source"]],
         ),
         # CPU servers the host holds side by side: started at once, measured one after the other by one process
         (
             True,
-            ["start demo:8000", "start demo-source:8001", "stop demo-source", "stop demo"],
+            [
+                "start demo:8000",
+                "start demo-source:8001",
+                "term demo",
+                "term demo-source",
+                "stop demo",
+                "stop demo-source",
+            ],
             [["demo", "demo-source"]],
         ),
     ],
@@ -125,6 +139,7 @@ def test_the_record_names_the_checkpoint_and_the_baseline_its_source(
     record = {"argv": ["vllm", "serve"], "startup_s": 1.0, "kernels": {"moe_backend": "X"}}
     monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=on_cpu, record=record))
     monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: True)
+    monkeypatch.setattr(serve, "port_free", lambda host, port: True)
     calls = []
 
     def fake_passes(jobs, s, log_path, api_key):
@@ -166,6 +181,9 @@ def test_the_card_shows_a_cpu_server_command_with_the_settings_it_ran_with():
         "VLLM_CPU_KVCACHE_SPACE=1 VLLM_ENABLE_V1_MULTIPROCESSING=0 python -m vllm.entrypoints.openai.api_server "
         "--model org/x --distributed-executor-backend uni"
     )
+    assert _server_line("W4A16", srv, "org/x")["startup"] == "23.1 s"
+    srv["started_with"] = ["demo-source"]  # the two servers started at once: each one's own time, said so
+    assert _server_line("W4A16", srv, "org/x")["startup"] == "23.1 s, started together with demo-source"
     del srv["settings_env"]  # a record from before reap kept them: the command alone
     assert _server_line("W4A16", srv, "org/x")["command"].startswith("python -m vllm")
 
@@ -240,36 +258,30 @@ def test_the_cards_commands_name_the_checkpoint_not_this_machines_paths():
     assert "--result-dir" not in shown and "--save-result" not in shown and "/r" not in shown
 
 
+ONE_AT_A_TIME = ["start demo:8000", "term demo", "stop demo", "start demo-source:8000", "term demo-source"]
+ONE_AT_A_TIME += ["stop demo-source", "start demo:8000", "term demo", "stop demo"]
+
+
 @pytest.mark.parametrize(
     "on_cpu, room, expected",
     [
         # GPU servers, or CPU ones the host's memory does not hold side by side: one at a time
+        (False, True, ONE_AT_A_TIME),
+        (True, False, ONE_AT_A_TIME),
+        # CPU servers that fit: both kept, the second on the next free port; bench starts neither again; both
+        # signalled before either is waited for
         (
-            False,
+            True,
             True,
             [
                 "start demo:8000",
+                "start demo-source:8001",
+                "term demo",
+                "term demo-source",
                 "stop demo",
-                "start demo-source:8000",
                 "stop demo-source",
-                "start demo:8000",
-                "stop demo",
             ],
         ),
-        (
-            True,
-            False,
-            [
-                "start demo:8000",
-                "stop demo",
-                "start demo-source:8000",
-                "stop demo-source",
-                "start demo:8000",
-                "stop demo",
-            ],
-        ),
-        # CPU servers that fit: both kept, the second on the next free port; bench starts neither again
-        (True, True, ["start demo:8000", "start demo-source:8001", "stop demo-source", "stop demo"]),
     ],
 )
 def test_reap_runs_servers_are_kept_from_eval_for_bench(tmp_path, monkeypatch, on_cpu, room, expected):

@@ -147,7 +147,8 @@ def test_a_baseline_run_records_errors_paired_recovery_truncation_and_agreement(
     assert a["data"] == "heldout.jsonl" and a["top_k"] == 20 and a["held_out_checked"]
     assert record["logprobs"]["sha256"] == ev.sha256((tmp_path / "eval" / "quantized" / "logprobs.jsonl").read_text())
     assert run.read_manifest()["stages"]["eval"]["agreement"] == a
-    assert events == ["start demo-source:8000", "stop demo-source"]  # W4A16 at --endpoint: the source alone served
+    # W4A16 at --endpoint: the source alone served
+    assert events == ["start demo-source:8000", "term demo-source", "stop demo-source"]
 
     # W4A16 again without --baseline: the source's results and logprobs are kept and compared again
     record = ev.evaluate(tmp_path, endpoint="http://127.0.0.1:8000/v1")
@@ -258,31 +259,58 @@ def test_prompt_logprobs_are_asked_for_by_token_id_with_the_key(monkeypatch):
         ev.capture_logprobs("http://h:1/v1", "demo", ["ab"], 20)
 
 
-@pytest.mark.parametrize("room, expected", [(True, ["start demo:8000", "start demo-source:8001"]), (False, [])])
-def test_eval_starts_both_cpu_servers_at_once_where_they_fit(tmp_path, monkeypatch, room, expected):
+Q, B, B2 = "http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1", "http://127.0.0.1:8000/v1"
+
+
+@pytest.mark.parametrize(
+    "room, failing, expected",
+    [
+        # both fit: started together, the source on the next port; closed together after the stage
+        (
+            True,
+            (),
+            ["start demo:8000", "start demo-source:8001", f"eval demo at {Q}", f"eval demo-source at {B}"]
+            + ["term demo", "term demo-source", "stop demo", "stop demo-source"],
+        ),
+        # they do not fit: one at a time
+        (
+            False,
+            (),
+            ["start demo:8000", f"eval demo at {Q}", "term demo", "stop demo", "start demo-source:8000"]
+            + [f"eval demo-source at {B2}", "term demo-source", "stop demo-source"],
+        ),
+        # the source cannot start: W4A16 is evaluated first all the same, then the source's start fails again
+        (
+            True,
+            ("demo-source",),
+            ["start demo:8000", "start demo-source:8001", "stop demo-source", f"eval demo at {Q}"]
+            + ["start demo-source:8001", "stop demo-source", "term demo", "stop demo"],
+        ),
+    ],
+)
+def test_eval_starts_both_cpu_servers_at_once_where_they_fit(tmp_path, monkeypatch, room, failing, expected):
     """`reap eval --baseline` on the CPU build: W4A16 and source servers start together (two start-ups take
-    as long as one), each on its own port; where memory does not hold both, one at a time."""
+    as long as one), each on its own port; where memory does not hold both, one at a time; a side that cannot
+    start costs the other side nothing."""
     run = RunDir(tmp_path)
     run.write_manifest(json.loads((DATA / "golden_manifest.json").read_text()))
     events = []
-    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=True))
+    monkeypatch.setattr(serve, "Server", fake_server(events, on_cpu=True, failing=failing))
     monkeypatch.setattr(serve, "cpu_room_for", lambda target, starting: room)
+    monkeypatch.setattr(serve, "port_free", lambda host, port: True)
     monkeypatch.setattr(ev, "held_out_check", lambda *a: False)
 
-    def fake_run_suite(suite, base_url, served, *a, **kw):
+    def fake_run_suite(suite, base_url, served, *a, on_task, **kw):
         events.append(f"eval {served} at {base_url}")
+        on_task({"demo_larger": {"value": 1.0}})
 
     monkeypatch.setattr(ev, "run_suite", fake_run_suite)
     monkeypatch.setattr(ev, "record_logprobs", lambda *a, **k: None)
-    ev.evaluate(tmp_path, baseline=True)
-    q, b = ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8001/v1") if room else ("http://127.0.0.1:8000/v1",) * 2
-    one = [] if room else ["start demo:8000"]
-    between = [] if room else ["stop demo", "start demo-source:8000"]
-    assert events == [
-        *expected,
-        *one,
-        f"eval demo at {q}",
-        *between,
-        f"eval demo-source at {b}",
-        *(["stop demo-source", "stop demo"] if room else ["stop demo-source"]),
-    ]
+    if failing:
+        with pytest.raises(serve.ServeError, match="demo-source cannot start"):
+            ev.evaluate(tmp_path, baseline=True)
+        saved = run.read_manifest()["stages"]["eval"]
+        assert saved["status"] == "failed" and saved["results"] == {"demo_larger": {"value": 1.0}}
+    else:
+        ev.evaluate(tmp_path, baseline=True)
+    assert events == expected

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from reap import serve
+from reap.errors import InputError
 from reap.rundir import RunDir
 from reap.serve import ServeError, ServeOptions, Target, build_command, parse_kernels
 
@@ -92,9 +94,51 @@ def test_cpu_argv_runs_the_module_with_the_shim_and_small_kv_cache(ckpt, tmp_pat
     assert "--tensor-parallel-size" not in argv
     assert env["PYTHONPATH"].split(":")[0].endswith("reap/cpu_site")
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
-    # the worker inside the engine core process: one process fewer to start (vLLM's CPU build needs both)
-    assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
-    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+
+
+@pytest.mark.parametrize(
+    "cpus, bind, uni", [({0, 1}, None, True), ({0}, None, True), ({0, 1, 2, 3}, None, False), ({0, 1}, "0", False)]
+)
+def test_cpu_server_runs_its_worker_in_the_engine_core_only_on_small_hosts(
+    ckpt, tmp_path, monkeypatch, cpus, bind, uni
+):
+    """On at most 2 CPUs vLLM's multiprocess executor gives its worker one bound core, what the uniprocess one
+    runs too, one process fewer to start; larger hosts (or a binding asked for) keep vLLM's OpenMP binding."""
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: cpus)
+    if bind:
+        monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", bind)
+    else:
+        monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    argv, env = build_command(target(ckpt, tmp_path), ServeOptions(device="cpu"))
+    assert ("--distributed-executor-backend" in argv) is uni
+    if uni:  # vLLM's CPU build takes the uniprocess executor only with this
+        assert argv[argv.index("--distributed-executor-backend") + 1] == "uni"
+        assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    else:
+        assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+
+
+@pytest.mark.parametrize("value", ["1.5", "two", "0", "-1"])
+def test_a_kv_cache_space_that_is_no_whole_gib_is_refused_before_anything_starts(ckpt, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", value)
+    with pytest.raises(InputError, match="VLLM_CPU_KVCACHE_SPACE=.*whole number of GiB"):
+        build_command(target(ckpt, tmp_path), ServeOptions(device="cpu"))
+
+
+def test_stop_all_signals_every_group_before_waiting(monkeypatch):
+    """An interrupt while one server is waited for must leave none unsignalled."""
+    from reap import procs
+
+    children = [procs.start_group([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(2)]
+    calls = []
+    monkeypatch.setattr(procs, "terminate", lambda p, real=procs.terminate: (calls.append(("term", p.pid)), real(p)))
+    monkeypatch.setattr(
+        procs, "stop", lambda p, grace, real=procs.stop: (calls.append(("stop", p.pid)), real(p, grace))
+    )
+    t0 = time.monotonic()
+    procs.stop_all(children, grace=20)
+    assert [c[0] for c in calls] == ["term", "term", "stop", "stop"] and all(p.poll() is not None for p in children)
+    assert time.monotonic() - t0 < 10  # signalled, not killed after the grace
 
 
 def test_cpu_refuses_auto_round_format_experts(ckpt):
@@ -245,7 +289,7 @@ def test_ready_means_a_first_token_not_only_health(ckpt, tmp_path):
         "ModuleNotFoundError: No module named 'flashinfer'\n"
     )
     srv.proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
-    srv._t0 = 0.0
+    srv._t0, srv._deadline = 0.0, time.monotonic() + 20
     try:
         with pytest.raises(ServeError, match=r"first request failed \(HTTP 500\).*flashinfer.*gdn-prefill-backend"):
             srv.wait_ready()
