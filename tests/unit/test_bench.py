@@ -87,6 +87,11 @@ def test_ratios_pair_the_levels_measured_on_both():
     assert r == [{"concurrency": 4, "output_throughput": 2.0, "mean_tpot_ms": 0.5, "mean_ttft_ms": 1.0}]
 
 
+# two CPU servers started at once (the source on the next port), both signalled before either is waited for
+SIDE_BY_SIDE = ["start demo:8000", "start demo-source:8001", "term demo", "term demo-source", "stop demo"]
+SIDE_BY_SIDE += ["stop demo-source"]
+
+
 @pytest.mark.parametrize(
     "on_cpu, servers, processes",
     [
@@ -106,14 +111,7 @@ def test_ratios_pair_the_levels_measured_on_both():
         # CPU servers the host holds side by side: started at once, measured one after the other by one process
         (
             True,
-            [
-                "start demo:8000",
-                "start demo-source:8001",
-                "term demo",
-                "term demo-source",
-                "stop demo",
-                "stop demo-source",
-            ],
+            SIDE_BY_SIDE,
             [["demo", "demo-source"]],
         ),
     ],
@@ -273,14 +271,7 @@ ONE_AT_A_TIME += ["stop demo-source", "start demo:8000", "term demo", "stop demo
         (
             True,
             True,
-            [
-                "start demo:8000",
-                "start demo-source:8001",
-                "term demo",
-                "term demo-source",
-                "stop demo",
-                "stop demo-source",
-            ],
+            SIDE_BY_SIDE,
         ),
     ],
 )
