@@ -295,19 +295,16 @@ def bench(
         # CPU servers this host holds side by side start at once and are measured by one benchmark process;
         # else (GPUs) one server at a time, each its own process
         pool.prestart([(t, opts, f"serve-bench-{label}.log") for label, t in pairs])
-        together = all(pool.running(t, opts) for _, t in pairs)
-        side: list[tuple[str, str, Target]] = []
-        for label, target in pairs:
-            with pool.serving(target, opts, f"serve-bench-{label}.log") as srv:
-                entries[label]["server"] = {**srv.record(), "reused": label in reused}
-                rec.save()
-                side.append((label, srv.base_url, target))
-                key = srv.api_key
-                if not together:
-                    measure(side, key)
-                    side = []
-        if side:
-            measure(side, key)
+        rounds = [pairs] if all(pool.running(t, opts) for _, t in pairs) else [[p] for p in pairs]
+        for round_ in rounds:
+            side: list[tuple[str, str, Target]] = []
+            for label, target in round_:
+                with pool.serving(target, opts, f"serve-bench-{label}.log") as srv:
+                    entries[label]["server"] = {**srv.record(), "reused": label in reused}
+                    rec.save()
+                    side.append((label, srv.base_url, target))
+            if side:  # the servers of one pool share their options, so their API key
+                measure(side, srv.api_key)
         if baseline:
             rec["ratio"] = ratios(rec["results"], rec["baseline"]["results"])
     return rec

@@ -597,17 +597,15 @@ def evaluate(
                 record.save()
 
         pool = pool or own.enter_context(ServerPool())  # `reap eval` alone: its own servers, stopped after
-        served = targets(run, manifest, baseline)
+        served = [
+            (label, t, bool(given_endpoint and label == "quantized")) for label, t in targets(run, manifest, baseline)
+        ]
         # where they fit side by side (CPU servers), all start at once: two start-ups take as long as one
         pool.prestart(
-            [
-                (t, ServeOptions(port=port), f"serve-{label}.log")
-                for label, t in served
-                if not (given_endpoint and label == "quantized")
-            ]
+            [(t, ServeOptions(port=port), f"serve-{label}.log") for label, t, at_endpoint in served if not at_endpoint]
         )
-        for label, target in served:
-            if given_endpoint and label == "quantized":
+        for label, target, at_endpoint in served:
+            if at_endpoint:
                 base, given = given_endpoint
                 record["endpoint"] = base
                 measure(label, base, target.served_name, target.model_dir, given, os.environ.get("VLLM_API_KEY"))

@@ -505,18 +505,17 @@ class ServerPool:
         starting = [s.target for s in self.servers.values() if s.startup_s is None]
         return srv.on_cpu and all(s.on_cpu for s in self.servers.values()) and cpu_room_for(srv.target, starting)
 
-    def _launch(self, target: Target, opts: ServeOptions, log_name: str, beside: bool | None = None) -> Server:
-        """A new server of `target`, launched, not waited for: beside the servers kept where `beside` (by default:
-        where it fits), on the next free port above the recipe's when a kept one holds that; else alone."""
-        srv = Server(target, opts, log_name)
-        if not (self._fits_beside(srv) if beside is None else beside):
+    def _launch(self, srv: Server, beside: bool) -> Server:
+        """`srv` launched, not waited for: beside the servers kept (on the next free port above the recipe's
+        when a kept one holds that), or alone after stopping them."""
+        if not beside:
             self.close()
         taken = {s.opts.port for s in self.servers.values()}
-        if opts.port in taken:
-            port = next(p for p in range(opts.port + 1, 65536) if p not in taken and port_free(opts.host, p))
-            srv = Server(target, replace(opts, port=port), log_name)
+        if srv.opts.port in taken:
+            port = next(p for p in range(srv.opts.port + 1, 65536) if p not in taken and port_free(srv.opts.host, p))
+            srv = Server(srv.target, replace(srv.opts, port=port), srv.log_path.name)
         srv.start()
-        self.servers[self._key(target, opts)] = srv
+        self.servers[self._key(srv.target, srv.opts)] = srv
         return srv
 
     def _ready(self, launched: list[Server], keep_going: bool = False) -> None:
@@ -548,9 +547,10 @@ class ServerPool:
             if self.running(target, opts):
                 continue
             self.stop(self.servers.pop(self._key(target, opts), None))  # one that ended
-            if not self._fits_beside(Server(target, opts, log_name)):
+            srv = Server(target, opts, log_name)
+            if not self._fits_beside(srv):
                 break
-            launched.append(self._launch(target, opts, log_name, beside=True))
+            launched.append(self._launch(srv, beside=True))
         for srv in launched:
             srv.started_with = [s.target.served_name for s in launched if s is not srv]
         self._ready(launched, keep_going=True)
@@ -559,7 +559,8 @@ class ServerPool:
     def serving(self, target: Target, opts: ServeOptions, log_name: str) -> Iterator[Server]:
         if not self.running(target, opts):
             self.stop(self.servers.pop(self._key(target, opts), None))
-            self._ready([self._launch(target, opts, log_name)])
+            srv = Server(target, opts, log_name)
+            self._ready([self._launch(srv, beside=self._fits_beside(srv))])
         yield self.servers[self._key(target, opts)]
 
     @staticmethod
@@ -586,8 +587,7 @@ class ServerPool:
 def cpu_server_bytes(target: Target) -> int:
     """What a vLLM CPU server of `target` takes: its weights, its KV cache (VLLM_CPU_KVCACHE_SPACE GiB) and
     ~2 GiB of processes (the demo's server: 2.2 GB in all)."""
-    weights = sum(f.stat().st_size for f in Path(target.model_dir).glob("*.safetensors"))
-    return weights + (kv_cache_gib() + 2) * 2**30
+    return Checkpoint(Path(target.model_dir)).bytes_on_disk() + (kv_cache_gib() + 2) * 2**30
 
 
 def cpu_room_for(target: Target, starting: list[Target]) -> bool:

@@ -24,6 +24,7 @@ def fake_server(
     class FakeServer:
         def __init__(self, target, opts, log_name="serve.log"):
             self.target, self.opts, self.on_cpu = target, opts, on_cpu
+            self.log_path = target.run.logs_dir / log_name
             self.base_url, self.api_key = f"http://127.0.0.1:{opts.port}/v1", None
             self.proc: Proc | None = None
             self.startup_s: float | None = None
